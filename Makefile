@@ -1,0 +1,35 @@
+# Two commands do all the set-up:  `make run`  and  `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test test-all bench clean
+
+setup: $(STAMP)
+
+# torch first: the pinned CPU build is on local disk here; installing it before
+# anything that depends on torch stops pip from resolving a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# The main job end to end on the embedded synthetic data (offline, CPU only).
+run: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/python -m jobs.pipeline $(ARGS)
+
+# The default suite (what CI runs).
+test: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -m "not slow and not gpu" $(ARGS)
+
+test-all: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -m "not gpu" $(ARGS)
+
+bench: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/python -m benchmarks.preprocess_throughput $(ARGS)
+
+clean:
+	rm -rf storage .pytest_cache
