@@ -45,27 +45,33 @@ class Interactions:
 
 
 class _Vocab:
-    """Strings -> dense codes in first-seen order, fed with Arrow dictionary arrays."""
+    """Strings -> dense codes in first-seen order. Vectorised: each batch's distinct values are
+    looked up in the vocabulary with one Arrow hash join, so the driver does no per-row Python."""
 
     def __init__(self) -> None:
-        self.index: Dict[str, int] = {}
+        self._known = pa.array([], pa.string())
+        self._parts: List[pa.Array] = []
 
     def encode(self, col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-        enc = pc.dictionary_encode(col)
+        enc = col if pa.types.is_dictionary(col.type) else pc.dictionary_encode(col)
         chunks = enc.chunks if isinstance(enc, pa.ChunkedArray) else [enc]
         out = []
         for ch in chunks:
-            local = ch.dictionary.to_pylist()
-            setdefault = self.index.setdefault
-            mapping = np.fromiter((setdefault(s, len(self.index)) for s in local), dtype=np.int32, count=len(local))
-            out.append(mapping[ch.indices.to_numpy(zero_copy_only=False)])
+            local = ch.dictionary.cast(pa.string())
+            pos = pc.index_in(local, value_set=self._known)
+            new = pc.is_null(pos)
+            fresh = local.filter(new)
+            mapping = pc.fill_null(pos, -1).to_numpy().astype(np.int64)
+            if len(fresh):
+                mask = new.to_numpy(zero_copy_only=False)
+                mapping[mask] = np.arange(len(self._known), len(self._known) + len(fresh))
+                self._parts.append(fresh)
+                self._known = pa.concat_arrays([self._known, fresh])
+            out.append(mapping.astype(np.int32)[ch.indices.to_numpy(zero_copy_only=False)])
         return np.concatenate(out) if out else np.empty(0, np.int32)
 
     def ids(self) -> np.ndarray:
-        arr = np.empty(len(self.index), dtype=object)
-        for s, i in self.index.items():
-            arr[i] = s
-        return arr
+        return np.asarray(self._known.to_pylist(), dtype=object)
 
 
 @dataclass
@@ -110,22 +116,30 @@ def drop_bots(x: Interactions, max_events: int) -> Tuple[Interactions, int, int]
     return x.take(np.flatnonzero(keep)), int(bots.sum()), int((~keep).sum())
 
 
+def _in_row_order(x: Interactions) -> bool:
+    return len(x) < 2 or bool((x.row[1:] > x.row[:-1]).all())
+
+
 def sort_by_user_time(x: Interactions) -> Interactions:
     """Stable order by (user, ts, input row)."""
-    return x.take(np.lexsort((x.row, x.ts, x.user)))
+    # np.lexsort is stable: when rows are already in input order they need not be a key.
+    keys = (x.ts, x.user) if _in_row_order(x) else (x.row, x.ts, x.user)
+    return x.take(np.lexsort(keys))
 
 
 def dedupe_earliest(x: Interactions) -> Tuple[Interactions, int]:
-    """Keep the earliest (ts, then input row) occurrence of each (user, item). Result is sorted by
-    (user, ts, row). Returns (kept, duplicates dropped)."""
+    """Keep the earliest (ts, then input row) occurrence of each (user, item); the survivors
+    keep their input order. Returns (kept, duplicates dropped)."""
     if len(x) == 0:
         return x, 0
-    order = np.lexsort((x.row, x.ts, x.item, x.user))
-    u, i = x.user[order], x.item[order]
+    pair = x.user.astype(np.int64) * max(len(x.item_ids), 1) + x.item  # one sort key for (user, item)
+    order = np.lexsort((x.ts, pair) if _in_row_order(x) else (x.row, x.ts, pair))
+    p = pair[order]
     first = np.ones(len(order), dtype=bool)
-    first[1:] = (u[1:] != u[:-1]) | (i[1:] != i[:-1])
-    kept = sort_by_user_time(x.take(order[first]))
-    return kept, int(len(x) - first.sum())
+    first[1:] = p[1:] != p[:-1]
+    keep = np.zeros(len(x), dtype=bool)
+    keep[order[first]] = True
+    return x.take(np.flatnonzero(keep)), int(len(x) - first.sum())
 
 
 def kcore(x: Interactions, k: int) -> Tuple[Interactions, int]:
@@ -150,7 +164,7 @@ def reindex(x: Interactions) -> Interactions:
     ids gives the same vocabulary whatever order the input came in."""
     out = []
     for codes, ids in ((x.user, x.user_ids), (x.item, x.item_ids)):
-        present = np.unique(codes)
+        present = np.flatnonzero(np.bincount(codes, minlength=len(ids)))
         names = ids[present].astype(str)
         order = np.argsort(names, kind="stable")
         remap = np.full(len(ids), -1, dtype=np.int32)

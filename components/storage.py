@@ -149,7 +149,7 @@ class Storage:
     # -- bytes, JSON, Parquet -------------------------------------------------------------
     def read_bytes(self, rel: str) -> bytes:
         try:
-            with self.fs.open_input_stream(self.path(rel)) as f:
+            with self.fs.open_input_stream(self.path(rel), compression=None) as f:
                 return f.read()
         except (OSError, pa.ArrowException) as exc:
             raise self._wrap("read", rel, exc) from exc

@@ -122,7 +122,17 @@ def to_epoch_ms(col: pa.ChunkedArray | pa.Array, unit: str = "auto") -> tuple[pa
         ms = pc.coalesce(num_ms, iso_ms)
         bad = pc.and_(pc.fill_null(pc.is_valid(text), False), pc.is_null(iso_ms))
         return ms, bad
-    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+    if pa.types.is_integer(col.type):
+        # Integer arithmetic: float64 cannot hold nanosecond epochs exactly.
+        valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
+        x = pc.fill_null(pc.cast(col, pa.int64()), 0).to_numpy()
+        if unit == "auto":
+            a = np.abs(x)
+            ms = np.select([a < 10**11, a < 10**14, a < 10**17], [x * 1000, x, x // 1000], x // 1_000_000)
+        else:
+            ms = {"s": x * 1000, "ms": x, "us": x // 1000, "ns": x // 1_000_000}[unit]
+        return pa.array(ms, mask=~valid), pa.array(np.zeros(n, dtype=bool))
+    if pa.types.is_floating(col.type):
         x = pc.cast(col, pa.float64())
         finite = pc.fill_null(pc.is_finite(x), False)
         x = pc.if_else(finite, x, pa.scalar(None, pa.float64()))

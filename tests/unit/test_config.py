@@ -1,0 +1,48 @@
+import pytest
+
+from components.config import ConfigError, load_config, parse_cli
+
+
+def test_defaults_yaml_and_overrides_in_order(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("preprocess:\n  kcore: 3\ndata:\n  seed: 7\n")
+    cfg = load_config(["preprocess.kcore=10"], y)
+    assert cfg.preprocess.kcore == 10  # command line beats YAML
+    assert cfg.data.seed == 7  # YAML beats defaults
+    assert cfg.preprocess.split == "loo"  # default
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="preprocess.kcoree"):
+        load_config(["preprocess.kcoree=3"])
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match="kcore"):
+        load_config(["preprocess.kcore=abc"])
+
+
+def test_invalid_values_are_rejected():
+    with pytest.raises(ConfigError, match="data.source"):
+        load_config(["data.source=netflix"])
+    with pytest.raises(ConfigError, match="data.path"):
+        load_config(["data.source=movielens"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(["kcore"])
+
+
+def test_cli_config_flag_and_missing_file(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("preprocess:\n  split: temporal\n")
+    assert parse_cli(["--config", str(y)]).preprocess.split == "temporal"
+    with pytest.raises(ConfigError, match="not found"):
+        parse_cli(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_repo_yaml_configs_load():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")):
+        if path.name.startswith("serve"):
+            continue
+        load_config(["data.path=/x"] if "synthetic" not in path.name and "default" not in path.name else [], path)

@@ -1,0 +1,84 @@
+import numpy as np
+import pyarrow as pa
+
+from components import interactions as ix
+from components.validation import normalize_events
+
+
+def _log(rows):
+    """rows: (user, item, ts) tuples in input order."""
+    u, i, t = zip(*rows)
+    table = normalize_events(pa.table({"user_id": list(u), "item_id": list(i), "ts": list(t)}),
+                             now_ms=10**13, ts_unit="ms").valid
+    log = ix.InteractionLog()
+    log.add(table.slice(0, len(rows) // 2))  # two batches: codes must be global
+    log.add(table.slice(len(rows) // 2))
+    return log.finish()
+
+
+def _named(x):
+    return [(x.user_ids[a], x.item_ids[b], int(t)) for a, b, t in zip(x.user, x.item, x.ts)]
+
+
+def test_dedupe_keeps_earliest_then_first_row():
+    x = _log([("u", "a", 5), ("u", "a", 3), ("u", "b", 3), ("u", "b", 3), ("v", "a", 1)])
+    kept, dropped = ix.dedupe_earliest(x)
+    assert dropped == 2
+    assert _named(kept) == [("u", "a", 3), ("u", "b", 3), ("v", "a", 1)]
+    # ties on ts keep input order: ("u","a",3) was row 1, ("u","b",3) row 2
+    assert list(kept.row) == [1, 2, 4]
+
+
+def test_kcore_is_iterative():
+    # With k=2: item c has 1 user -> dropped; then user w has 1 item -> dropped; then item b has 1
+    # user -> dropped... leaving the dense core {u, v} x {a, d}.
+    rows = [("u", "a", 1), ("u", "d", 2), ("v", "a", 1), ("v", "d", 2), ("w", "c", 1), ("w", "b", 2), ("z", "b", 3)]
+    x, iters = ix.kcore(_log(rows), 2)
+    assert sorted(set(_named(x))) == [("u", "a", 1), ("u", "d", 2), ("v", "a", 1), ("v", "d", 2)]
+    assert iters >= 2
+    uc = np.bincount(x.user)
+    assert uc[uc > 0].min() >= 2
+
+
+def test_vocab_is_sorted_and_independent_of_input_order():
+    rows = [("u2", "b", 1), ("u1", "a", 2), ("u1", "c", 3), ("u2", "a", 4)]
+    a = ix.reindex(_log(rows))
+    b = ix.reindex(_log(rows[::-1]))
+    assert list(a.user_ids) == ["u1", "u2"] == list(b.user_ids)
+    assert list(a.item_ids) == ["a", "b", "c"] == list(b.item_ids)
+
+
+def test_loo_split_last_is_test_second_last_is_valid():
+    rows = [("u", "a", 1), ("u", "b", 3), ("u", "c", 2), ("u", "d", 3), ("v", "a", 1), ("v", "b", 2)]
+    x = ix.sort_by_user_time(ix.reindex(_log(rows)))
+    split = ix.split_loo(x)
+    named = _named(x)
+    # u: a(1), c(2), b(3, row 1), d(3, row 3): ties broken by input row -> d is last
+    assert [n[1] for n in named[:4]] == ["a", "c", "b", "d"]
+    assert list(split[:4]) == [0, 0, ix.SPLIT_VALID, ix.SPLIT_TEST]
+    assert list(split[4:]) == [0, 0]  # v has < 3 interactions: all train
+
+
+def test_temporal_split_uses_global_cutoffs():
+    rows = [("u", str(k), k) for k in range(1, 11)]
+    x = ix.sort_by_user_time(ix.reindex(_log(rows)))
+    split, cut = ix.split_temporal(x, 0.2, 0.2)
+    assert list(split) == [0] * 6 + [1] * 2 + [2] * 2
+    assert cut["test_after_ms"] == 8
+
+
+def test_sequences_hold_train_items_in_time_order():
+    rows = [("u", "a", 1), ("u", "b", 2), ("u", "c", 3), ("u", "d", 4), ("v", "d", 1)]
+    x = ix.sort_by_user_time(ix.reindex(_log(rows)))
+    split = ix.split_loo(x)
+    seq = ix.user_sequences(x, split).to_pylist()
+    assert [x.item_ids[i] for i in seq[0]["items"]] == ["a", "b"]
+    assert seq[0]["ts"] == [1, 2]
+    assert [x.item_ids[i] for i in seq[1]["items"]] == ["d"]
+
+
+def test_bots_dropped():
+    rows = [("bot", str(k), k + 1) for k in range(20)] + [("u", "a", 1)]
+    x, users, events = ix.drop_bots(_log(rows), 10)
+    assert (users, events) == (1, 20)
+    assert _named(x) == [("u", "a", 1)]
