@@ -12,7 +12,7 @@ sorted order, rows in file order), and every sort is stable with ``row`` as the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -45,33 +45,42 @@ class Interactions:
 
 
 class _Vocab:
-    """Strings -> dense codes in first-seen order. Vectorised: each batch's distinct values are
-    looked up in the vocabulary with one Arrow hash join, so the driver does no per-row Python."""
+    """Strings -> dense codes in first-seen order.
+
+    Encoding is deferred: each batch keeps its own small dictionary and int indices (what
+    ``dictionary_encode`` gives, in C++), and ``finish`` unifies all dictionaries with one more
+    hash pass. The driver that feeds the log thus does no per-row or per-id Python work.
+    """
 
     def __init__(self) -> None:
-        self._known = pa.array([], pa.string())
-        self._parts: List[pa.Array] = []
+        self._dicts: List[pa.Array] = []
+        self._indices: List[np.ndarray] = []
+        self._ids: Optional[np.ndarray] = None
 
-    def encode(self, col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    def add(self, col: pa.ChunkedArray | pa.Array) -> None:
         enc = col if pa.types.is_dictionary(col.type) else pc.dictionary_encode(col)
-        chunks = enc.chunks if isinstance(enc, pa.ChunkedArray) else [enc]
-        out = []
-        for ch in chunks:
-            local = ch.dictionary.cast(pa.string())
-            pos = pc.index_in(local, value_set=self._known)
-            new = pc.is_null(pos)
-            fresh = local.filter(new)
-            mapping = pc.fill_null(pos, -1).to_numpy().astype(np.int64)
-            if len(fresh):
-                mask = new.to_numpy(zero_copy_only=False)
-                mapping[mask] = np.arange(len(self._known), len(self._known) + len(fresh))
-                self._parts.append(fresh)
-                self._known = pa.concat_arrays([self._known, fresh])
-            out.append(mapping.astype(np.int32)[ch.indices.to_numpy(zero_copy_only=False)])
-        return np.concatenate(out) if out else np.empty(0, np.int32)
+        for ch in (enc.chunks if isinstance(enc, pa.ChunkedArray) else [enc]):
+            self._dicts.append(ch.dictionary.cast(pa.string()))
+            self._indices.append(ch.indices.to_numpy(zero_copy_only=False).astype(np.int32))
+
+    def finish(self) -> np.ndarray:
+        """Codes of every value added, in order; sets ``ids`` (code -> string)."""
+        if not self._dicts:
+            self._ids = np.empty(0, dtype=object)
+            return np.empty(0, np.int32)
+        unified = pc.dictionary_encode(pa.chunked_array(self._dicts)).combine_chunks()
+        global_of = unified.indices.to_numpy(zero_copy_only=False).astype(np.int32)
+        out, off = [], 0
+        for d, idx in zip(self._dicts, self._indices):
+            out.append(global_of[off:off + len(d)][idx])
+            off += len(d)
+        self._ids = np.asarray(unified.dictionary.to_pylist(), dtype=object)
+        self._dicts, self._indices = [], []
+        return np.concatenate(out)
 
     def ids(self) -> np.ndarray:
-        return np.asarray(self._known.to_pylist(), dtype=object)
+        assert self._ids is not None, "call finish() first"
+        return self._ids
 
 
 @dataclass
@@ -80,15 +89,14 @@ class InteractionLog:
 
     users: _Vocab = field(default_factory=_Vocab)
     items: _Vocab = field(default_factory=_Vocab)
-    _cols: Dict[str, List[np.ndarray]] = field(default_factory=lambda: {k: [] for k in
-                                                                       ("user", "item", "ts", "event", "value")})
+    _cols: Dict[str, List[np.ndarray]] = field(default_factory=lambda: {k: [] for k in ("ts", "event", "value")})
     rows: int = 0
 
     def add(self, table: pa.Table) -> None:
         if table.num_rows == 0:
             return
-        self._cols["user"].append(self.users.encode(table["user_id"]))
-        self._cols["item"].append(self.items.encode(table["item_id"]))
+        self.users.add(table["user_id"])
+        self.items.add(table["item_id"])
         self._cols["ts"].append(pc.cast(table["ts"], pa.int64()).to_numpy())
         codes = pc.index_in(table["event"], pa.array(EVENT_TYPES))
         self._cols["event"].append(codes.to_numpy(zero_copy_only=False).astype(np.int8))
@@ -97,8 +105,9 @@ class InteractionLog:
 
     def finish(self) -> Interactions:
         cat = {k: (np.concatenate(v) if v else np.empty(0)) for k, v in self._cols.items()}
+        user, item = self.users.finish(), self.items.finish()
         return Interactions(
-            user=cat["user"].astype(np.int32), item=cat["item"].astype(np.int32), ts=cat["ts"].astype(np.int64),
+            user=user, item=item, ts=cat["ts"].astype(np.int64),
             event=cat["event"].astype(np.int8), value=cat["value"].astype(np.float32),
             row=np.arange(self.rows, dtype=np.int64), user_ids=self.users.ids(), item_ids=self.items.ids(),
         )

@@ -1,0 +1,153 @@
+"""Sequence retriever: item vectors from LLM text (+ optional ID embedding), user vector from a
+causal transformer over the user's recent items, event types and time gaps; score <u, i>.
+
+Text-only, ID-only and hybrid are configurations of the same module. Items are indexed from 1
+(0 is padding). Item text embeddings are an input, not a parameter: a new item becomes
+recommendable as soon as its text is embedded (its ID embedding stays at zero).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GAP_BUCKETS = 32
+
+
+@dataclass
+class RetrieverConfig:
+    num_items: int = 0  # set from the dataset vocabulary
+    text_dim: int = 0  # set from the item embeddings; 0 with use_text=false
+    use_id: bool = True
+    use_text: bool = True
+    dim: int = 64
+    layers: int = 2
+    heads: int = 2
+    max_len: int = 200
+    dropout: float = 0.3
+    # Probability of hiding an item's ID embedding in training, so the text path alone must
+    # carry it (what new items have at serving time).
+    id_dropout: float = 0.1
+    num_events: int = 6
+    # softmax: full cross-entropy over the catalog. sampled: sampled softmax with logQ correction.
+    loss: str = "softmax"
+    num_negatives: int = 1024
+    temperature: float = 1.0
+
+
+def gap_buckets(ts_ms: np.ndarray) -> np.ndarray:
+    """Time since the previous event, in log2-second buckets (0 for the first event)."""
+    gaps = np.diff(ts_ms, prepend=ts_ms[:1]) / 1000.0 if len(ts_ms) else ts_ms
+    return np.clip(np.floor(np.log2(np.maximum(gaps, 0) + 1.0)), 0, GAP_BUCKETS - 1).astype(np.int64)
+
+
+class SequenceRetriever(nn.Module):
+    def __init__(self, cfg: RetrieverConfig):
+        super().__init__()
+        if not (cfg.use_id or cfg.use_text):
+            raise ValueError("retriever needs use_id or use_text")
+        if cfg.use_text and cfg.text_dim <= 0:
+            raise ValueError("retriever.use_text needs item text embeddings (text_dim > 0)")
+        if cfg.loss not in ("softmax", "sampled"):
+            raise ValueError(f"retriever.loss must be softmax or sampled; got {cfg.loss!r}")
+        self.cfg = cfg
+        d = cfg.dim
+        if cfg.use_id:
+            self.id_emb = nn.Embedding(cfg.num_items + 1, d, padding_idx=0)
+            nn.init.normal_(self.id_emb.weight, std=0.02)
+            with torch.no_grad():
+                self.id_emb.weight[0].zero_()
+        if cfg.use_text:
+            self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.item_norm = nn.LayerNorm(d)
+        self.pos_emb = nn.Embedding(cfg.max_len, d)
+        self.event_emb = nn.Embedding(cfg.num_events + 1, d, padding_idx=0)
+        self.gap_emb = nn.Embedding(GAP_BUCKETS, d)
+        self.drop = nn.Dropout(cfg.dropout)
+        layer = nn.TransformerEncoderLayer(d, cfg.heads, 4 * d, cfg.dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.out_norm = nn.LayerNorm(d)
+
+    # -- items ------------------------------------------------------------------------------
+    def item_vectors(self, text_emb: Optional[torch.Tensor] = None, ids: Optional[torch.Tensor] = None,
+                     hide_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Vectors of items ``ids`` (1-based; default all, row 0 = padding).
+
+        Args:
+            text_emb: [num_items + 1, text_dim] text embeddings aligned with item ids (row 0 unused).
+            ids: item ids to compute; default every item including padding.
+            hide_ids: bool mask like ``ids``; True drops the ID embedding of that item.
+        """
+        if ids is None:
+            ids = torch.arange(self.cfg.num_items + 1, device=self.pos_emb.weight.device)
+        v = torch.zeros(*ids.shape, self.cfg.dim, device=ids.device)
+        if self.cfg.use_id:
+            idv = self.id_emb(ids.clamp(max=self.cfg.num_items))
+            if hide_ids is not None:
+                idv = idv * (~hide_ids).unsqueeze(-1)
+            v = v + idv
+        if self.cfg.use_text:
+            v = v + self.text_proj(text_emb[ids])
+        v = self.item_norm(v)
+        return v * (ids > 0).unsqueeze(-1)
+
+    # -- users ------------------------------------------------------------------------------
+    def encode(self, items: torch.Tensor, events: torch.Tensor, gaps: torch.Tensor,
+               text_emb: Optional[torch.Tensor] = None, hide_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Hidden state at every position [B, L, dim] (causal: position t sees items <= t).
+        Sequences are left-padded with 0 so the last position is the most recent event."""
+        B, L = items.shape
+        x = self.item_vectors(text_emb, items, hide_ids) * math.sqrt(self.cfg.dim)
+        pos = torch.arange(L, device=items.device) + (self.cfg.max_len - L)
+        x = x + self.pos_emb(pos)[None] + self.event_emb(events) + self.gap_emb(gaps)
+        keep = (items > 0).unsqueeze(-1).to(x.dtype)
+        x = self.drop(x) * keep
+        causal = torch.triu(torch.ones(L, L, dtype=torch.bool, device=items.device), 1)
+        h = self.encoder(x, mask=causal)
+        return self.out_norm(h) * keep
+
+    def user_vector(self, items, events, gaps, text_emb=None) -> torch.Tensor:
+        """[B, dim]: the state after the most recent event."""
+        return self.encode(items, events, gaps, text_emb)[:, -1]
+
+    # -- training ---------------------------------------------------------------------------
+    def forward(self, batch: dict, text_emb: Optional[torch.Tensor] = None,
+             log_q: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Next-item cross-entropy at every position that has a target.
+
+        batch: items, events, gaps, targets ([B, L] long; targets 0 = none).
+        log_q: [num_items + 1] log sampling probabilities, for ``loss=sampled``.
+        """
+        items, targets = batch["items"], batch["targets"]
+        hide = None
+        if self.training and self.cfg.use_id and self.cfg.use_text and self.cfg.id_dropout > 0:
+            hide = torch.rand(items.shape, device=items.device) < self.cfg.id_dropout
+        h = self.encode(items, batch["events"], batch["gaps"], text_emb, hide)
+        mask = targets > 0
+        h, t = h[mask], targets[mask]
+        if self.cfg.loss == "softmax":
+            table = self.item_vectors(text_emb)[1:]
+            logits = h @ table.T / self.cfg.temperature
+            return F.cross_entropy(logits, t - 1)
+        return self._sampled_loss(h, t, text_emb, log_q)
+
+    def _sampled_loss(self, h, t, text_emb, log_q) -> torch.Tensor:
+        """Sampled softmax with logQ correction (Yi et al., 2019): shared negatives drawn from q."""
+        if log_q is None:
+            raise ValueError("sampled softmax needs log_q (item sampling log-probabilities)")
+        q = log_q[1:].exp()
+        neg = torch.multinomial(q, self.cfg.num_negatives, replacement=True) + 1
+        pos_v = self.item_vectors(text_emb, t)
+        neg_v = self.item_vectors(text_emb, neg)
+        pos_logit = (h * pos_v).sum(-1, keepdim=True) - log_q[t].unsqueeze(-1)
+        neg_logit = h @ neg_v.T - log_q[neg][None]
+        neg_logit = neg_logit.masked_fill(neg[None] == t[:, None], float("-inf"))  # accidental hits
+        logits = torch.cat([pos_logit, neg_logit], 1) / self.cfg.temperature
+        return F.cross_entropy(logits, torch.zeros(len(t), dtype=torch.long, device=h.device))

@@ -1,0 +1,80 @@
+"""Training and scoring helpers for the retriever, shared by the Ray Train worker, the
+in-process baselines and the evaluator (torch only, no Ray)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from components.retriever import SequenceRetriever
+from components.sequences import UserHistories, history_for, inference_inputs, training_windows
+
+
+@dataclass
+class RetrieverTrainConfig:
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    seed: int = 0
+    # Evaluate on valid every N epochs and keep the best (0: only at the end).
+    eval_every: int = 5
+    # Stop after this many evaluations without improvement on valid NDCG@10 (0: never).
+    patience: int = 3
+
+
+def batches(windows: Dict[str, np.ndarray], batch_size: int, rng: np.random.Generator, rank: int = 0,
+            world: int = 1) -> Iterator[Dict[str, torch.Tensor]]:
+    """Shuffled mini-batches of this rank's share (every rank gets the same number of batches,
+    as collective ops in data-parallel training require)."""
+    n = len(windows["items"])
+    order = rng.permutation(n)
+    per_rank = n // world if world > 1 else n
+    mine = order[rank * per_rank:(rank + 1) * per_rank]
+    for s in range(0, len(mine) - (len(mine) % batch_size if len(mine) >= batch_size else 0), batch_size):
+        idx = mine[s:s + batch_size]
+        if len(idx) == 0:
+            break
+        yield {k: torch.as_tensor(v[idx]) for k, v in windows.items()}
+
+
+def log_q_from_counts(counts: np.ndarray) -> torch.Tensor:
+    """Sampling log-probabilities (smoothed popularity) for sampled softmax; row 0 = padding."""
+    q = np.concatenate([[0.0], counts + 1.0])
+    q = q / q.sum()
+    with np.errstate(divide="ignore"):
+        return torch.as_tensor(np.log(q), dtype=torch.float32)
+
+
+@torch.no_grad()
+def user_vectors(model: SequenceRetriever, text_emb: Optional[torch.Tensor], items: Sequence[np.ndarray],
+                 events: Sequence[np.ndarray], ts: Sequence[np.ndarray], batch: int = 256) -> torch.Tensor:
+    model.eval()
+    out = []
+    for s in range(0, len(items), batch):
+        x = inference_inputs(items[s:s + batch], events[s:s + batch], ts[s:s + batch], model.cfg.max_len)
+        out.append(model.user_vector(torch.as_tensor(x["items"]), torch.as_tensor(x["events"]),
+                                     torch.as_tensor(x["gaps"]), text_emb))
+    return torch.cat(out) if out else torch.empty(0, model.cfg.dim)
+
+
+@torch.no_grad()
+def item_table(model: SequenceRetriever, text_emb: Optional[torch.Tensor]) -> torch.Tensor:
+    """[num_items, dim] item vectors (0-based rows)."""
+    model.eval()
+    return model.item_vectors(text_emb)[1:]
+
+
+def retriever_scores(model: SequenceRetriever, text_emb: Optional[torch.Tensor], h: UserHistories,
+                     split: str) -> tuple[torch.Tensor, np.ndarray, List[np.ndarray]]:
+    """(scores [users with a target, num_items], 0-based targets, histories) for ``split``."""
+    users, items, events, ts, targets = history_for(h, split)
+    u = user_vectors(model, text_emb, items, events, ts)
+    return u @ item_table(model, text_emb).T, targets, items
+
+
+def make_windows(h: UserHistories, max_len: int) -> Dict[str, np.ndarray]:
+    return training_windows(h, max_len)

