@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# DeepSpeed JIT-builds its CPU shared-memory comm op on first use (~1 min): do it once here.
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
 	touch $(STAMP)
 
 # The main job end to end on the embedded synthetic data (offline, CPU only).

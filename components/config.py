@@ -14,6 +14,11 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING re-exported for configs)
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from components.ranker import RankerConfig
+from components.retriever import RetrieverConfig
+from components.retriever_training import RetrieverTrainConfig
+from components.text_encoder import TextEncoderConfig
+
 SOURCES = ("synthetic", "movielens", "amazon", "mind", "files")
 SPLITS = ("loo", "temporal")
 
@@ -125,11 +130,68 @@ class RayConfig:
 
 
 @dataclass
+class LLMFinetuneConfig:
+    # Contrastive fine-tuning of the text encoder on (item, next item) text pairs; 0 steps
+    # keeps the pretrained encoder frozen.
+    steps: int = 0
+    batch_size: int = 16
+    lr: float = 2e-5
+    temperature: float = 0.05
+
+
+@dataclass
+class TrainConfig:
+    # Ray Train workers (gloo on CPU, NCCL on GPU) and DeepSpeed settings.
+    num_workers: int = 2
+    use_gpu: bool = False
+    zero_stage: int = 2
+    # fp32 | bf16 (bf16 needs hardware support; GPUs)
+    precision: str = "fp32"
+    # Restarts of the worker group after a worker dies; training resumes from the last checkpoint.
+    max_failures: int = 1
+    # Dataset version to train on; empty: datasets/<name>/latest.json.
+    dataset_version: Optional[str] = None
+    # Run id; empty: a new timestamped id.
+    run_id: Optional[str] = None
+    # Stages run by jobs.train, in order: llm, retriever, ranker.
+    stages: List[str] = field(default_factory=lambda: ["llm", "retriever", "ranker"])
+    # Fault injection for tests: worker rank 1 exits once when this epoch starts (-1: never).
+    fail_at_epoch: int = -1
+    retriever: RetrieverTrainConfig = field(default_factory=RetrieverTrainConfig)
+    llm: LLMFinetuneConfig = field(default_factory=LLMFinetuneConfig)
+
+
+@dataclass
+class EvaluateConfig:
+    # Bundle to evaluate (checkpoints/recommender/<run_id>); empty: the one the pipeline trained.
+    run_id: Optional[str] = None
+    ks: List[int] = field(default_factory=lambda: [10, 20])
+    # Test targets with at most this many training interactions form the rare-item slice;
+    # users with at most this many training items the short-history slice.
+    rare_item_max: int = 10
+    short_history_max: int = 10
+    # Also compute MostPopular, ItemKNN, and ID-only / text-only retrievers (in-process).
+    baselines: bool = True
+    # Also run the new-item variant (last-appearing 10% of items lose their training data).
+    new_item_variant: bool = False
+    new_item_frac: float = 0.1
+    # Promotion gate: NDCG@10 on test must clear the floor and not fall more than the
+    # tolerance below the currently promoted model.
+    ndcg_floor: float = 0.0
+    tolerance: float = 0.005
+
+
+@dataclass
 class AppConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    ranker: RankerConfig = field(default_factory=RankerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 def load_config(
@@ -195,6 +257,21 @@ def validate_config(cfg: Any) -> None:
             raise ConfigError("preprocess.valid_frac and preprocess.test_frac must be in (0, 1) with sum < 1")
         if p.batch_size < 1:
             raise ConfigError("preprocess.batch_size must be >= 1")
+    if "train" in cfg:
+        t = cfg.train
+        if t.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3; got {t.zero_stage}")
+        if t.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"train.precision must be fp32 or bf16; got {t.precision!r}")
+        bad = [s for s in t.stages if s not in ("llm", "retriever", "ranker")]
+        if bad:
+            raise ConfigError(f"train.stages: unknown stage(s) {bad}; use llm, retriever, ranker")
+        if t.num_workers < 1:
+            raise ConfigError("train.num_workers must be >= 1")
+    if "retriever" in cfg and cfg.retriever.loss not in ("softmax", "sampled"):
+        raise ConfigError(f"retriever.loss must be softmax or sampled; got {cfg.retriever.loss!r}")
+    if "text" in cfg and cfg.text.pooling not in ("mean", "cls", "last"):
+        raise ConfigError(f"text.pooling must be mean, cls or last; got {cfg.text.pooling!r}")
 
 
 def to_yaml(cfg: Any) -> str:

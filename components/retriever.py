@@ -119,11 +119,13 @@ class SequenceRetriever(nn.Module):
 
     # -- training ---------------------------------------------------------------------------
     def forward(self, batch: dict, text_emb: Optional[torch.Tensor] = None,
-             log_q: Optional[torch.Tensor] = None) -> torch.Tensor:
+                log_q: Optional[torch.Tensor] = None, item_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Next-item cross-entropy at every position that has a target.
 
         batch: items, events, gaps, targets ([B, L] long; targets 0 = none).
         log_q: [num_items + 1] log sampling probabilities, for ``loss=sampled``.
+        item_mask: [num_items] bool, the items that exist at training time (full softmax only);
+            others are left out of the softmax, as items added later would be.
         """
         items, targets = batch["items"], batch["targets"]
         hide = None
@@ -135,6 +137,8 @@ class SequenceRetriever(nn.Module):
         if self.cfg.loss == "softmax":
             table = self.item_vectors(text_emb)[1:]
             logits = h @ table.T / self.cfg.temperature
+            if item_mask is not None:
+                logits = logits.masked_fill(~item_mask[None], float("-inf"))
             return F.cross_entropy(logits, t - 1)
         return self._sampled_loss(h, t, text_emb, log_q)
 

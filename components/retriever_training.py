@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from components.retriever import SequenceRetriever
-from components.sequences import UserHistories, history_for, inference_inputs, training_windows
+from components.sequences import UserHistories, history_for, inference_inputs, training_windows, trim_padding
 
 
 @dataclass
@@ -28,17 +28,19 @@ class RetrieverTrainConfig:
 
 def batches(windows: Dict[str, np.ndarray], batch_size: int, rng: np.random.Generator, rank: int = 0,
             world: int = 1) -> Iterator[Dict[str, torch.Tensor]]:
-    """Shuffled mini-batches of this rank's share (every rank gets the same number of batches,
-    as collective ops in data-parallel training require)."""
+    """Shuffled mini-batches of this rank's share, grouped by length: windows of similar length
+    share a batch, so left padding (trimmed per batch) costs little compute. Every rank gets
+    the same number of batches, as collective ops in data-parallel training require."""
     n = len(windows["items"])
+    lengths = (windows["targets"] != 0).sum(1)
+    # Random order, then a stable sort by length: ties stay random, batches stay homogeneous.
     order = rng.permutation(n)
-    per_rank = n // world if world > 1 else n
-    mine = order[rank * per_rank:(rank + 1) * per_rank]
-    for s in range(0, len(mine) - (len(mine) % batch_size if len(mine) >= batch_size else 0), batch_size):
-        idx = mine[s:s + batch_size]
-        if len(idx) == 0:
-            break
-        yield {k: torch.as_tensor(v[idx]) for k, v in windows.items()}
+    order = order[np.argsort(-lengths[order], kind="stable")]
+    chunks = [order[s:s + batch_size] for s in range(0, n, batch_size)]
+    chunks = [chunks[k] for k in rng.permutation(len(chunks))]
+    per_rank = len(chunks) // world if world > 1 else len(chunks)
+    for idx in chunks[rank * per_rank:(rank + 1) * per_rank]:
+        yield {k: torch.as_tensor(v) for k, v in trim_padding({k: v[idx] for k, v in windows.items()}).items()}
 
 
 def log_q_from_counts(counts: np.ndarray) -> torch.Tensor:
@@ -55,7 +57,7 @@ def user_vectors(model: SequenceRetriever, text_emb: Optional[torch.Tensor], ite
     model.eval()
     out = []
     for s in range(0, len(items), batch):
-        x = inference_inputs(items[s:s + batch], events[s:s + batch], ts[s:s + batch], model.cfg.max_len)
+        x = trim_padding(inference_inputs(items[s:s + batch], events[s:s + batch], ts[s:s + batch], model.cfg.max_len))
         out.append(model.user_vector(torch.as_tensor(x["items"]), torch.as_tensor(x["events"]),
                                      torch.as_tensor(x["gaps"]), text_emb))
     return torch.cat(out) if out else torch.empty(0, model.cfg.dim)

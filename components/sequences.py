@@ -61,6 +61,17 @@ def left_pad(rows: Sequence[np.ndarray], length: int) -> np.ndarray:
     return out
 
 
+def trim_padding(arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Drop leading columns that are padding in every row (sequences are left-padded), so a
+    batch of short histories is not computed at full ``max_len``."""
+    items = arrays["items"]
+    nonzero = (items != 0).any(0)
+    if "targets" in arrays:
+        nonzero |= (arrays["targets"] != 0).any(0)
+    first = int(np.argmax(nonzero)) if nonzero.any() else items.shape[1] - 1
+    return {k: v[:, first:] for k, v in arrays.items()}
+
+
 def training_windows(h: UserHistories, max_len: int, users: Optional[np.ndarray] = None,
                      min_len: int = 2) -> Dict[str, np.ndarray]:
     """Next-item windows over each user's train history: inputs items[:-1], targets items[1:],

@@ -43,6 +43,9 @@ class TextEncoder(nn.Module):
     def __init__(self, cfg: TextEncoderConfig, model: Optional[nn.Module] = None, tokenizer=None):
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # "unexpected pooler weights" is by design (no pooler)
 
         if cfg.pooling not in ("mean", "cls", "last"):
             raise ValueError(f"text encoder pooling must be mean, cls or last; got {cfg.pooling!r}")

@@ -51,7 +51,8 @@ def ray_session(ray_cfg: Any) -> Iterator[None]:
         yield
         return
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = {} if address else {"num_cpus": ray_cfg.num_cpus, "include_dashboard": False}
+    # The dashboard stays on (127.0.0.1): Ray Train's controller is monitored through its state API.
+    kwargs = {} if address else {"num_cpus": ray_cfg.num_cpus}
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **kwargs)
     try:
         yield

@@ -1,0 +1,117 @@
+"""Model checkpoints and the model registry in object storage.
+
+A checkpoint is a folder: ``model.safetensors`` (weights; nothing is unpickled), ``config.json``,
+optional extra files (tokenizer, item tables), ``metrics.json``, ``lineage.json`` and
+``manifest.json`` (sha256 of every file). ``registry/<model>/latest.json`` points at one and is
+replaced atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from components.storage import Storage
+
+WEIGHTS = "model.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, partial or corrupt; the message says which file."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_local(folder: str | Path, state_dict: Dict[str, torch.Tensor], config: Dict[str, Any],
+               metrics: Optional[Dict[str, Any]] = None, lineage: Optional[Dict[str, Any]] = None) -> Path:
+    """Write weights + JSON side files + manifest into ``folder`` (created)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(folder / WEIGHTS))
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    (folder / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, sort_keys=True, default=str))
+    (folder / "lineage.json").write_text(json.dumps(lineage or {}, indent=2, sort_keys=True, default=str))
+    write_manifest(folder)
+    return folder
+
+
+def write_manifest(folder: str | Path) -> Dict[str, str]:
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): sha256_file(p)
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    (folder / "manifest.json").write_text(json.dumps(files, indent=2, sort_keys=True))
+    return files
+
+
+def verify_local(folder: str | Path) -> Dict[str, str]:
+    """Check every file against manifest.json; raise CheckpointError on any mismatch."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: missing or unreadable manifest.json ({exc})") from exc
+    for rel, digest in manifest.items():
+        path = folder / rel
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: {rel} listed in the manifest is missing")
+        if sha256_file(path) != digest:
+            raise CheckpointError(f"{folder}: sha256 of {rel} does not match the manifest")
+    return manifest
+
+
+def load_local(folder: str | Path, verify: bool = True):
+    """-> (state_dict, config, metrics) of a local checkpoint folder."""
+    folder = Path(folder)
+    if verify:
+        verify_local(folder)
+    state = load_file(str(folder / WEIGHTS))
+    config = json.loads((folder / "config.json").read_text())
+    metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
+    return state, config, metrics
+
+
+def new_run_id(prefix: str = "run") -> str:
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{hashlib.sha1(str(time.time_ns()).encode()).hexdigest()[:6]}"
+
+
+def publish(storage: Storage, folder: str | Path, model: str, run_id: str) -> str:
+    """Upload a local checkpoint folder to ``checkpoints/<model>/<run_id>/``; returns its prefix."""
+    prefix = f"checkpoints/{model}/{run_id}"
+    storage.upload_dir(folder, prefix)
+    return prefix
+
+
+def fetch(storage: Storage, prefix: str, dest: str | Path, verify: bool = True) -> Path:
+    """Download a checkpoint and verify it against its manifest."""
+    dest = Path(dest)
+    storage.download_dir(prefix, dest)
+    if verify:
+        verify_local(dest)
+    return dest
+
+
+def read_pointer(storage: Storage, model: str) -> Optional[Dict[str, Any]]:
+    rel = f"registry/{model}/latest.json"
+    return storage.read_json(rel) if storage.is_file(rel) else None
+
+
+def promote(storage: Storage, model: str, run_id: str, prefix: str, metrics: Dict[str, Any],
+            manifest: Dict[str, str], lineage: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Atomically point ``registry/<model>/latest.json`` at a published checkpoint."""
+    pointer = {"model": model, "run_id": run_id, "uri": storage.uri(prefix), "prefix": prefix,
+               "sha256": manifest, "metrics": metrics, "lineage": lineage or {},
+               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    storage.write_json_atomic(f"registry/{model}/latest.json", pointer)
+    return pointer

@@ -1,0 +1,257 @@
+"""Full-ranking evaluation, baselines, report, and the promotion gate.
+
+    python -m jobs.evaluate storage.root=<uri> evaluate.run_id=<run_id>
+
+Writes ``reports/<run_id>/``: report.md, metrics.json, PNG plots and predictions.parquet
+(``user_id``, ``items`` = top-100 original item ids in rank order, for every test user). Promotes
+``registry/recommender/latest.json`` when test NDCG@10 clears ``evaluate.ndcg_floor`` and is not
+worse than the promoted model's by more than ``evaluate.tolerance``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from components import checkpoints as ck
+from components.datasets import load_training_data
+from components.evaluation import (baseline_rankings, final_ranking, fit_retriever_local, new_item_histories,
+                                   slice_masks, summarize, timed)
+from components.metrics import popularity_deciles, sliced_metrics
+from components.baselines import item_counts
+from components.ranker import RankerConfig, RankerMLP
+from components.retriever import RetrieverConfig
+from components.retriever_training import RetrieverTrainConfig
+from components.storage import Storage
+from jobs.runtime import run_cli
+from jobs.train import BUNDLE, load_retriever
+
+log = logging.getLogger("jobs.evaluate")
+
+
+def load_ranker(folder: Path) -> Optional[RankerMLP]:
+    if not (folder / ck.WEIGHTS).is_file():
+        return None
+    state, config, _ = ck.load_local(folder)
+    model = RankerMLP(RankerConfig(**config["ranker"]))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def evaluate_bundle(cfg: Any, storage: Storage, bundle: Path, run_id: str) -> Dict[str, Any]:
+    lineage = json.loads((bundle / "lineage.json").read_text())
+    ds_prefix = f"datasets/{lineage['dataset']}/{lineage['dataset_version']}"
+    data = load_training_data(storage, ds_prefix, lineage.get("text_embeddings"))
+    h, cats, ev = data.histories, data.categories, cfg.evaluate
+    retriever, _ = load_retriever(bundle / "retriever", data)
+    ranker = load_ranker(bundle / "ranker")
+    results: Dict[str, Any] = {"run_id": run_id, "dataset": lineage["dataset"],
+                               "dataset_version": lineage["dataset_version"], "models": {}, "timings": {}}
+    main_name = "hybrid+ranker" if ranker is not None else "hybrid"
+    kind = ("hybrid" if retriever.cfg.use_id and retriever.cfg.use_text
+            else "id-only" if retriever.cfg.use_id else "text-only")
+    if kind != "hybrid":
+        main_name = kind + ("+ranker" if ranker is not None else "")
+    rankings = {}
+    for split in ("valid", "test"):
+        if ranker is not None:
+            rankings[(main_name, split)] = final_ranking(retriever, ranker, data.text, h, split, cats)
+        rankings[(kind, split)] = final_ranking(retriever, None, data.text, h, split, cats)
+    for name, split in list(rankings):
+        r, top, _, _ = rankings[(name, split)]
+        results["models"].setdefault(name, {})[split] = summarize(r, top, h.num_items, ev.ks)
+    for split in ("valid", "test"):
+        for name, (r, top) in baseline_rankings(h, split).items():
+            results["models"].setdefault(name, {})[split] = summarize(r, top, h.num_items, ev.ks)
+    if ev.baselines:
+        rcfg, tcfg = RetrieverConfig(**_plain(cfg.retriever)), RetrieverTrainConfig(**_plain(cfg.train.retriever))
+        variants = [("id-only", replace(rcfg, use_text=False))]
+        if data.text is not None:
+            variants.append(("text-only", replace(rcfg, use_id=False)))
+        for name, vcfg in variants:
+            if name == kind:
+                continue
+            model, secs = timed(fit_retriever_local, h, data.text, vcfg, tcfg)
+            results["timings"][f"fit_{name}_s"] = secs
+            for split in ("valid", "test"):
+                r, top, t, u = final_ranking(model, None, data.text, h, split, cats)
+                rankings[(name, split)] = (r, top, t, u)
+                results["models"].setdefault(name, {})[split] = summarize(r, top, h.num_items, ev.ks)
+    # Slices of the test split for every model that has per-user ranks.
+    r_main, top_main, targets, users = rankings[(main_name, "test")]
+    masks = slice_masks(h, users, targets, ev.rare_item_max, ev.short_history_max)
+    results["slices"] = {name: sliced_metrics(rankings[(name, "test")][0], masks, ev.ks)
+                         for name, split in rankings if split == "test"}
+    for name in ("MostPopular", "ItemKNN"):
+        r, _ = baseline_rankings(h, "test")[name] if name not in results["slices"] else (None, None)
+        if r is not None:
+            results["slices"][name] = sliced_metrics(r, masks, ev.ks)
+    if ev.new_item_variant and data.text is not None:
+        results["new_item_variant"] = new_item_variant(cfg, h, data.text, cats)
+    results["main_model"] = main_name
+    results["predictions"] = {"users": int(len(users)), "topk": int(top_main.shape[1])}
+    return {"results": results, "top": top_main, "users": users, "targets": targets, "data": data}
+
+
+def new_item_variant(cfg: Any, h, text: torch.Tensor, cats) -> Dict[str, Any]:
+    hn, new = new_item_histories(h, cfg.evaluate.new_item_frac)
+    rcfg, tcfg = RetrieverConfig(**_plain(cfg.retriever)), RetrieverTrainConfig(**_plain(cfg.train.retriever))
+    out: Dict[str, Any] = {"new_items": int(new.sum())}
+    for name, vcfg in (("hybrid", rcfg), ("id-only", replace(rcfg, use_text=False))):
+        model = fit_retriever_local(hn, text, vcfg, tcfg, known_items=~new)
+        r, top, targets, _ = final_ranking(model, None, text, hn, "test", cats)
+        is_new = new[targets]
+        out[name] = {"all": summarize(r, top, h.num_items, cfg.evaluate.ks),
+                     "new_item_targets": summarize(r[is_new], top[is_new], h.num_items, cfg.evaluate.ks)}
+    return out
+
+
+def _plain(node) -> Dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else dict(node)
+
+
+def write_report(storage: Storage, run_id: str, ev: Dict[str, Any]) -> str:
+    res, data = ev["results"], ev["data"]
+    prefix = f"reports/{run_id}"
+    ids = np.asarray(data.items["item_id"].to_pylist(), dtype=object)
+    user_ids = storage.read_parquet(f"datasets/{res['dataset']}/{res['dataset_version']}/vocab/users.parquet")
+    uid = np.asarray(user_ids.sort_by("user_idx")["user_id"].to_pylist(), dtype=object)
+    preds = pa.table({"user_id": pa.array(uid[ev["users"]].tolist(), pa.string()),
+                      "items": pa.array([ids[row].tolist() for row in ev["top"]], pa.list_(pa.string()))})
+    storage.write_parquet(f"{prefix}/predictions.parquet", preds)
+    storage.write_json(f"{prefix}/metrics.json", res)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in plot_report(Path(tmp), ev):
+            storage.write_bytes(f"{prefix}/{name}", (Path(tmp) / name).read_bytes())
+    storage.write_bytes(f"{prefix}/report.md", report_markdown(res).encode())
+    return prefix
+
+
+def plot_report(folder: Path, ev: Dict[str, Any]) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res, data = ev["results"], ev["data"]
+    names = list(res["slices"])
+    slices = [s for s in next(iter(res["slices"].values())) if not s.startswith("pop_decile")]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / max(len(names), 1)
+    for k, name in enumerate(names):
+        vals = [res["slices"][name][s].get("recall@10", 0.0) for s in slices]
+        ax.bar(np.arange(len(slices)) + k * width, vals, width, label=name)
+    ax.set_xticks(np.arange(len(slices)) + 0.4 - width / 2, slices)
+    ax.set_ylabel("Recall@10 (test)")
+    ax.set_title("Recall@10 by slice")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "metric_by_slice.png", dpi=110)
+    plt.close(fig)
+
+    counts = item_counts(data.histories.items, data.histories.num_items)
+    rec_dec = popularity_deciles(counts, ev["top"][:, :10].ravel())
+    tgt_dec = popularity_deciles(counts, ev["targets"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(np.arange(10) - 0.2, np.bincount(rec_dec, minlength=10) / max(len(rec_dec), 1), 0.4,
+           label=f"recommended top-10 ({res['main_model']})")
+    ax.bar(np.arange(10) + 0.2, np.bincount(tgt_dec, minlength=10) / max(len(tgt_dec), 1), 0.4, label="test targets")
+    ax.set_xlabel("item popularity decile (0 = least popular)")
+    ax.set_ylabel("share")
+    ax.set_title("Popularity bias")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "popularity_bias.png", dpi=110)
+    plt.close(fig)
+    return ["metric_by_slice.png", "popularity_bias.png"]
+
+
+def report_markdown(res: Dict[str, Any]) -> str:
+    lines = [f"# Evaluation of {res['run_id']}", "",
+             f"Dataset {res['dataset']} version {res['dataset_version']}; full ranking over the catalog, "
+             "the user's history excluded; main model: " + res["main_model"] + ".", "",
+             "| model | split | Recall@10 | NDCG@10 | MRR@10 | Recall@20 | NDCG@20 | coverage@10 |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, splits in res["models"].items():
+        for split, m in splits.items():
+            lines.append(f"| {name} | {split} | {m.get('recall@10', 0):.4f} | {m.get('ndcg@10', 0):.4f} | "
+                         f"{m.get('mrr@10', 0):.4f} | {m.get('recall@20', 0):.4f} | {m.get('ndcg@20', 0):.4f} | "
+                         f"{m.get('coverage@10', 0):.3f} |")
+    lines += ["", "## Test slices (Recall@10 / NDCG@10, n)", "", "| slice | " + " | ".join(res["slices"]) + " |",
+              "| --- |" + " ---: |" * len(res["slices"])]
+    first = next(iter(res["slices"].values()))
+    for s in first:
+        row = [f"{res['slices'][n][s].get('recall@10', 0):.3f} / {res['slices'][n][s].get('ndcg@10', 0):.3f} "
+               f"({res['slices'][n][s]['n']})" for n in res["slices"]]
+        lines.append(f"| {s} | " + " | ".join(row) + " |")
+    if "new_item_variant" in res:
+        nv = res["new_item_variant"]
+        lines += ["", f"## New-item variant ({nv['new_items']} items lose all training interactions)", "",
+                  "| model | Recall@10 all | Recall@10 new-item targets (n) |", "| --- | ---: | ---: |"]
+        for name in ("hybrid", "id-only"):
+            lines.append(f"| {name} | {nv[name]['all']['recall@10']:.4f} | "
+                         f"{nv[name]['new_item_targets'].get('recall@10', 0):.4f} ({nv[name]['new_item_targets']['n']}) |")
+    lines += ["", "Plots: metric_by_slice.png, popularity_bias.png. Predictions: predictions.parquet.", ""]
+    return "\n".join(lines)
+
+
+def gate_and_promote(cfg: Any, storage: Storage, res: Dict[str, Any], train_out: Dict[str, Any]) -> Dict[str, Any]:
+    """Promote only a run that clears the floor and does not regress beyond the tolerance."""
+    ndcg = res["models"][res["main_model"]]["test"]["ndcg@10"]
+    current = ck.read_pointer(storage, BUNDLE)
+    cur = (current or {}).get("metrics", {}).get("test_ndcg@10")
+    decision = {"test_ndcg@10": ndcg, "floor": cfg.evaluate.ndcg_floor, "current": cur,
+                "tolerance": cfg.evaluate.tolerance}
+    if ndcg < cfg.evaluate.ndcg_floor:
+        decision.update(promoted=False, reason=f"NDCG@10 {ndcg:.4f} below the floor {cfg.evaluate.ndcg_floor}")
+    elif cur is not None and ndcg < cur - cfg.evaluate.tolerance:
+        decision.update(promoted=False, reason=f"NDCG@10 {ndcg:.4f} worse than the promoted {cur:.4f} "
+                                               f"by more than {cfg.evaluate.tolerance}")
+    else:
+        metrics = {"test_ndcg@10": ndcg, "test_recall@10": res["models"][res["main_model"]]["test"]["recall@10"]}
+        ck.promote(storage, BUNDLE, train_out["run_id"], train_out["prefix"], metrics, train_out["manifest"],
+                   {k: v for k, v in train_out["lineage"].items() if k != "config"})
+        decision.update(promoted=True, reason="cleared the gate")
+    return decision
+
+
+def run(cfg: Any, storage: Storage, train_out: Dict[str, Any]) -> Dict[str, Any]:
+    ev = evaluate_bundle(cfg, storage, Path(train_out["local_dir"]), train_out["run_id"])
+    prefix = write_report(storage, train_out["run_id"], ev)
+    decision = gate_and_promote(cfg, storage, ev["results"], train_out)
+    ev["results"]["promotion"] = decision
+    storage.write_json(f"{prefix}/metrics.json", ev["results"])
+    return {"results": ev["results"], "report_prefix": prefix, "promotion": decision}
+
+
+def main(cfg: Any) -> Dict[str, Any]:
+    storage = Storage.from_config(cfg.storage)
+    run_id = cfg.evaluate.run_id
+    if not run_id:
+        pointer = ck.read_pointer(storage, BUNDLE)
+        if pointer is None:
+            raise FileNotFoundError("evaluate.run_id not given and no promoted model in the registry")
+        run_id = pointer["run_id"]
+    prefix = f"checkpoints/{BUNDLE}/{run_id}"
+    local = ck.fetch(storage, prefix, tempfile.mkdtemp(prefix="eval-"))
+    train_out = {"run_id": run_id, "prefix": prefix, "local_dir": str(local),
+                 "manifest": json.loads((local / "manifest.json").read_text()),
+                 "lineage": json.loads((local / "lineage.json").read_text())}
+    out = run(cfg, storage, train_out)
+    print(report_markdown(out["results"]))
+    print(f"promotion: {out['promotion']}")
+    return out
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,143 @@
+"""Models with tiny configs: shapes, masking, and that training changes parameters and lowers loss."""
+
+import numpy as np
+import pytest
+import torch
+
+from components.ranker import NUM_CONTEXT, RankerConfig, RankerMLP, listwise_loss
+from components.retriever import RetrieverConfig, SequenceRetriever, gap_buckets
+from components.text_encoder import TextEncoder, TextEncoderConfig, contrastive_loss, item_text
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder():
+    """A random-init 2-layer BERT with the bundled tokenizer (no weights loaded)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from components.text_encoder import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64), add_pooling_layer=False)
+    return lambda pooling="mean": TextEncoder(TextEncoderConfig(pooling=pooling, max_length=32), model, tok)
+
+
+def test_text_encoder_pooling_and_padding(tiny_encoder):
+    for pooling in ("mean", "cls", "last"):
+        enc = tiny_encoder(pooling)
+        alone = enc.encode(["a red tent"])
+        padded = enc.encode(["a red tent", "a much longer sentence about cooking pasta with garlic"])
+        assert alone.shape == (1, 32)
+        assert torch.allclose(alone[0], padded[0], atol=1e-5)  # padding never leaks into a text's vector
+        assert torch.allclose(padded.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_contrastive_finetuning_moves_pairs_together(tiny_encoder):
+    enc = tiny_encoder()
+    enc.train()
+    a = ["tent for hiking", "jazz vinyl record", "chef knife", "yoga mat"]
+    b = ["sleeping bag for camping", "saxophone album", "cast iron skillet", "kettlebell workout"]
+    before = {k: v.clone() for k, v in enc.named_parameters()}
+    opt = torch.optim.AdamW(enc.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        tok = enc.tokenize(a + b)
+        emb = enc(tok["input_ids"], tok["attention_mask"])
+        loss = contrastive_loss(emb[:4], emb[4:], 0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.5
+    assert any(not torch.equal(before[k], v) for k, v in enc.named_parameters())
+
+
+def test_item_text():
+    assert item_text("Tent", "Light. ", ["Outdoors"]) == "Tent Categories: Outdoors. Light."
+    assert item_text("", "", []) == "(no text)"
+
+
+def _toy_batch(num_items=20, B=8, L=6, seed=0):
+    """Next item = (current + 1) mod num_items: learnable from the sequence."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(1, num_items + 1, (B, 1), generator=g)
+    seq = (start - 1 + torch.arange(L + 1)) % num_items + 1
+    return {"items": seq[:, :-1], "events": torch.ones(B, L, dtype=torch.long),
+            "gaps": torch.zeros(B, L, dtype=torch.long), "targets": seq[:, 1:]}
+
+
+@pytest.mark.parametrize("use_id,use_text", [(True, False), (False, True), (True, True)])
+def test_retriever_learns_and_changes_params(use_id, use_text):
+    torch.manual_seed(0)
+    cfg = RetrieverConfig(num_items=20, text_dim=8 if use_text else 0, use_id=use_id, use_text=use_text, dim=16,
+                          layers=1, heads=2, max_len=6, dropout=0.0)
+    model = SequenceRetriever(cfg)
+    text = torch.randn(21, 8) if use_text else None
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = None
+    for step in range(80):
+        loss = model(_toy_batch(seed=step), text)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < first * 0.5
+    changed = [k for k, v in model.named_parameters() if not torch.equal(before[k], v)]
+    assert changed
+    if use_id:
+        assert any(k.startswith("id_emb") for k in changed)
+
+
+def test_retriever_is_causal_and_padding_is_inert():
+    torch.manual_seed(0)
+    model = SequenceRetriever(RetrieverConfig(num_items=20, use_text=False, dim=16, layers=2, heads=2, max_len=6))
+    model.eval()
+    b = _toy_batch()
+    h1 = model.encode(b["items"], b["events"], b["gaps"])
+    items2 = b["items"].clone()
+    items2[:, -1] = 3  # change only the last event
+    h2 = model.encode(items2, b["events"], b["gaps"])
+    assert torch.allclose(h1[:, :-1], h2[:, :-1], atol=1e-5)  # earlier positions cannot see it
+    assert not torch.allclose(h1[:, -1], h2[:, -1])
+    assert torch.all(model.item_vectors(None, torch.tensor([0])) == 0)
+
+
+def test_sampled_softmax_and_item_mask():
+    torch.manual_seed(0)
+    cfg = RetrieverConfig(num_items=20, use_text=False, dim=16, layers=1, heads=2, max_len=6, loss="sampled",
+                          num_negatives=10)
+    model = SequenceRetriever(cfg)
+    log_q = torch.log(torch.full((21,), 1 / 20.0))
+    assert torch.isfinite(model(_toy_batch(), None, log_q))
+    with pytest.raises(ValueError, match="log_q"):
+        model(_toy_batch(), None, None)
+    full = SequenceRetriever(RetrieverConfig(num_items=20, use_text=False, dim=16, layers=1, heads=2, max_len=6))
+    mask = torch.ones(20, dtype=torch.bool)
+    mask[15:] = False  # items 16..20 did not exist yet
+    b = _toy_batch()
+    b["targets"] = b["targets"].clamp(max=15)
+    assert full(b, None, None, mask) < full(b, None, None, None)  # fewer competitors
+
+
+def test_gap_buckets():
+    assert gap_buckets(np.array([0, 1000, 1000, 3_601_000])).tolist() == [0, 1, 0, 11]
+
+
+def test_ranker_learns_to_pick_the_feature_marked_item():
+    torch.manual_seed(0)
+    cfg = RankerConfig(dim=8, hidden=32, dropout=0.0)
+    model = RankerMLP(cfg)
+    B, C = 32, 10
+    pos = torch.randint(0, C, (B,))
+    ctx = torch.zeros(B, C, NUM_CONTEXT)
+    ctx[torch.arange(B), pos, 4] = 1.0  # category overlap marks the positive
+    u, i = torch.randn(B, 8), torch.randn(B, C, 8)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        loss = listwise_loss(model(u, i, ctx), pos)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (model(u, i, ctx).argmax(1) == pos).float().mean() > 0.95
