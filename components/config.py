@@ -133,7 +133,7 @@ class RayConfig:
 class LLMFinetuneConfig:
     # Contrastive fine-tuning of the text encoder on (item, next item) text pairs; 0 steps
     # keeps the pretrained encoder frozen.
-    steps: int = 0
+    steps: int = 20
     batch_size: int = 16
     lr: float = 2e-5
     temperature: float = 0.05

@@ -29,7 +29,7 @@ class RankerConfig:
     hidden: int = 128
     dropout: float = 0.2
     candidates: int = 100
-    epochs: int = 30
+    epochs: int = 20
     lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 64

@@ -15,13 +15,13 @@ from components.sequences import UserHistories, history_for, inference_inputs, t
 
 @dataclass
 class RetrieverTrainConfig:
-    epochs: int = 40
+    epochs: int = 20
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.01
     seed: int = 0
     # Evaluate on valid every N epochs and keep the best (0: only at the end).
-    eval_every: int = 5
+    eval_every: int = 2
     # Stop after this many evaluations without improvement on valid NDCG@10 (0: never).
     patience: int = 3
 

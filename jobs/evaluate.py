@@ -72,7 +72,7 @@ def evaluate_bundle(cfg: Any, storage: Storage, bundle: Path, run_id: str) -> Di
         for name, (r, top) in baseline_rankings(h, split).items():
             results["models"].setdefault(name, {})[split] = summarize(r, top, h.num_items, ev.ks)
     if ev.baselines:
-        rcfg, tcfg = RetrieverConfig(**_plain(cfg.retriever)), RetrieverTrainConfig(**_plain(cfg.train.retriever))
+        rcfg, tcfg = RetrieverConfig(**_plain(cfg.retriever)), _local_train_config(cfg)
         variants = [("id-only", replace(rcfg, use_text=False))]
         if data.text is not None:
             variants.append(("text-only", replace(rcfg, use_id=False)))
@@ -103,7 +103,7 @@ def evaluate_bundle(cfg: Any, storage: Storage, bundle: Path, run_id: str) -> Di
 
 def new_item_variant(cfg: Any, h, text: torch.Tensor, cats) -> Dict[str, Any]:
     hn, new = new_item_histories(h, cfg.evaluate.new_item_frac)
-    rcfg, tcfg = RetrieverConfig(**_plain(cfg.retriever)), RetrieverTrainConfig(**_plain(cfg.train.retriever))
+    rcfg, tcfg = RetrieverConfig(**_plain(cfg.retriever)), _local_train_config(cfg)
     out: Dict[str, Any] = {"new_items": int(new.sum())}
     for name, vcfg in (("hybrid", rcfg), ("id-only", replace(rcfg, use_text=False))):
         model = fit_retriever_local(hn, text, vcfg, tcfg, known_items=~new)
@@ -112,6 +112,13 @@ def new_item_variant(cfg: Any, h, text: torch.Tensor, cats) -> Dict[str, Any]:
         out[name] = {"all": summarize(r, top, h.num_items, cfg.evaluate.ks),
                      "new_item_targets": summarize(r[is_new], top[is_new], h.num_items, cfg.evaluate.ks)}
     return out
+
+
+def _local_train_config(cfg: Any) -> RetrieverTrainConfig:
+    """In-process baselines see the same effective batch (batch x workers), hence the same
+    number of optimizer steps, as the distributed run they are compared with."""
+    tcfg = RetrieverTrainConfig(**_plain(cfg.train.retriever))
+    return replace(tcfg, batch_size=tcfg.batch_size * cfg.train.num_workers)
 
 
 def _plain(node) -> Dict[str, Any]:

@@ -134,7 +134,10 @@ def _maybe_fail(config: Dict[str, Any], epoch: int, rank: int) -> None:
     marker = f"{config['run_prefix']}/_fault_injected"
     if not storage.exists(marker):
         storage.write_bytes(marker, b"1")
-        log.warning("fault injection: worker rank 1 exits at epoch %d", epoch)
+        # Die a few seconds into the epoch, as a crashed worker would: the previous epoch's
+        # checkpoint has been registered by then.
+        time.sleep(3)
+        log.warning("fault injection: worker rank 1 exits during epoch %d", epoch)
         os._exit(1)
 
 
