@@ -57,7 +57,8 @@ def embed_items(cfg: Any, storage: Storage, ds: DatasetRef, run_id: str, llm_dir
     items = storage.read_parquet(f"{ds.prefix}/items").select(["item_idx", "item_id", "title", "text", "categories"])
     data = ray.data.from_arrow(items)
     out = data.map_batches(ItemEmbedder, fn_constructor_kwargs={"text_cfg": to_dict(cfg.text), "weights_dir": llm_dir},
-                           batch_size=64, batch_format="pyarrow", concurrency=concurrency, num_cpus=1)
+                           batch_size=64, batch_format="pyarrow", num_cpus=1,
+                           compute=ray.data.ActorPoolStrategy(size=concurrency))
     table = pa.concat_tables(out.iter_batches(batch_size=None, batch_format="pyarrow")).sort_by("item_idx")
     prefix = f"indexes/{run_id}"
     storage.write_parquet(f"{prefix}/text_embeddings.parquet", table)

@@ -141,3 +141,23 @@ def test_ranker_learns_to_pick_the_feature_marked_item():
         loss.backward()
         opt.step()
     assert (model(u, i, ctx).argmax(1) == pos).float().mean() > 0.95
+
+
+def test_lora_trains_only_adapters(tiny_encoder):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from components.text_encoder import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    base = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=64), add_pooling_layer=False)
+    enc = TextEncoder(TextEncoderConfig(lora_r=4, max_length=16), base, tok)
+    trainable = [n for n, p in enc.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    frozen_before = {n: p.clone() for n, p in enc.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad], lr=1e-2)
+    tok_in = enc.tokenize(["a", "b c", "d e f", "g"])
+    emb = enc(tok_in["input_ids"], tok_in["attention_mask"])
+    contrastive_loss(emb[:2], emb[2:]).backward()
+    opt.step()
+    assert all(torch.equal(frozen_before[n], p) for n, p in enc.named_parameters() if not p.requires_grad)

@@ -1,0 +1,27 @@
+from components import checkpoints as ck
+from components.config import load_config
+from components.storage import Storage
+from jobs.evaluate import gate_and_promote
+
+
+def _res(ndcg):
+    return {"main_model": "hybrid", "models": {"hybrid": {"test": {"ndcg@10": ndcg, "recall@10": 2 * ndcg}}}}
+
+
+def _train_out(run):
+    return {"run_id": run, "prefix": f"checkpoints/recommender/{run}", "manifest": {"a": "0" * 64},
+            "lineage": {"run_id": run, "config": {"big": 1}}}
+
+
+def test_gate_promotes_refuses_below_floor_and_regressions(tmp_path):
+    st = Storage(str(tmp_path))
+    cfg = load_config(["evaluate.ndcg_floor=0.05", "evaluate.tolerance=0.01"])
+    assert gate_and_promote(cfg, st, _res(0.04), _train_out("r0"))["promoted"] is False  # below the floor
+    assert ck.read_pointer(st, "recommender") is None
+    assert gate_and_promote(cfg, st, _res(0.10), _train_out("r1"))["promoted"] is True
+    d = gate_and_promote(cfg, st, _res(0.085), _train_out("r2"))  # worse by more than the tolerance
+    assert d["promoted"] is False and "worse" in d["reason"]
+    assert gate_and_promote(cfg, st, _res(0.095), _train_out("r3"))["promoted"] is True  # within tolerance
+    pointer = ck.read_pointer(st, "recommender")
+    assert pointer["run_id"] == "r3" and pointer["metrics"]["test_ndcg@10"] == 0.095
+    assert "config" not in pointer["lineage"]
