@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from components.retriever import SequenceRetriever
-from components.sequences import UserHistories, history_for, inference_inputs, training_windows, trim_padding
+from components.sequences import UserHistories, history_for, inference_inputs, trim_padding
 
 
 @dataclass
@@ -77,6 +77,3 @@ def retriever_scores(model: SequenceRetriever, text_emb: Optional[torch.Tensor],
     u = user_vectors(model, text_emb, items, events, ts)
     return u @ item_table(model, text_emb).T, targets, items
 
-
-def make_windows(h: UserHistories, max_len: int) -> Dict[str, np.ndarray]:
-    return training_windows(h, max_len)

@@ -70,6 +70,7 @@ def evaluate_bundle(cfg: Any, storage: Storage, bundle: Path, run_id: str) -> Di
         results["models"].setdefault(name, {})[split] = summarize(r, top, h.num_items, ev.ks)
     for split in ("valid", "test"):
         for name, (r, top) in baseline_rankings(h, split).items():
+            rankings[(name, split)] = (r, top)
             results["models"].setdefault(name, {})[split] = summarize(r, top, h.num_items, ev.ks)
     if ev.baselines:
         rcfg, tcfg = RetrieverConfig(**_plain(cfg.retriever)), _local_train_config(cfg)
@@ -90,10 +91,6 @@ def evaluate_bundle(cfg: Any, storage: Storage, bundle: Path, run_id: str) -> Di
     masks = slice_masks(h, users, targets, ev.rare_item_max, ev.short_history_max)
     results["slices"] = {name: sliced_metrics(rankings[(name, "test")][0], masks, ev.ks)
                          for name, split in rankings if split == "test"}
-    for name in ("MostPopular", "ItemKNN"):
-        r, _ = baseline_rankings(h, "test")[name] if name not in results["slices"] else (None, None)
-        if r is not None:
-            results["slices"][name] = sliced_metrics(r, masks, ev.ks)
     if ev.new_item_variant and data.text is not None:
         results["new_item_variant"] = new_item_variant(cfg, h, data.text, cats)
     results["main_model"] = main_name

@@ -349,7 +349,7 @@ def run_stage(name: str, worker, loop_config: Dict[str, Any], cfg: Any, storage:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    storage_path = storage.path("ray_train") if storage.is_s3 else storage.path("ray_train")
+    storage_path = storage.path("ray_train")
     if not storage.is_s3:
         Path(storage_path).mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
