@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from components.retriever import gap_buckets
+from components.schemas import EVENT_CODE
 
 
 @dataclass
@@ -105,8 +106,6 @@ def inference_inputs(items: Sequence[np.ndarray], events: Sequence[np.ndarray], 
 def history_for(h: UserHistories, split: str):
     """Histories used to predict ``split`` targets: train part for valid, train + valid for test."""
     tgt = h.valid if split == "valid" else h.test
-    from components.schemas import EVENT_CODE
-
     users = tgt["user_idx"]
     items, events, ts = [], [], []
     vpos = {u: k for k, u in enumerate(h.valid["user_idx"])}

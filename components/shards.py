@@ -13,13 +13,14 @@ import gzip
 import io
 import json
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Mapping, Optional
+from typing import Dict, Iterator, List, Mapping
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from components.schemas import QUARANTINE_SCHEMA
 from components.storage import Storage
 from components.validation import make_rejects
 
@@ -131,8 +132,6 @@ def _scalar_to_text(v):
 
 
 def _no_rejects() -> pa.Table:
-    from components.schemas import QUARANTINE_SCHEMA
-
     return QUARANTINE_SCHEMA.empty_table()
 
 

@@ -25,7 +25,6 @@ from components.schemas import (
     EVENT_REQUIRED,
     EVENT_SCHEMA,
     EVENT_TYPES,
-    ITEM_REQUIRED,
     ITEM_SCHEMA,
     QUARANTINE_SCHEMA,
     TS,
