@@ -182,6 +182,18 @@ class EvaluateConfig:
 
 
 @dataclass
+class ServeConfig:
+    # After training and promotion, serve on host:port until SIGTERM / Ctrl-C (jobs.pipeline).
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Ray Serve config YAML: deployments (replicas, autoscaling, resources) and app args.
+    config: str = "configs/serve.yaml"
+    # Registry poll interval of every model replica; empty: the YAML's value.
+    watch_interval_s: Optional[float] = None
+
+
+@dataclass
 class AppConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -192,6 +204,7 @@ class AppConfig:
     ranker: RankerConfig = field(default_factory=RankerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def load_config(

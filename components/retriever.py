@@ -103,13 +103,19 @@ class SequenceRetriever(nn.Module):
                text_emb: Optional[torch.Tensor] = None, hide_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Hidden state at every position [B, L, dim] (causal: position t sees items <= t).
         Sequences are left-padded with 0 so the last position is the most recent event."""
-        B, L = items.shape
-        x = self.item_vectors(text_emb, items, hide_ids) * math.sqrt(self.cfg.dim)
-        pos = torch.arange(L, device=items.device) + (self.cfg.max_len - L)
+        return self.encode_vectors(self.item_vectors(text_emb, items, hide_ids), events, gaps, items > 0)
+
+    def encode_vectors(self, vectors: torch.Tensor, events: torch.Tensor, gaps: torch.Tensor,
+                       present: torch.Tensor) -> torch.Tensor:
+        """``encode`` from item vectors [B, L, dim] already computed (serving: the retriever
+        deployment owns the item vectors, new items included); ``present`` [B, L] marks real events."""
+        L = vectors.shape[1]
+        x = vectors * math.sqrt(self.cfg.dim)
+        pos = torch.arange(L, device=vectors.device) + (self.cfg.max_len - L)
         x = x + self.pos_emb(pos)[None] + self.event_emb(events) + self.gap_emb(gaps)
-        keep = (items > 0).unsqueeze(-1).to(x.dtype)
+        keep = present.unsqueeze(-1).to(x.dtype)
         x = self.drop(x) * keep
-        causal = torch.triu(torch.ones(L, L, dtype=torch.bool, device=items.device), 1)
+        causal = torch.triu(torch.ones(L, L, dtype=torch.bool, device=vectors.device), 1)
         h = self.encoder(x, mask=causal)
         return self.out_norm(h) * keep
 

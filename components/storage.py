@@ -179,12 +179,16 @@ class Storage:
         self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
     def write_json_atomic(self, rel: str, obj: Any) -> None:
-        """Write so that readers see the old or the new document, never a partial one.
+        """Write so that readers see the old or the new document, never a partial one."""
+        self.write_bytes_atomic(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
-        Local: write a temporary sibling, then rename over the target (atomic on POSIX).
+    def write_bytes_atomic(self, rel: str, data: bytes) -> None:
+        """Durable, all-or-nothing write: when this returns the bytes are stored; readers never see
+        a partial object.
+
+        Local: write a temporary sibling, fsync, then rename over the target (atomic on POSIX).
         S3: a single PUT is atomic per object (readers get the old or new object).
         """
-        data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
         if self.is_s3:
             self.write_bytes(rel, data)
             return

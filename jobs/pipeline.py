@@ -1,7 +1,10 @@
-"""The main job: preprocess -> embed -> train -> evaluate -> promote, on any source.
+"""The main job: preprocess -> embed -> train -> evaluate -> promote (-> serve), on any source.
 
     python -m jobs.pipeline data.source=<synthetic|movielens|amazon|mind|files> data.path=<dir> \
-        storage.root=<uri>
+        storage.root=<uri> [serve.enabled=true serve.port=8000]
+
+With ``serve.enabled=true`` it then serves the promoted model on serve.host:serve.port (default
+127.0.0.1:8000) with Ray Serve until SIGTERM or Ctrl-C, and shuts Serve and Ray down cleanly.
 
 Every stage is the same code its own job runs (jobs.preprocess, jobs.embed_items, jobs.train,
 jobs.evaluate); this file only chains them in one Ray session and prints what happened.
@@ -48,8 +51,25 @@ def main(cfg: Any) -> Dict[str, Any]:
     p = out["promotion"]
     print(f"promotion: {'PROMOTED' if p['promoted'] else 'not promoted'} ({p['reason']})")
     print(f"report: {storage.uri(out['report_prefix'])}/report.md")
-    print(f"timings: {timings}")
-    return {"preprocess": pre, "train": trained, "evaluate": out, "timings": timings}
+    print(f"timings: {timings}", flush=True)
+    result = {"preprocess": pre, "train": trained, "evaluate": out, "timings": timings}
+    if cfg.serve.enabled:
+        serve_promoted(cfg, storage)
+    return result
+
+
+def serve_promoted(cfg: Any, storage: Storage) -> None:
+    """Serve registry/recommender/latest.json until interrupted (jobs.pipeline serve.enabled=true)."""
+    from serve import runner
+
+    if ck.read_pointer(storage, train.BUNDLE) is None:
+        raise FileNotFoundError(f"nothing to serve: no promoted model under {storage.uri('registry')}")
+    overrides = {"storage_root": storage.root, "storage_endpoint": cfg.storage.endpoint_url}
+    if cfg.serve.watch_interval_s:
+        overrides["watch_interval_s"] = cfg.serve.watch_interval_s
+    with ray_session(cfg.ray):
+        url = runner.start(cfg.serve.config, overrides, host=cfg.serve.host, port=cfg.serve.port)
+        runner.serve_until_signal(url)
 
 
 def _with_version(cfg: Any, version: str) -> Any:

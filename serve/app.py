@@ -1,0 +1,562 @@
+"""The Ray Serve application: ingress (FastAPI) -> user encoder -> retriever -> ranker, plus the
+text-embedding deployment (new items) and the event store (live user state + durable feedback).
+
+    serve run configs/serve.yaml          # or: serve deploy configs/serve.yaml (running cluster)
+
+Replica counts, autoscaling and resources come from the Serve config YAML, not from decorators.
+Every model-holding replica runs a ``ModelWatcher`` thread on ``registry/<model>/latest.json``
+and swaps verified checkpoints off the request path. A request pins the version the retriever
+answered with, and each model replica keeps the previous version, so one request never mixes
+two models across a swap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import pyarrow as pa
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from components import checkpoints as ck
+from components.schemas import EVENT_CODE, EVENT_TYPES
+from components.storage import Storage
+from serve import api
+from serve.bundle import ModelWatcher
+from serve.feedback import (GroupCommitLog, SessionState, list_feedback_shards, read_feedback, shard_key,
+                            table_bytes)
+from serve.models import (ENCODER_PARTS, RANKER_PARTS, RETRIEVER_PARTS, TEXT_PARTS, RankerModel, RetrievalModel,
+                          TextModel, UserEncoderModel)
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+UPSERTS_PREFIX = "catalog/upserts"
+
+
+@dataclass
+class ServeSettings:
+    """The ``args`` of the Serve application (``applications[].args`` in the YAML)."""
+
+    storage_root: str = "storage"
+    storage_endpoint: Optional[str] = None
+    model: str = "recommender"
+    # Seconds between registry polls in every model replica (promotion -> serving latency).
+    watch_interval_s: float = 2.0
+    # How long a replica waits for a first promoted model before failing its start.
+    startup_timeout_s: float = 120.0
+    # Retriever candidates passed to the ranker.
+    candidates: int = 100
+    # Events per user kept in the live state (and fed to the user encoder).
+    history_len: int = 200
+    # Group commit of /v1/events: events arriving during a write form the next shard (at most
+    # feedback_max_events); linger > 0 waits that long to gather more (fewer S3 objects). A write
+    # starts within linger + one write time of an event (well under 200 ms on local disk or S3).
+    feedback_linger_ms: float = 0.0
+    feedback_max_events: int = 1024
+
+    @classmethod
+    def from_args(cls, args: Optional[Dict[str, Any]]) -> "ServeSettings":
+        args = dict(args or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"unknown serve application args: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**args)
+
+    def storage(self) -> Storage:
+        return Storage(self.storage_root, endpoint_url=self.storage_endpoint)
+
+
+def _watcher(settings: ServeSettings, parts, loader, prepare=None) -> ModelWatcher:
+    w = ModelWatcher(settings.storage(), settings.model, parts, loader, settings.watch_interval_s, prepare=prepare)
+    w.wait_first(settings.startup_timeout_s)
+    return w.start()
+
+
+class _Versioned:
+    """Keeps the current and the previous model so a request pinned to either is served."""
+
+    watcher: ModelWatcher
+
+    def _init_versions(self) -> None:
+        self._previous: Dict[str, Any] = {}
+
+    def model_for(self, version: Optional[str]):
+        cur = self.watcher.current
+        if not version or version == cur.version:
+            return cur
+        old = self._previous.get(version)
+        return old if old is not None else cur
+
+    def _remember(self, old) -> None:
+        if old is not None:
+            self._previous = {old.version: old}
+
+    def status(self) -> Dict[str, Any]:
+        return self.watcher.status()
+
+
+@serve.deployment
+class UserEncoder(_Versioned):
+    """Embedding replicas: user vectors from history item vectors (dynamically batched)."""
+
+    def __init__(self, args: Dict[str, Any]):
+        s = ServeSettings.from_args(args)
+        self._init_versions()
+        self.watcher = _watcher(s, ENCODER_PARTS, lambda f, v: UserEncoderModel(f, v),
+                                prepare=lambda old, new: self._remember(old))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def encode(self, requests: List[Dict[str, Any]]) -> List[np.ndarray]:
+        out: List[Optional[np.ndarray]] = [None] * len(requests)
+        by_version: Dict[str, List[int]] = {}
+        for k, r in enumerate(requests):
+            by_version.setdefault(r.get("version") or "", []).append(k)
+        for version, idx in by_version.items():
+            vecs = self.model_for(version).encode([requests[k] for k in idx])
+            for j, k in enumerate(idx):
+                out[k] = vecs[j]
+        return out
+
+
+@serve.deployment
+class Ranker(_Versioned):
+    """Ranking replicas: the relevance MLP over the retriever's candidates (dynamically batched)."""
+
+    def __init__(self, args: Dict[str, Any]):
+        s = ServeSettings.from_args(args)
+        self._init_versions()
+        self.watcher = _watcher(s, RANKER_PARTS, lambda f, v: RankerModel(f, v),
+                                prepare=lambda old, new: self._remember(old))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def score(self, lists: List[Dict[str, Any]]) -> List[np.ndarray]:
+        out: List[Optional[np.ndarray]] = [None] * len(lists)
+        by_version: Dict[str, List[int]] = {}
+        for k, x in enumerate(lists):
+            by_version.setdefault(x.get("version") or "", []).append(k)
+        for version, idx in by_version.items():
+            scores = self.model_for(version).score([lists[k] for k in idx])
+            for j, k in enumerate(idx):
+                out[k] = scores[j]
+        return out
+
+
+@serve.deployment
+class TextEmbedder(_Versioned):
+    """The LLM for new item text (fine-tuned weights from the bundle when it has them)."""
+
+    def __init__(self, args: Dict[str, Any]):
+        s = ServeSettings.from_args(args)
+        self._init_versions()
+        self.watcher = _watcher(s, TEXT_PARTS, lambda f, v: TextModel(f, v))
+
+    async def embed(self, items: List[Dict[str, Any]]) -> Dict[str, Any]:
+        m = self.watcher.current
+        return {"version": m.version, "embeddings": m.embed(items)}
+
+
+@serve.deployment
+class Retriever(_Versioned):
+    """Catalog and item vectors in faiss, with upserts; candidates, ranker features, reasons.
+
+    Upserted items are stored under ``catalog/upserts/`` before they are acknowledged, replayed
+    into every new model version, and picked up by the other retriever replicas on their next poll.
+    """
+
+    def __init__(self, args: Dict[str, Any]):
+        s = ServeSettings.from_args(args)
+        self.settings = s
+        self.storage = s.storage()
+        self._init_versions()
+        self._seen_upserts: set = set()
+        self._upserts: Dict[str, Dict[str, Any]] = {}
+        self.watcher = _watcher(s, RETRIEVER_PARTS, lambda f, v: RetrievalModel(f, self.storage, v),
+                                prepare=self._prepare)
+        with self.lock:
+            self._sync_upserts(self.watcher.current)
+        threading.Thread(target=self._poll_upserts, name="upserts", daemon=True).start()
+
+    def _prepare(self, old: Optional[RetrievalModel], new: RetrievalModel) -> None:
+        """Runs under the swap lock: replay every known upsert into the new version."""
+        if self._upserts:
+            items = list(self._upserts.values())
+            new.upsert(items, _embeddings(items))
+        self._remember(old)
+
+    def _sync_upserts(self, model: RetrievalModel) -> int:
+        """Apply upsert shards written by other replicas (or before a restart)."""
+        files = [f for f in self.storage.list_files(UPSERTS_PREFIX, (".parquet",)) if f not in self._seen_upserts]
+        n = 0
+        for f in sorted(files, key=shard_key):
+            try:
+                rows = self.storage.read_parquet(f).to_pylist()
+            except Exception as exc:
+                log.error("skipping unreadable upsert shard %s: %s", f, exc)
+                self._seen_upserts.add(f)
+                continue
+            for r in rows:
+                self._upserts[r["item_id"]] = r
+            model.upsert(rows, _embeddings(rows))
+            self._seen_upserts.add(f)
+            n += len(rows)
+        return n
+
+    def _poll_upserts(self) -> None:
+        while True:
+            time.sleep(self.settings.watch_interval_s)
+            try:
+                with self.lock:
+                    self._sync_upserts(self.watcher.current)
+            except Exception as exc:  # storage hiccup: try again next interval
+                log.warning("upsert poll failed: %s", exc)
+
+    @property
+    def lock(self) -> threading.Lock:
+        """Serialises catalog reads and writes with upserts and swaps (faiss is not thread-safe)."""
+        return self.watcher.swap_lock
+
+    async def history(self, item_ids: List[str], exclude: List[str]) -> Dict[str, Any]:
+        with self.lock:
+            return self._history(self.watcher.current, item_ids, exclude)
+
+    @staticmethod
+    def _history(m: RetrievalModel, item_ids: List[str], exclude: List[str]) -> Dict[str, Any]:
+        rows, known = [], []
+        unknown: List[str] = []
+        for k, iid in enumerate(item_ids):
+            r = m.row.get(iid)
+            if r is None:
+                unknown.append(iid)
+            else:
+                rows.append(r)
+                known.append(k)
+        ex_rows, ex_unknown = m.lookup(exclude)
+        return {"version": m.version, "rows": rows, "known": known, "vectors": m.history_vectors(rows),
+                "exclude_rows": ex_rows, "unknown": sorted(set(unknown) | set(ex_unknown))}
+
+    async def candidates(self, version: str, u: np.ndarray, hist_rows: List[int], hist_ts: List[int],
+                         hist_events: List[int], exclude_rows: List[int], categories: Optional[List[str]],
+                         n: int) -> Dict[str, Any]:
+        with self.lock:
+            return self._candidates(self.model_for(version), u, hist_rows, hist_ts, hist_events, exclude_rows,
+                                    categories, n)
+
+    @staticmethod
+    def _candidates(m: RetrievalModel, u, hist_rows, hist_ts, hist_events, exclude_rows, categories, n):
+        rows, scores = m.search(u, n, list(exclude_rows) + list(hist_rows), categories)
+        if len(rows) == 0:
+            return {"rows": rows, "retrieval": scores, "i": np.zeros((0, m.dim), np.float32),
+                    "ctx": np.zeros((0, 0), np.float32), "items": [], "reasons": []}
+        return {"rows": rows, "retrieval": scores, "i": m.vectors[rows],
+                "ctx": m.context(rows, scores, hist_rows, hist_ts, hist_events),
+                "items": m.describe(rows), "reasons": m.reasons(rows, hist_rows)}
+
+    async def cold_start(self, n: int, exclude: List[str], categories: Optional[List[str]]) -> Dict[str, Any]:
+        with self.lock:
+            m = self.watcher.current
+            ex_rows, unknown = m.lookup(exclude)
+            rows, scores = m.cold_start(n, ex_rows, categories)
+            return {"version": m.version, "items": m.describe(rows), "scores": scores, "unknown": unknown}
+
+    async def known(self, item_ids: List[str]) -> List[str]:
+        """The ids among ``item_ids`` that are not in the catalog."""
+        with self.lock:
+            return self.watcher.current.lookup(item_ids)[1]
+
+    async def items(self, item_ids: List[str]) -> List[Optional[Dict[str, Any]]]:
+        with self.lock:
+            m = self.watcher.current
+            return [m.item(i) for i in item_ids]
+
+    async def upsert(self, items: List[Dict[str, Any]], embeddings: Optional[np.ndarray]) -> Dict[str, Any]:
+        rows = [{**x, "embedding": None if embeddings is None else [float(v) for v in embeddings[k]]}
+                for k, x in enumerate(items)]
+        path = f"{UPSERTS_PREFIX}/part-{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}.parquet"
+        await asyncio.to_thread(self.storage.write_bytes_atomic, path, table_bytes(pa.Table.from_pylist(rows)))
+        with self.lock:
+            m = self.watcher.current
+            new = m.upsert(rows, _embeddings(rows))
+            self._seen_upserts.add(path)
+            for r in rows:
+                self._upserts[r["item_id"]] = r
+        return {"new": new, "version": m.version, "size": m.size}
+
+
+def _embeddings(rows: List[Dict[str, Any]]) -> Optional[np.ndarray]:
+    if not rows or any(r.get("embedding") is None for r in rows):
+        return None
+    return np.asarray([r["embedding"] for r in rows], dtype=np.float32)
+
+
+@serve.deployment
+class EventStore:
+    """Live per-user state and the durable feedback log (one holder; rebuilt from storage on start)."""
+
+    def __init__(self, args: Dict[str, Any]):
+        s = ServeSettings.from_args(args)
+        self.storage = s.storage()
+        self.state = SessionState(s.history_len)
+        self.log = GroupCommitLog(self.storage, s.feedback_linger_ms / 1000.0, s.feedback_max_events)
+        t0 = time.perf_counter()
+        self.rebuilt = self._rebuild(s.model)
+        self.rebuilt["seconds"] = round(time.perf_counter() - t0, 2)
+        log.warning("event store rebuilt: %s", self.rebuilt)
+
+    def _rebuild(self, model: str) -> Dict[str, Any]:
+        out = {"dataset_events": 0, "feedback_events": 0, "feedback_shards": 0}
+        pointer = ck.read_pointer(self.storage, model)
+        lin = (pointer or {}).get("lineage", {})
+        if lin.get("dataset") and lin.get("dataset_version"):
+            prefix = f"datasets/{lin['dataset']}/{lin['dataset_version']}"
+            for split in ("train", "valid", "test"):
+                try:
+                    t = self.storage.read_parquet(f"{prefix}/{split}", columns=["user_id", "item_id", "ts", "event"])
+                except Exception as exc:
+                    log.warning("history from %s/%s unavailable: %s", prefix, split, exc)
+                    continue
+                out["dataset_events"] += self.state.add_table(t)
+        shards = list_feedback_shards(self.storage, after=lin.get("feedback_watermark", ""))
+        out["feedback_shards"] = len(shards)
+        out["feedback_events"] = self.state.add_table(read_feedback(self.storage, shards))
+        return out
+
+    async def append(self, rows: List[Dict[str, Any]]) -> str:
+        path = await self.log.append(rows)  # returns once durable
+        for r in rows:
+            self.state.add(r["user_id"], r["item_id"], r.get("event") or "click", r["ts"])
+        return path
+
+    async def history(self, user_id: str) -> List[tuple]:
+        return self.state.history(user_id)
+
+    async def users(self, limit: int) -> List[str]:
+        return self.state.users(limit)
+
+    async def status(self) -> Dict[str, Any]:
+        return {"users": len(self.state), "rebuilt": self.rebuilt, "shards_written": self.log.shards_written,
+                "events_written": self.log.events_written, "write_failures": self.log.write_failures,
+                "last_write_ms": round(self.log.last_write_s * 1000, 2)}
+
+
+# -- ingress -----------------------------------------------------------------------------------
+app = FastAPI(title="llmrec", version="1", description="LLM-enhanced real-time recommendations on Ray Serve.")
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError):
+    errors = []
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        errors.append(f"{loc or 'body'}: {e.get('msg')}")
+    return JSONResponse(status_code=422, content={"error": "; ".join(errors), "detail": [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]})
+
+
+@app.middleware("http")
+async def _limit_size(request: Request, call_next):
+    size = request.headers.get("content-length")
+    if size is not None and (not size.isdigit() or int(size) > api.MAX_BODY_BYTES):
+        return JSONResponse(status_code=413, content={"error": f"body: larger than {api.MAX_BODY_BYTES} bytes"})
+    return await call_next(request)
+
+
+def _metrics():
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    reg = CollectorRegistry()
+    return reg, {
+        "latency": Histogram("llmrec_request_seconds", "request latency", ["route"], registry=reg,
+                             buckets=(0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1, 2.5)),
+        "served": Counter("llmrec_recommendations_served", "items recommended", registry=reg),
+        "requests": Counter("llmrec_requests", "requests by route and status", ["route", "status"], registry=reg),
+        "events": Counter("llmrec_events_ingested", "events stored durably", registry=reg),
+        "version": Gauge("llmrec_model_info", "model version served (value 1)", ["deployment", "version"], registry=reg),
+        "swaps": Gauge("llmrec_model_swaps", "hot swaps since replica start", ["deployment"], registry=reg),
+    }
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 2)
+
+
+# Everything the ingress uses must be defined above it: serve.ingress serialises the class when
+# it is decorated.
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, encoder: DeploymentHandle, retriever: DeploymentHandle, ranker: DeploymentHandle,
+                 text: DeploymentHandle, events: DeploymentHandle, args: Dict[str, Any]):
+        self.settings = ServeSettings.from_args(args)
+        self.encoder, self.retriever, self.ranker, self.text, self.events = encoder, retriever, ranker, text, events
+        self.registry, self.m = _metrics()
+        self.page = (STATIC / "index.html").read_text()
+
+    def _observe(self, route: str, t0: float, status: int) -> None:
+        self.m["latency"].labels(route).observe(time.perf_counter() - t0)
+        self.m["requests"].labels(route, str(status)).inc()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index(self) -> str:
+        return self.page
+
+    @app.get("/healthz")
+    async def healthz(self) -> Dict[str, Any]:
+        status = await self.retriever.status.remote()
+        return {"status": "ok", "model_version": status["version"]}
+
+    @app.get("/v1/version")
+    async def version(self) -> Dict[str, Any]:
+        names = ("encoder", "retriever", "ranker", "text")
+        handles = (self.encoder, self.retriever, self.ranker, self.text)
+        out = dict(zip(names, await asyncio.gather(*[h.status.remote() for h in handles])))
+        out["events"] = await self.events.status.remote()
+        out["model_version"] = out["retriever"]["version"]
+        return out
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(self) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        try:
+            v = await self.version()
+            for name in ("encoder", "retriever", "ranker", "text"):
+                self.m["version"].labels(name, v[name]["version"]).set(1)
+                self.m["swaps"].labels(name).set(v[name]["swaps"])
+        except Exception as exc:  # metrics must answer even when a deployment is down
+            log.warning("metrics: version status unavailable: %s", exc)
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/recommend", response_model=api.RecommendResponse)
+    async def recommend(self, req: api.RecommendRequest) -> api.RecommendResponse:
+        t0 = time.perf_counter()
+        try:
+            out = await self._recommend(req, t0)
+        except Exception as exc:
+            self._observe("recommend", t0, 503)
+            log.exception("recommend failed")
+            raise HTTPException(503, f"recommendation backend unavailable: {exc}") from None
+        self._observe("recommend", t0, 200)
+        self.m["served"].inc(len(out.items))
+        return out
+
+    async def _recommend(self, req: api.RecommendRequest, t0: float) -> api.RecommendResponse:
+        stored = await self.events.history.remote(req.user_id) if req.user_id else []
+        entries = list(stored) + [(e.item_id, EVENT_CODE[e.event], e.ts or api.now_ms()) for e in req.recent_events]
+        categories = req.filters.categories if req.filters and req.filters.categories else None
+        h = await self.retriever.history.remote([e[0] for e in entries], req.exclude)
+        unknown_reported = [i for i in h["unknown"] if i in set(req.exclude) | {e.item_id for e in req.recent_events}]
+        known = [entries[k] for k in h["known"]][-self.settings.history_len:]
+        rows = h["rows"][-self.settings.history_len:]
+        vectors = h["vectors"][-self.settings.history_len:]
+        if not known:
+            c = await self.retriever.cold_start.remote(req.k, req.exclude, categories)
+            items = [api.RecommendedItem(item_id=x["item_id"], title=x["title"], score=float(s), reason=None,
+                                         categories=x["categories"]) for x, s in zip(c["items"], c["scores"])]
+            return api.RecommendResponse(user_id=req.user_id, items=items, model_version=c["version"],
+                                         took_ms=_ms(t0), cold_start=True, unknown_items=unknown_reported)
+        version = h["version"]
+        ts = [e[2] for e in known]
+        ev = [e[1] for e in known]
+        u = await self.encoder.encode.remote({"version": version, "vectors": vectors, "events": ev, "ts": ts})
+        c = await self.retriever.candidates.remote(version, u, rows, ts, ev, h["exclude_rows"], categories,
+                                                   max(self.settings.candidates, req.k))
+        if len(c["rows"]) == 0:
+            return api.RecommendResponse(user_id=req.user_id, items=[], model_version=version, took_ms=_ms(t0),
+                                         unknown_items=unknown_reported)
+        scores = await self.ranker.score.remote({"version": version, "u": u, "i": c["i"], "ctx": c["ctx"],
+                                                 "retrieval": c["retrieval"]})
+        order = np.argsort(-np.asarray(scores), kind="stable")[:req.k]
+        items = [api.RecommendedItem(item_id=c["items"][j]["item_id"], title=c["items"][j]["title"],
+                                     score=float(scores[j]), reason=c["reasons"][j], categories=c["items"][j]["categories"])
+                 for j in order]
+        return api.RecommendResponse(user_id=req.user_id, items=items, model_version=version, took_ms=_ms(t0),
+                                     unknown_items=unknown_reported)
+
+    @app.post("/v1/events", status_code=202, response_model=api.EventsResponse)
+    async def post_events(self, req: api.EventsRequest) -> JSONResponse:
+        t0 = time.perf_counter()
+        rows = [e.model_dump() for e in req.events]
+        try:
+            shard = await self.events.append.remote(rows)
+        except Exception as exc:
+            self._observe("events", t0, 503)
+            raise HTTPException(503, f"events not stored, retry: {exc}") from None
+        self.m["events"].inc(len(rows))
+        unknown = await self.retriever.known.remote(sorted({r["item_id"] for r in rows}))
+        self._observe("events", t0, 202)
+        return JSONResponse(status_code=202, content=api.EventsResponse(
+            accepted=len(rows), shard=shard, unknown_items=unknown).model_dump())
+
+    @app.put("/v1/items", response_model=api.ItemsResponse)
+    async def put_items(self, req: api.ItemsRequest) -> api.ItemsResponse:
+        t0 = time.perf_counter()
+        items = [x.model_dump() for x in req.items]
+        try:
+            emb = await self.text.embed.remote(items)
+            out = await self.retriever.upsert.remote(items, emb["embeddings"])
+        except Exception as exc:
+            self._observe("items", t0, 503)
+            raise HTTPException(503, f"items not indexed, retry: {exc}") from None
+        self._observe("items", t0, 200)
+        return api.ItemsResponse(upserted=len(items), new=out["new"], model_version=out["version"])
+
+    @app.get("/v1/items/{item_id}")
+    async def get_item(self, item_id: str) -> Dict[str, Any]:
+        if not 0 < len(item_id) <= api.MAX_ID:
+            raise HTTPException(422, f"item_id: must be 1..{api.MAX_ID} characters")
+        (item,) = await self.retriever.items.remote([item_id])
+        if item is None:
+            raise HTTPException(404, f"item_id: {item_id!r} is not in the catalog")
+        return item
+
+    # -- for the demo page ---------------------------------------------------------------------
+    @app.get("/v1/users")
+    async def users(self, limit: int = 20) -> Dict[str, Any]:
+        if not 1 <= limit <= 1000:
+            raise HTTPException(422, "limit: must be between 1 and 1000")
+        return {"users": await self.events.users.remote(limit)}
+
+    @app.get("/v1/users/{user_id}/history")
+    async def user_history(self, user_id: str, limit: int = 20) -> Dict[str, Any]:
+        if not 1 <= limit <= 200:
+            raise HTTPException(422, "limit: must be between 1 and 200")
+        hist = (await self.events.history.remote(user_id))[-limit:][::-1]
+        items = await self.retriever.items.remote([h[0] for h in hist])
+        return {"user_id": user_id, "events": [
+            {"item_id": h[0], "event": EVENT_TYPES[h[1]], "ts": h[2], "title": (it or {}).get("title", "")}
+            for h, it in zip(hist, items)]}
+
+
+def build(args: Optional[Dict[str, Any]] = None) -> serve.Application:
+    """Application builder for ``serve run``/``serve deploy`` (``import_path: serve.app:build``).
+
+    ``args`` are ``ServeSettings`` fields. Deployment options (replicas, autoscaling, resources)
+    come from the config YAML; ``deployment_options`` (name -> options) applies the same
+    settings when the app is started from Python (jobs.pipeline, tests).
+    """
+    args = dict(args or {})
+    options: Dict[str, Dict[str, Any]] = args.pop("deployment_options", None) or {}
+    s = ServeSettings.from_args(args)
+    a = asdict(s)
+
+    def dep(d):
+        return d.options(**options[d.name]) if d.name in options else d
+
+    encoder = dep(UserEncoder).bind(a)
+    retriever = dep(Retriever).bind(a)
+    ranker = dep(Ranker).bind(a)
+    text = dep(TextEmbedder).bind(a)
+    events = dep(EventStore).bind(a)
+    return dep(Ingress).bind(encoder, retriever, ranker, text, events, a)

@@ -1,0 +1,230 @@
+"""Durable feedback and live per-user state (no Ray: the EventStore deployment wraps these).
+
+``GroupCommitLog`` batches events from concurrent requests and writes them as one Parquet shard
+under ``feedback/dt=YYYY-MM-DD/``: a write starts as soon as the previous one ends (or after an
+optional linger), with at most ``max_events`` events per shard; each caller's ``append`` returns
+only once its events are stored (a failed write fails every
+caller in that group, so nothing is acknowledged that is not stored).
+
+``SessionState`` keeps each user's recent events (item ids, so it survives a vocabulary change
+between model versions) and can be rebuilt from the dataset plus the feedback shards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from components.schemas import EVENT_CODE, EVENT_SCHEMA
+from components.storage import Storage
+
+log = logging.getLogger(__name__)
+
+FEEDBACK_PREFIX = "feedback"
+
+
+def shard_path(received_ms: int, prefix: str = FEEDBACK_PREFIX) -> str:
+    day = time.strftime("%Y-%m-%d", time.gmtime(received_ms / 1000))
+    return f"{prefix}/dt={day}/part-{received_ms:013d}-{uuid.uuid4().hex[:8]}.parquet"
+
+
+def events_table(rows: Sequence[Dict[str, Any]]) -> pa.Table:
+    """Validated event dicts (ts in epoch ms) -> a table in the stored event schema."""
+    cols = {
+        "user_id": [r["user_id"] for r in rows],
+        "item_id": [r["item_id"] for r in rows],
+        "ts": pa.array([int(r["ts"]) for r in rows], pa.int64()).cast(EVENT_SCHEMA.field("ts").type),
+        "event": [r.get("event") or "click" for r in rows],
+        "value": [r.get("value") for r in rows],
+        "session_id": [r.get("session_id") for r in rows],
+        "context": [json.dumps(r["context"], sort_keys=True) if r.get("context") is not None else None for r in rows],
+    }
+    return pa.table(cols, schema=EVENT_SCHEMA)
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+@dataclass
+class _Group:
+    rows: List[Dict[str, Any]]
+    futures: List[asyncio.Future]
+
+
+class GroupCommitLog:
+    """Group commit of events to object storage (see module doc). Use from one event loop.
+
+    One write is in flight at a time; events that arrive meanwhile form the next shard (at most
+    ``max_events`` per shard). Under light load an event is written at once; under heavy load
+    shards grow instead of writes queueing up. ``linger_s`` > 0 waits that long before a write
+    to gather more events (fewer, larger objects on S3, at that cost in latency).
+    """
+
+    def __init__(self, storage: Storage, linger_s: float = 0.0, max_events: int = 1024,
+                 prefix: str = FEEDBACK_PREFIX):
+        if linger_s < 0 or max_events <= 0:
+            raise ValueError("feedback linger must be >= 0 and max_events positive")
+        self.storage = storage
+        self.linger_s = linger_s
+        self.max_events = max_events
+        self.prefix = prefix
+        self._queue: List[_Group] = []
+        self._wake: Optional[asyncio.Event] = None
+        self._task: Optional[asyncio.Task] = None
+        self.shards_written = 0
+        self.events_written = 0
+        self.write_failures = 0
+        self.last_write_s = 0.0
+
+    async def append(self, rows: List[Dict[str, Any]]) -> str:
+        """Queue ``rows`` and wait until they are stored; returns the shard path."""
+        if not rows:
+            raise ValueError("no events to store")
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._flusher())
+        fut = loop.create_future()
+        self._queue.append(_Group(list(rows), [fut]))
+        self._wake.set()
+        return await fut
+
+    def _take(self) -> _Group:
+        """The queued requests up to ``max_events`` events (a request is never split)."""
+        group = _Group([], [])
+        while self._queue and (not group.rows or len(group.rows) + len(self._queue[0].rows) <= self.max_events):
+            g = self._queue.pop(0)
+            group.rows.extend(g.rows)
+            group.futures.extend(g.futures)
+        return group
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.linger_s > 0:
+                await asyncio.sleep(self.linger_s)
+            while self._queue:
+                await self._commit(self._take())
+
+    async def _commit(self, group: _Group) -> None:
+        path = shard_path(int(time.time() * 1000), self.prefix)
+        t0 = time.perf_counter()
+        try:
+            data = table_bytes(events_table(group.rows))
+            await asyncio.to_thread(self.storage.write_bytes_atomic, path, data)
+        except Exception as exc:  # storage down, disk full: fail every caller of the group
+            self.write_failures += 1
+            log.error("feedback write of %d events to %s failed: %s", len(group.rows), path, exc)
+            for f in group.futures:
+                if not f.done():
+                    f.set_exception(RuntimeError(f"feedback storage unavailable: {exc}"))
+            return
+        self.last_write_s = time.perf_counter() - t0
+        self.shards_written += 1
+        self.events_written += len(group.rows)
+        for f in group.futures:
+            if not f.done():
+                f.set_result(path)
+
+    async def close(self) -> None:
+        """Flush what is queued (used on shutdown)."""
+        while self._queue:
+            await self._commit(self._take())
+        if self._task is not None:
+            self._task.cancel()
+
+
+def list_feedback_shards(storage: Storage, after: str = "", prefix: str = FEEDBACK_PREFIX) -> List[str]:
+    """Feedback shards sorted by name (= by write time); only those named after ``after``."""
+    files = storage.list_files(prefix, (".parquet",))
+    return [f for f in files if shard_key(f) > after] if after else files
+
+
+def shard_key(path: str) -> str:
+    """Sort key of a shard: its file name (``part-<ms>-<rand>``), comparable across days."""
+    return path.rsplit("/", 1)[-1]
+
+
+def read_feedback(storage: Storage, shards: Iterable[str]) -> pa.Table:
+    tables = []
+    for f in shards:
+        try:
+            tables.append(storage.read_parquet(f, columns=["user_id", "item_id", "ts", "event"]))
+        except Exception as exc:  # an unreadable shard must not stop serving; it is reported
+            log.error("skipping unreadable feedback shard %s: %s", f, exc)
+    if not tables:
+        return pa.table({"user_id": pa.array([], pa.string()), "item_id": pa.array([], pa.string()),
+                         "ts": pa.array([], EVENT_SCHEMA.field("ts").type), "event": pa.array([], pa.string())})
+    return pa.concat_tables(tables, promote_options="default")
+
+
+Entry = Tuple[str, int, int]  # (item_id, event code, ts ms)
+
+
+class SessionState:
+    """Recent events per user, newest last, at most ``max_len`` each. Thread-safe."""
+
+    def __init__(self, max_len: int = 200):
+        self.max_len = max_len
+        self._users: Dict[str, Deque[Entry]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def add(self, user_id: str, item_id: str, event: str, ts: int) -> None:
+        with self._lock:
+            d = self._users.get(user_id)
+            if d is None:
+                d = self._users[user_id] = deque(maxlen=self.max_len)
+            entry = (item_id, EVENT_CODE.get(event, 0), int(ts))
+            if d and ts < d[-1][2]:  # late event: keep the deque in time order
+                items = sorted([*d, entry], key=lambda e: e[2])
+                d.clear()
+                d.extend(items[-self.max_len:])
+            else:
+                d.append(entry)
+
+    def add_table(self, table: pa.Table) -> int:
+        """Bulk load (user_id, item_id, ts, event) rows, sorted by time per user."""
+        if table.num_rows == 0:
+            return 0
+        t = pa.table({c: table[c].cast(pa.string()) for c in ("user_id", "item_id", "event")} | {"ts": table["ts"]})
+        t = t.sort_by([("user_id", "ascending"),
+                                                                          ("ts", "ascending")])
+        ts = t["ts"].cast(pa.int64()).to_numpy()
+        users = t["user_id"].to_pylist()
+        items = t["item_id"].to_pylist()
+        events = t["event"].to_pylist()
+        with self._lock:
+            for k in range(t.num_rows):
+                u = users[k]
+                d = self._users.get(u)
+                if d is None:
+                    d = self._users[u] = deque(maxlen=self.max_len)
+                d.append((items[k], EVENT_CODE.get(events[k], 0), int(ts[k])))
+        return t.num_rows
+
+    def history(self, user_id: str) -> List[Entry]:
+        with self._lock:
+            return list(self._users.get(user_id, ()))
+
+    def users(self, limit: int = 50) -> List[str]:
+        with self._lock:
+            ranked = sorted(self._users.items(), key=lambda kv: -len(kv[1]))[:limit]
+        return [u for u, _ in ranked]

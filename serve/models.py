@@ -1,0 +1,348 @@
+"""What each model-holding deployment computes, as plain classes (no Ray; unit-tested directly).
+
+A promoted bundle (``checkpoints/recommender/<run_id>/``) has ``retriever/``, ``ranker/``,
+``llm/`` (when the LLM was fine-tuned), ``text/`` (item text embeddings), ``items/`` (catalog in
+vocabulary order) and ``lineage.json``. Each class loads only the parts it needs:
+
+- ``UserEncoderModel``  retriever/          history item vectors -> user vector (causal transformer)
+- ``RetrievalModel``    retriever/ text/ items/ (+ dataset)   catalog, item vectors in faiss, upserts,
+                        context features, reasons, cold start
+- ``RankerModel``       ranker/             candidate re-scoring (identity when the bundle has none)
+- ``TextModel``         llm/                item text -> LLM embedding (for new items)
+
+Rows: catalog row ``r`` is item index ``r - 1`` of the vocabulary; row 0 is padding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from components import checkpoints as ck
+from components.ranker import NUM_CONTEXT, RankerConfig, RankerMLP, item_stats
+from components.retriever import RetrieverConfig, SequenceRetriever, gap_buckets
+from components.sequences import histories_from_tables
+from components.storage import Storage
+from components.text_encoder import TextEncoder, TextEncoderConfig, item_text
+
+log = logging.getLogger(__name__)
+
+# Parts of the bundle each deployment downloads (plus lineage.json).
+ENCODER_PARTS = ("retriever",)
+RETRIEVER_PARTS = ("retriever", "text", "items")
+RANKER_PARTS = ("ranker",)
+TEXT_PARTS = ("llm",)
+
+
+def lineage(folder: Path) -> Dict[str, Any]:
+    p = Path(folder) / "lineage.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def _load_retriever(folder: Path) -> SequenceRetriever:
+    state, config, _ = ck.load_local(folder / "retriever", verify=False)  # verified on fetch
+    model = SequenceRetriever(RetrieverConfig(**config["retriever"]))
+    model.load_state_dict(state)
+    model.eval()
+    return model
+
+
+class UserEncoderModel:
+    """History item vectors -> user vectors; batched over requests."""
+
+    def __init__(self, folder: Path, version: str = ""):
+        self.version = version
+        self.model = _load_retriever(Path(folder))
+        torch.set_num_threads(1)
+
+    @property
+    def dim(self) -> int:
+        return self.model.cfg.dim
+
+    @torch.no_grad()
+    def encode(self, histories: Sequence[Dict[str, np.ndarray]]) -> np.ndarray:
+        """Each history: ``vectors`` [L, d] (item vectors from the retriever), ``events`` [L]
+        (0-based codes) and ``ts`` [L] epoch ms, oldest first. Returns [B, d] float32.
+
+        Histories are batched by length, without padding: the transformer attends over padded
+        positions too, so padding would make a user's vector depend on who shared the batch."""
+        m = self.model
+        out = np.zeros((len(histories), m.cfg.dim), dtype=np.float32)
+        groups: Dict[int, List[int]] = {}
+        for b, h in enumerate(histories):
+            groups.setdefault(min(m.cfg.max_len, len(h["events"])), []).append(b)
+        for L, idx in groups.items():
+            if L == 0:
+                continue
+            x = torch.as_tensor(np.stack([np.asarray(histories[b]["vectors"][-L:], dtype=np.float32) for b in idx]))
+            events = torch.as_tensor(np.stack([np.asarray(histories[b]["events"], dtype=np.int64)[-L:] + 1
+                                               for b in idx]))
+            gaps = torch.as_tensor(np.stack([gap_buckets(np.asarray(histories[b]["ts"], dtype=np.int64))[-L:]
+                                             for b in idx]))
+            present = torch.ones(len(idx), L, dtype=torch.bool)
+            out[idx] = m.encode_vectors(x, events, gaps, present)[:, -1].numpy()
+        return out
+
+
+class RankerModel:
+    def __init__(self, folder: Path, version: str = ""):
+        self.version = version
+        path = Path(folder) / "ranker"
+        self.model: Optional[RankerMLP] = None
+        if (path / ck.WEIGHTS).is_file():
+            state, config, _ = ck.load_local(path, verify=False)
+            self.model = RankerMLP(RankerConfig(**config["ranker"]))
+            self.model.load_state_dict(state)
+            self.model.eval()
+        torch.set_num_threads(1)
+
+    @torch.no_grad()
+    def score(self, lists: Sequence[Dict[str, np.ndarray]]) -> List[np.ndarray]:
+        """Each list: ``u`` [d], ``i`` [C, d], ``ctx`` [C, F], ``retrieval`` [C]. Returns scores per list.
+        Lists of different lengths are padded to one batch."""
+        if self.model is None:
+            return [np.asarray(x["retrieval"], dtype=np.float32) for x in lists]
+        C = max(len(x["retrieval"]) for x in lists)
+        d = len(lists[0]["u"])
+        u = torch.as_tensor(np.stack([x["u"] for x in lists]), dtype=torch.float32)
+        i = torch.zeros(len(lists), C, d)
+        ctx = torch.zeros(len(lists), C, NUM_CONTEXT)
+        for b, x in enumerate(lists):
+            n = len(x["retrieval"])
+            i[b, :n] = torch.as_tensor(x["i"], dtype=torch.float32)
+            ctx[b, :n] = torch.as_tensor(x["ctx"], dtype=torch.float32)
+        s = self.model(u, i, ctx).numpy()
+        return [s[b, :len(x["retrieval"])] for b, x in enumerate(lists)]
+
+
+class TextModel:
+    """The LLM for new item text: the bundle's fine-tuned encoder, else the configured base one."""
+
+    def __init__(self, folder: Path, version: str = ""):
+        self.version = version
+        folder = Path(folder)
+        path = folder / "llm"
+        if (path / ck.WEIGHTS).is_file():
+            state, config, _ = ck.load_local(path, verify=False)
+            self.encoder = TextEncoder(TextEncoderConfig(**config["text"]))
+            self.encoder.load_state_dict(state, strict=False)
+        else:
+            text_cfg = lineage(folder).get("config", {}).get("text", {})
+            self.encoder = TextEncoder(TextEncoderConfig(**text_cfg))
+        self.encoder.eval()
+        torch.set_num_threads(1)
+
+    def embed(self, items: Sequence[Dict[str, Any]]) -> np.ndarray:
+        texts = [item_text(x.get("title") or "", x.get("text") or "", x.get("categories") or []) for x in items]
+        return self.encoder.encode(texts).numpy()
+
+
+class RetrievalModel:
+    """Catalog + item vectors in a faiss index, with upserts; candidate generation and features.
+
+    Args:
+        folder: a fetched bundle (retriever/, text/, items/).
+        storage: where the dataset named in the bundle's lineage lives (item popularity and
+            recency for the ranker's features; missing dataset -> neutral features).
+    """
+
+    def __init__(self, folder: Path, storage: Optional[Storage] = None, version: str = ""):
+        folder = Path(folder)
+        self.version = version
+        self.model = _load_retriever(folder)
+        self.lineage = lineage(folder)
+        items = _read_parquet_dir(folder / "items").sort_by("item_idx")
+        n = items.num_rows
+        if n != self.model.cfg.num_items:
+            raise ck.CheckpointError(f"bundle catalog has {n} items, the retriever {self.model.cfg.num_items}")
+        self.ids: List[str] = items["item_id"].to_pylist()
+        self.titles: List[str] = [t or "" for t in items["title"].to_pylist()]
+        self.categories: List[List[str]] = [c or [] for c in items["categories"].to_pylist()]
+        self.row: Dict[str, int] = {iid: r + 1 for r, iid in enumerate(self.ids)}
+        text = None
+        if self.model.cfg.use_text:
+            t = _read_parquet_dir(folder / "text", "text_embeddings.parquet").sort_by("item_idx")
+            text = torch.as_tensor(np.stack(t["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32))
+        self.text = text  # [n, text_dim] 0-based
+        hist, ts = self._dataset_histories(storage)
+        self.stats = item_stats(hist, ts, self.categories, text)
+        self.cat_col = {c: k for k, c in enumerate(sorted({c for cats in self.categories for c in cats}))}
+        with torch.no_grad():
+            emb = torch.cat([torch.zeros(1, text.shape[1]), text]) if text is not None else None
+            self.vectors = self.model.item_vectors(emb).numpy().astype(np.float32)  # [n + 1, d]
+        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        self.index.add_with_ids(self.vectors[1:], np.arange(1, n + 1, dtype=np.int64))
+        self.added_at = np.zeros(n + 1, dtype=np.int64)  # upsert time (ms) of new items
+        self.upserts: Dict[str, Dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def dim(self) -> int:
+        return self.model.cfg.dim
+
+    @property
+    def size(self) -> int:
+        return len(self.ids)
+
+    def _dataset_histories(self, storage: Optional[Storage]):
+        """Train histories as 0-based item codes (for popularity/recency), from the bundle's dataset."""
+        name, version = self.lineage.get("dataset"), self.lineage.get("dataset_version")
+        if storage is None or not name or not version:
+            return [], []
+        prefix = f"datasets/{name}/{version}"
+        try:
+            h = histories_from_tables(storage.read_parquet(f"{prefix}/sequences"), storage.read_parquet(f"{prefix}/valid"),
+                                      storage.read_parquet(f"{prefix}/test"), self.model.cfg.num_items)
+        except Exception as exc:
+            log.warning("item popularity unavailable (%s): ranker features use neutral values", exc)
+            return [], []
+        return h.items, h.ts
+
+    # -- catalog ------------------------------------------------------------------------------
+    def lookup(self, item_ids: Sequence[str]) -> Tuple[List[int], List[str]]:
+        """-> (catalog rows of the known ids, in order; the unknown ids)."""
+        rows, unknown = [], []
+        for iid in item_ids:
+            r = self.row.get(iid)
+            (rows.append(r) if r is not None else unknown.append(iid))
+        return rows, unknown
+
+    def item(self, item_id: str) -> Optional[Dict[str, Any]]:
+        r = self.row.get(item_id)
+        if r is None:
+            return None
+        return {"item_id": item_id, "title": self.titles[r - 1], "categories": self.categories[r - 1],
+                "new": item_id in self.upserts, **({"text": self.upserts[item_id].get("text") or ""} if item_id in self.upserts else {})}
+
+    @torch.no_grad()
+    def upsert(self, items: Sequence[Dict[str, Any]], text_emb: Optional[np.ndarray]) -> int:
+        """Add or update items from their LLM text embeddings; returns how many are new.
+        Their ID embedding is zero (never trained), as in training with ID dropout."""
+        with self._lock:
+            new = 0
+            d = self.dim
+            if self.model.cfg.use_text and text_emb is not None:
+                e = torch.as_tensor(np.asarray(text_emb, dtype=np.float32))
+                v = self.model.item_norm(self.model.text_proj(e)).numpy().astype(np.float32)
+            else:  # ID-only model: no way to place a new item; it is only served as fresh
+                v = np.zeros((len(items), d), dtype=np.float32)
+            now = int(time.time() * 1000)
+            for k, x in enumerate(items):
+                iid = x["item_id"]
+                r = self.row.get(iid)
+                if r is None:
+                    new += 1
+                    self.ids.append(iid)
+                    self.titles.append(x.get("title") or "")
+                    self.categories.append(list(x.get("categories") or []))
+                    r = self.row[iid] = len(self.ids)
+                    self.vectors = np.vstack([self.vectors, v[k:k + 1]])
+                    self.added_at = np.append(self.added_at, now)
+                    self._grow_stats(r, x, None if text_emb is None else text_emb[k])
+                else:
+                    self.titles[r - 1] = x.get("title") or self.titles[r - 1]
+                    self.categories[r - 1] = list(x.get("categories") or self.categories[r - 1])
+                    if iid in self.upserts:  # a catalog item keeps its trained vector
+                        self.vectors[r] = v[k]
+                    self.index.remove_ids(np.array([r], dtype=np.int64))
+                self.index.add_with_ids(self.vectors[r:r + 1], np.array([r], dtype=np.int64))
+                self.upserts[iid] = {**x, "embedding": None if text_emb is None else np.asarray(text_emb[k]).tolist()}
+            return new
+
+    def _grow_stats(self, row: int, item: Dict[str, Any], text_emb: Optional[np.ndarray]) -> None:
+        s = self.stats
+        s.log_pop = np.append(s.log_pop, 0.0)
+        s.last_ts = np.append(s.last_ts, 0)
+        mh = torch.zeros(1, s.categories.shape[1])
+        for c in item.get("categories") or []:
+            if c in self.cat_col:
+                mh[0, self.cat_col[c]] = 1.0
+        s.categories = torch.cat([s.categories, F.normalize(mh, dim=1)])
+        if s.text is not None:
+            t = torch.zeros(1, s.text.shape[1]) if text_emb is None else F.normalize(
+                torch.as_tensor(np.asarray(text_emb, dtype=np.float32))[None], dim=1)
+            s.text = torch.cat([s.text, t])
+
+    # -- retrieval ------------------------------------------------------------------------------
+    def history_vectors(self, rows: Sequence[int]) -> np.ndarray:
+        return self.vectors[np.asarray(rows, dtype=np.int64)] if len(rows) else np.zeros((0, self.dim), np.float32)
+
+    def search(self, u: np.ndarray, n: int, exclude_rows: Sequence[int] = (),
+               categories: Optional[Sequence[str]] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """Top-``n`` catalog rows by <u, item> (exclusions and category filters applied)."""
+        excl = set(int(r) for r in exclude_rows)
+        q = np.asarray(u, dtype=np.float32)[None]
+        if categories:
+            wanted = set(categories)
+            rows = np.array([r + 1 for r, cats in enumerate(self.categories) if wanted.intersection(cats)
+                             and (r + 1) not in excl], dtype=np.int64)
+            if len(rows) == 0:
+                return rows, np.zeros(0, np.float32)
+            s = self.vectors[rows] @ q[0]
+            top = np.argsort(-s, kind="stable")[:n]
+            return rows[top], s[top]
+        want = min(self.size, n + len(excl))
+        scores, rows = self.index.search(q, want)
+        keep = [(r, s) for r, s in zip(rows[0], scores[0]) if r > 0 and int(r) not in excl][:n]
+        return (np.array([r for r, _ in keep], dtype=np.int64), np.array([s for _, s in keep], dtype=np.float32))
+
+    def context(self, cand: np.ndarray, scores: np.ndarray, hist_rows: Sequence[int], hist_ts: Sequence[int],
+                hist_events: Sequence[int]) -> np.ndarray:
+        """Ranker features [C, NUM_CONTEXT] (the same features the ranker was trained on)."""
+        from components.ranker import context_features
+
+        ctx = context_features(self.stats, (np.asarray(cand) - 1)[None], np.asarray(scores)[None],
+                               [np.asarray(hist_rows, dtype=np.int64) - 1], [np.asarray(hist_ts, dtype=np.int64)],
+                               [np.asarray(hist_events, dtype=np.int64)])
+        return ctx[0].numpy()
+
+    def reasons(self, picks: Sequence[int], hist_rows: Sequence[int]) -> List[Optional[str]]:
+        """The history item whose vector is closest to each pick's (None without history)."""
+        if not len(hist_rows):
+            return [None] * len(picks)
+        hist_rows = list(hist_rows)[-50:]
+        sim = self.vectors[np.asarray(picks, dtype=np.int64)] @ self.vectors[np.asarray(hist_rows)].T
+        return [self.ids[hist_rows[int(j)] - 1] for j in sim.argmax(1)]
+
+    def cold_start(self, n: int, exclude_rows: Sequence[int] = (),
+                   categories: Optional[Sequence[str]] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """Popular items, with the freshest upserted items mixed in (every third slot)."""
+        excl = set(int(r) for r in exclude_rows)
+        ok = (lambda r: (not categories or set(categories).intersection(self.categories[r - 1])) and r not in excl)
+        pop = np.argsort(-self.stats.log_pop, kind="stable") + 1
+        fresh = [int(r) for r in np.argsort(-self.added_at, kind="stable") if self.added_at[r] > 0]
+        out: List[int] = []
+        pi = fi = 0
+        while len(out) < n and (pi < len(pop) or fi < len(fresh)):
+            take_fresh = fi < len(fresh) and (len(out) % 3 == 2 or pi >= len(pop))
+            r = fresh[fi] if take_fresh else int(pop[pi])
+            fi, pi = (fi + 1, pi) if take_fresh else (fi, pi + 1)
+            if ok(r) and r not in out:
+                out.append(r)
+        rows = np.array(out, dtype=np.int64)
+        score = self.stats.log_pop[rows - 1].astype(np.float32) if len(rows) else np.zeros(0, np.float32)
+        return rows, score
+
+    def describe(self, rows: Sequence[int]) -> List[Dict[str, Any]]:
+        return [{"item_id": self.ids[r - 1], "title": self.titles[r - 1], "categories": self.categories[r - 1]}
+                for r in rows]
+
+
+def _read_parquet_dir(folder: Path, name: Optional[str] = None) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    files = [folder / name] if name else sorted(p for p in folder.rglob("*.parquet"))
+    if not files or not files[0].is_file():
+        raise ck.CheckpointError(f"{folder}: no Parquet files{' named ' + name if name else ''}")
+    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+

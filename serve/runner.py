@@ -1,0 +1,70 @@
+"""Start the Serve application from the config YAML and serve until SIGTERM / Ctrl-C.
+
+Used by ``python -m jobs.pipeline serve.enabled=true`` and by the tests; ``serve run
+configs/serve.yaml`` reads the same file through Ray's own CLI.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import yaml
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_serve_config(path: str | Path) -> Dict[str, Any]:
+    """The Serve config YAML -> {http_options, logging_config, app: {name, route_prefix, args, deployments}}."""
+    p = Path(path)
+    if not p.is_absolute() and not p.is_file():
+        p = ROOT / p
+    if not p.is_file():
+        raise FileNotFoundError(f"serve config not found: {path}")
+    doc = yaml.safe_load(p.read_text()) or {}
+    apps = doc.get("applications") or []
+    if len(apps) != 1:
+        raise ValueError(f"{p}: expected exactly one application, found {len(apps)}")
+    return {"http_options": doc.get("http_options") or {}, "logging_config": doc.get("logging_config"),
+            "app": apps[0]}
+
+
+def start(config_path: str | Path, overrides: Optional[Dict[str, Any]] = None, host: Optional[str] = None,
+          port: Optional[int] = None) -> str:
+    """Deploy the app (Ray must be initialised); returns its URL. ``overrides`` update the app args."""
+    from ray import serve
+
+    from serve.app import build
+
+    conf = load_serve_config(config_path)
+    app = conf["app"]
+    http = {**conf["http_options"], **({"host": host} if host else {}), **({"port": port} if port else {})}
+    http.setdefault("host", "127.0.0.1")
+    http.setdefault("port", 8000)
+    args = {**(app.get("args") or {}), **(overrides or {})}
+    options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments") or []}
+    serve.start(http_options={"host": http["host"], "port": int(http["port"])})
+    serve.run(build({**args, "deployment_options": options}), name=app.get("name", "recommender"),
+              route_prefix=app.get("route_prefix", "/"), logging_config=conf["logging_config"])
+    return f"http://{http['host']}:{http['port']}"
+
+
+def serve_until_signal(url: str) -> None:
+    """Block until SIGTERM or SIGINT, then shut Serve down (the caller's ray_session ends Ray)."""
+    from ray import serve
+
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    print(f"serving on {url}  (demo page {url}/, API docs {url}/docs); Ctrl-C or SIGTERM stops", flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        print("stopping: shutting down Serve and Ray", flush=True)
+        serve.shutdown()
+        for s, h in previous.items():
+            signal.signal(s, h)

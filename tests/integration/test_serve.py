@@ -1,0 +1,198 @@
+"""The Serve application over HTTP on a local Ray: started once for this module from
+configs/serve.yaml, on a small real bundle (tests/serving_helpers.py)."""
+
+import shutil
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import requests
+
+from components import checkpoints as ck
+from serve import runner
+from serve.feedback import list_feedback_shards, read_feedback
+from tests.conftest import free_port
+from tests.serving_helpers import build_bundle
+
+pytestmark = [pytest.mark.ray, pytest.mark.serve]
+WATCH_S = 0.5
+
+
+@pytest.fixture(scope="module")
+def app(ray_local, tmp_path_factory):
+    from ray import serve
+
+    root = tmp_path_factory.mktemp("serve-store")
+    bundle = build_bundle(root, epochs=6)
+    url = runner.start("configs/serve.yaml", {"storage_root": str(root), "watch_interval_s": WATCH_S},
+                       port=free_port())
+    yield {"url": url, "root": root, "bundle": bundle, "storage": bundle["storage"]}
+    serve.shutdown()
+
+
+def post(app, path, body, expect=200):
+    r = requests.post(app["url"] + path, json=body, timeout=30)
+    assert r.status_code == expect, r.text
+    return r.json()
+
+
+def categories_of(items):
+    return Counter(c for it in items for c in it["categories"])
+
+
+def test_health_version_and_docs(app):
+    assert requests.get(app["url"] + "/healthz", timeout=10).json()["status"] == "ok"
+    v = requests.get(app["url"] + "/v1/version", timeout=10).json()
+    run_id = app["bundle"]["run_id"]
+    assert {v[d]["version"] for d in ("encoder", "retriever", "ranker", "text")} == {run_id}
+    assert v["retriever"]["lineage"]["dataset_version"] == app["bundle"]["dataset"].version
+    assert "/v1/recommend" in requests.get(app["url"] + "/openapi.json", timeout=10).json()["paths"]
+    metrics = requests.get(app["url"] + "/metrics", timeout=10).text
+    assert "llmrec_request_seconds" in metrics and f'version="{run_id}"' in metrics
+
+
+def test_recommend_for_a_known_user_with_reasons_from_history(app):
+    user = requests.get(app["url"] + "/v1/users?limit=1", timeout=10).json()["users"][0]
+    hist = {e["item_id"] for e in requests.get(f"{app['url']}/v1/users/{user}/history?limit=200", timeout=10)
+            .json()["events"]}
+    out = post(app, "/v1/recommend", {"user_id": user, "k": 10})
+    assert len(out["items"]) == 10 and out["model_version"] == app["bundle"]["run_id"] and not out["cold_start"]
+    ids = [it["item_id"] for it in out["items"]]
+    assert len(set(ids)) == 10 and not set(ids) & hist  # already-seen items are not recommended
+    assert all(it["reason"] in hist for it in out["items"])
+    assert all(it["title"] for it in out["items"])
+
+
+def test_unknown_users_get_cold_start_and_recent_events_personalise_anonymous_users(app):
+    cold = post(app, "/v1/recommend", {"user_id": "never-seen", "k": 5})
+    assert cold["cold_start"] and len(cold["items"]) == 5 and all(it["reason"] is None for it in cold["items"])
+    items = app["bundle"]["items"]
+    cycling = [i for i, c in zip(items["item_id"].to_pylist(), items["categories"].to_pylist()) if c == ["Cycling"]][:6]
+    out = post(app, "/v1/recommend", {"k": 10, "recent_events": [{"item_id": i} for i in cycling] +
+                                      [{"item_id": "no-such-item"}], "exclude": ["also-unknown"]})
+    assert not out["cold_start"] and sorted(out["unknown_items"]) == ["also-unknown", "no-such-item"]
+    assert categories_of(out["items"]).most_common(1)[0][0] == "Cycling"
+
+
+def test_clicks_change_the_very_next_recommendation(app):
+    items = app["bundle"]["items"]
+    by_cat = {}
+    for iid, cats in zip(items["item_id"].to_pylist(), items["categories"].to_pylist()):
+        if len(cats) == 1:
+            by_cat.setdefault(cats[0], []).append(iid)
+    user = requests.get(app["url"] + "/v1/users?limit=1", timeout=10).json()["users"][0]
+    before = post(app, "/v1/recommend", {"user_id": user, "k": 20})
+    least = min(by_cat, key=lambda c: (categories_of(before["items"])[c], c))
+    t0 = time.time()
+    ack = post(app, "/v1/events", {"events": [{"user_id": user, "item_id": i, "event": "click"}
+                                              for i in by_cat[least][:8]]}, expect=202)
+    after = post(app, "/v1/recommend", {"user_id": user, "k": 20})  # no wait: the next request
+    assert categories_of(after["items"])[least] > categories_of(before["items"])[least], (least, after)
+    # the events were durable before the 202: their shard is in storage with all 8 events
+    stored = read_feedback(app["storage"], [ack["shard"]])
+    assert stored.num_rows >= 8 and set(stored["user_id"].to_pylist()) >= {user}
+    assert time.time() - t0 < 10
+
+
+def test_events_about_unknown_items_are_stored_and_reported(app):
+    out = post(app, "/v1/events", {"events": [{"user_id": "u-x", "item_id": "not-in-catalog", "event": "view",
+                                               "ts": "2026-01-02T03:04:05Z", "context": {"page": "home"}}]},
+               expect=202)
+    assert out["unknown_items"] == ["not-in-catalog"] and out["accepted"] == 1
+    t = read_feedback(app["storage"], list_feedback_shards(app["storage"]))
+    assert "not-in-catalog" in t["item_id"].to_pylist()
+
+
+@pytest.mark.parametrize("method, path, body, field", [
+    ("post", "/v1/recommend", {"user_id": "u", "k": 1000}, "k"),
+    ("post", "/v1/recommend", {"user_id": "u", "k": 5, "unknown_field": 1}, "unknown_field"),
+    ("post", "/v1/recommend", {"user_id": 12, "k": 5}, "user_id"),
+    ("post", "/v1/recommend", {"user_id": "u", "recent_events": [{"item_id": "a", "ts": "not a time"}]},
+     "recent_events.0.ts"),
+    ("post", "/v1/events", {"events": [{"user_id": "u", "item_id": "i", "ts": 123}]}, "events.0.ts"),
+    ("post", "/v1/events", {"events": [{"user_id": "u", "item_id": "i", "event": "stare"}]}, "events.0.event"),
+    ("post", "/v1/events", {"events": "nope"}, "events"),
+    ("put", "/v1/items", {"items": [{"title": "no id"}]}, "items.0.item_id"),
+])
+def test_malformed_requests_get_4xx_naming_the_field(app, method, path, body, field):
+    r = getattr(requests, method)(app["url"] + path, json=body, timeout=10)
+    assert r.status_code == 422 and field in r.json()["error"], r.text
+
+
+def test_garbage_and_oversized_bodies_do_not_hurt_the_service(app):
+    r = requests.post(app["url"] + "/v1/recommend", data=b"{not json", headers={"content-type": "application/json"},
+                      timeout=10)
+    assert r.status_code == 422
+    r = requests.post(app["url"] + "/v1/events", data=b"x" * (2 << 20), headers={"content-type": "application/json"},
+                      timeout=10)
+    assert r.status_code == 413 and "body" in r.json()["error"]
+    assert requests.get(app["url"] + "/v1/items/missing", timeout=10).status_code == 404
+    assert requests.get(app["url"] + "/healthz", timeout=10).status_code == 200
+
+
+def test_a_new_item_from_text_is_recommendable_at_once(app):
+    items = app["bundle"]["items"]
+    rows = [r for r in items.to_pylist() if r["categories"] == ["Cycling"]]
+    template = rows[0]
+    item = {"item_id": "fresh-helmet-1", "title": template["title"].rsplit(" ", 1)[0] + " Pro",
+            "text": template["text"], "categories": ["Cycling"]}
+    out = requests.put(app["url"] + "/v1/items", json={"items": [item]}, timeout=60)
+    assert out.status_code == 200 and out.json()["new"] == 1, out.text
+    assert requests.get(app["url"] + "/v1/items/fresh-helmet-1", timeout=10).json()["title"] == item["title"]
+    recs = post(app, "/v1/recommend", {"k": 50, "recent_events": [{"item_id": r["item_id"]} for r in rows[1:9]]})
+    assert "fresh-helmet-1" in [it["item_id"] for it in recs["items"]]
+    assert any(p.startswith("catalog/upserts/") for p in app["storage"].list_files("catalog"))
+
+
+def test_hot_swap_with_a_client_running_fails_no_request_and_refuses_a_corrupt_model(app):
+    url, storage = app["url"], app["storage"]
+    old = app["bundle"]["run_id"]
+    results = []
+    stop = threading.Event()
+
+    def client():
+        s = requests.Session()
+        while not stop.is_set():
+            try:
+                r = s.post(url + "/v1/recommend", json={"user_id": "u0000001", "k": 10}, timeout=30)
+                results.append((r.status_code, r.json().get("model_version") if r.ok else r.text))
+            except Exception as exc:  # a refused connection counts as a failure too
+                results.append((0, str(exc)))
+
+    t = threading.Thread(target=client)
+    t.start()
+    try:
+        new = build_bundle(app["root"], run_id="serve-test-2", epochs=3, seed=1)  # trains + promotes
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            v = requests.get(url + "/v1/version", timeout=10).json()
+            if {v[d]["version"] for d in ("encoder", "retriever", "ranker", "text")} == {new["run_id"]}:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"not every deployment swapped to {new['run_id']}: {v}")
+        swap_seen = time.time()
+        while time.time() < swap_seen + 1.0:
+            time.sleep(0.1)
+
+        # a corrupt version: a weight file altered after its manifest was written
+        src = Path(storage.path(new["prefix"]))
+        bad_prefix = "checkpoints/recommender/serve-test-bad"
+        shutil.copytree(src, storage.path(bad_prefix))
+        w = Path(storage.path(f"{bad_prefix}/retriever/model.safetensors"))
+        w.write_bytes(w.read_bytes()[:-4] + b"oops")
+        ck.promote(storage, "recommender", "serve-test-bad", bad_prefix, {}, new["manifest"])
+        time.sleep(WATCH_S * 6)
+        v = requests.get(url + "/v1/version", timeout=10).json()
+        assert v["retriever"]["version"] == new["run_id"]
+        assert "serve-test-bad" in v["retriever"]["refused"]
+    finally:
+        stop.set()
+        t.join()
+    failures = [r for r in results if r[0] != 200]
+    versions = [r[1] for r in results if r[0] == 200]
+    assert not failures, failures[:3]
+    assert old in versions and new["run_id"] in versions and "serve-test-bad" not in versions
+    assert len(results) > 20

@@ -1,0 +1,137 @@
+"""Serving logic without Ray: bundle verification, hot swap, encoder parity, retrieval, upserts."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from components import checkpoints as ck
+from components.retriever import gap_buckets
+from serve.bundle import ModelWatcher, fetch_parts
+from serve.models import (ENCODER_PARTS, RANKER_PARTS, RETRIEVER_PARTS, RankerModel, RetrievalModel,
+                          UserEncoderModel)
+from tests.serving_helpers import build_bundle
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return build_bundle(tmp_path_factory.mktemp("store"), epochs=4)
+
+
+@pytest.fixture(scope="module")
+def loaded(bundle, tmp_path_factory):
+    d = fetch_parts(bundle["storage"], bundle["pointer"], RETRIEVER_PARTS + RANKER_PARTS,
+                    tmp_path_factory.mktemp("fetched"))
+    return {"dir": d, "retrieval": RetrievalModel(d, bundle["storage"], "v1"), "encoder": UserEncoderModel(d, "v1"),
+            "ranker": RankerModel(d, "v1")}
+
+
+def _category_items(r: RetrievalModel, category: str, n: int):
+    return [iid for iid, cats in zip(r.ids, r.categories) if cats == [category]][:n]
+
+
+def test_fetch_refuses_a_file_that_does_not_match_the_manifest(bundle, tmp_path):
+    storage, pointer = bundle["storage"], bundle["pointer"]
+    bad = dict(pointer, sha256={**pointer["sha256"], "retriever/model.safetensors": "0" * 64})
+    with pytest.raises(ck.CheckpointError, match="sha256 of retriever/model.safetensors"):
+        fetch_parts(storage, bad, RETRIEVER_PARTS, tmp_path / "a")
+    partial = dict(pointer, sha256={k: v for k, v in pointer["sha256"].items() if not k.startswith("retriever/")})
+    with pytest.raises(ck.CheckpointError, match="no retriever/"):
+        fetch_parts(storage, partial, RETRIEVER_PARTS, tmp_path / "b")
+
+
+def test_encoder_from_item_vectors_matches_the_offline_user_vector(loaded, bundle):
+    r, enc = loaded["retrieval"], loaded["encoder"]
+    items = r.ids[:7]
+    rows, _ = r.lookup(items)
+    ts = np.array([1_700_000_000_000 + 3_600_000 * k for k in range(7)])
+    ev = np.array([1, 0, 1, 2, 1, 3, 1])
+    served = enc.encode([{"vectors": r.history_vectors(rows), "events": ev, "ts": ts}])[0]
+    text = torch.as_tensor(np.vstack([np.zeros((1, r.text.shape[1]), np.float32), r.text.numpy()]))
+    with torch.no_grad():
+        offline = enc.model.user_vector(torch.as_tensor([rows]), torch.as_tensor(np.array([ev + 1])),
+                                        torch.as_tensor(np.array([gap_buckets(ts)])), text)[0].numpy()
+    np.testing.assert_allclose(served, offline, atol=1e-4)
+
+
+def test_batched_encoding_equals_one_at_a_time(loaded):
+    r, enc = loaded["retrieval"], loaded["encoder"]
+    hs = []
+    for n in (1, 4, 9):
+        rows, _ = r.lookup(r.ids[10:10 + n])
+        hs.append({"vectors": r.history_vectors(rows), "events": [1] * n,
+                   "ts": [1_700_000_000_000 + k for k in range(n)]})
+    batched = enc.encode(hs)
+    for k, h in enumerate(hs):
+        np.testing.assert_allclose(batched[k], enc.encode([h])[0], atol=1e-4)
+
+
+def test_search_respects_exclusions_filters_and_gives_reasons_from_history(loaded):
+    r, enc = loaded["retrieval"], loaded["encoder"]
+    cat = r.categories[0][0]
+    hist = _category_items(r, cat, 6)
+    rows, _ = r.lookup(hist)
+    u = enc.encode([{"vectors": r.history_vectors(rows), "events": [1] * 6,
+                     "ts": [1_700_000_000_000 + k for k in range(6)]}])[0]
+    cand, scores = r.search(u, 20, exclude_rows=rows)
+    assert len(cand) == 20 and not set(cand) & set(rows)
+    assert np.all(np.diff(scores) <= 1e-6)
+    assert set(r.reasons(cand, rows)) <= set(hist)
+    other = sorted({c for cats in r.categories for c in cats} - {cat})[0]
+    filt, _ = r.search(u, 10, categories=[other])
+    assert all(other in r.categories[c - 1] for c in filt)
+    ctx = r.context(cand, scores, rows, [1_700_000_000_000] * 6, [1] * 6)
+    scored = loaded["ranker"].score([{"u": u, "i": r.vectors[cand], "ctx": ctx, "retrieval": scores}])[0]
+    assert scored.shape == (20,) and np.isfinite(scored).all()
+
+
+def test_an_upserted_item_is_retrievable_at_once_from_its_text(loaded):
+    r, enc = loaded["retrieval"], loaded["encoder"]
+    cat = "Cycling"
+    hist = _category_items(r, cat, 8)
+    rows, _ = r.lookup(hist)
+    u = enc.encode([{"vectors": r.history_vectors(rows), "events": [1] * 8,
+                     "ts": [1_700_000_000_000 + k for k in range(8)]}])[0]
+    # the text of an existing cycling item under a new id: close in meaning to the user's history
+    src = r.row[hist[0]] - 1
+    text = loaded["retrieval"].text[src].numpy()[None]
+    new = r.upsert([{"item_id": "brand-new-helmet", "title": "Brand-new helmet", "categories": [cat]}], text)
+    assert new == 1 and r.item("brand-new-helmet")["new"] is True
+    cand, _ = r.search(u, 50, exclude_rows=rows)
+    assert r.row["brand-new-helmet"] in set(cand.tolist())
+    fresh, _ = r.cold_start(3)
+    assert r.row["brand-new-helmet"] in set(fresh.tolist())  # fresh items are mixed into cold start
+    assert r.upsert([{"item_id": "brand-new-helmet", "title": "Renamed", "categories": [cat]}], text) == 0
+    assert r.item("brand-new-helmet")["title"] == "Renamed"
+
+
+def test_watcher_swaps_to_a_new_version_and_refuses_a_corrupt_one(bundle, tmp_path):
+    storage = bundle["storage"]
+    loads = []
+    w = ModelWatcher(storage, "recommender", ENCODER_PARTS, lambda f, v: loads.append(v) or v, interval_s=0.1)
+    assert w.check_once() and w.current == bundle["run_id"] and w.swaps == 0
+
+    # a second version: same files, new run id
+    src = Path(storage.path(bundle["prefix"]))
+    prefix2 = f"checkpoints/recommender/{bundle['run_id']}-b"
+    storage.upload_dir(src, prefix2)
+    ck.promote(storage, "recommender", bundle["run_id"] + "-b", prefix2, {}, bundle["manifest"])
+    assert w.check_once() and w.current == bundle["run_id"] + "-b" and w.swaps == 1
+
+    # a corrupt third version: one weight file altered after the manifest was written
+    prefix3 = f"checkpoints/recommender/{bundle['run_id']}-c"
+    storage.upload_dir(src, prefix3)
+    weights = Path(storage.path(f"{prefix3}/retriever/model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
+    ck.promote(storage, "recommender", bundle["run_id"] + "-c", prefix3, {}, bundle["manifest"])
+    assert not w.check_once()
+    assert w.current == bundle["run_id"] + "-b"  # the old version keeps serving
+    assert "sha256" in w.refused[bundle["run_id"] + "-c"]
+    assert not w.check_once() and loads.count(bundle["run_id"] + "-c") == 0  # not retried
+    status = w.status()
+    assert status["version"] == bundle["run_id"] + "-b" and status["swaps"] == 1
+    json.dumps(status)  # served by /v1/version
+    # put the good pointer back for the other tests of this module
+    ck.promote(storage, "recommender", bundle["run_id"], bundle["prefix"], {}, bundle["manifest"])
