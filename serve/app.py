@@ -30,10 +30,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from components import checkpoints as ck
-from components.schemas import EVENT_CODE, EVENT_TYPES
+from components.schemas import EVENT_TYPES
 from components.storage import Storage
 from serve import api
 from serve.bundle import ModelWatcher
+from serve.flow import HandleBackend, recommend
 from serve.feedback import (GroupCommitLog, SessionState, list_feedback_shards, read_feedback, shard_key,
                             table_bytes)
 from serve.models import (ENCODER_PARTS, RANKER_PARTS, RETRIEVER_PARTS, TEXT_PARTS, RankerModel, RetrievalModel,
@@ -229,46 +230,18 @@ class Retriever(_Versioned):
 
     async def history(self, item_ids: List[str], exclude: List[str]) -> Dict[str, Any]:
         with self.lock:
-            return self._history(self.watcher.current, item_ids, exclude)
-
-    @staticmethod
-    def _history(m: RetrievalModel, item_ids: List[str], exclude: List[str]) -> Dict[str, Any]:
-        rows, known = [], []
-        unknown: List[str] = []
-        for k, iid in enumerate(item_ids):
-            r = m.row.get(iid)
-            if r is None:
-                unknown.append(iid)
-            else:
-                rows.append(r)
-                known.append(k)
-        ex_rows, ex_unknown = m.lookup(exclude)
-        return {"version": m.version, "rows": rows, "known": known, "vectors": m.history_vectors(rows),
-                "exclude_rows": ex_rows, "unknown": sorted(set(unknown) | set(ex_unknown))}
+            return self.watcher.current.history_inputs(item_ids, exclude)
 
     async def candidates(self, version: str, u: np.ndarray, hist_rows: List[int], hist_ts: List[int],
                          hist_events: List[int], exclude_rows: List[int], categories: Optional[List[str]],
                          n: int) -> Dict[str, Any]:
         with self.lock:
-            return self._candidates(self.model_for(version), u, hist_rows, hist_ts, hist_events, exclude_rows,
-                                    categories, n)
-
-    @staticmethod
-    def _candidates(m: RetrievalModel, u, hist_rows, hist_ts, hist_events, exclude_rows, categories, n):
-        rows, scores = m.search(u, n, list(exclude_rows) + list(hist_rows), categories)
-        if len(rows) == 0:
-            return {"rows": rows, "retrieval": scores, "i": np.zeros((0, m.dim), np.float32),
-                    "ctx": np.zeros((0, 0), np.float32), "items": [], "reasons": []}
-        return {"rows": rows, "retrieval": scores, "i": m.vectors[rows],
-                "ctx": m.context(rows, scores, hist_rows, hist_ts, hist_events),
-                "items": m.describe(rows), "reasons": m.reasons(rows, hist_rows)}
+            return self.model_for(version).candidates(u, hist_rows, hist_ts, hist_events, exclude_rows,
+                                                      categories, n)
 
     async def cold_start(self, n: int, exclude: List[str], categories: Optional[List[str]]) -> Dict[str, Any]:
         with self.lock:
-            m = self.watcher.current
-            ex_rows, unknown = m.lookup(exclude)
-            rows, scores = m.cold_start(n, ex_rows, categories)
-            return {"version": m.version, "items": m.describe(rows), "scores": scores, "unknown": unknown}
+            return self.watcher.current.cold_start_items(n, exclude, categories)
 
     async def known(self, item_ids: List[str]) -> List[str]:
         """The ids among ``item_ids`` that are not in the catalog."""
@@ -387,10 +360,6 @@ def _metrics():
     }
 
 
-def _ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000, 2)
-
-
 # Everything the ingress uses must be defined above it: serve.ingress serialises the class when
 # it is decorated.
 @serve.deployment
@@ -400,6 +369,7 @@ class Ingress:
                  text: DeploymentHandle, events: DeploymentHandle, args: Dict[str, Any]):
         self.settings = ServeSettings.from_args(args)
         self.encoder, self.retriever, self.ranker, self.text, self.events = encoder, retriever, ranker, text, events
+        self.backend = HandleBackend(encoder, retriever, ranker, events)
         self.registry, self.m = _metrics()
         self.page = (STATIC / "index.html").read_text()
 
@@ -442,7 +412,7 @@ class Ingress:
     async def recommend(self, req: api.RecommendRequest) -> api.RecommendResponse:
         t0 = time.perf_counter()
         try:
-            out = await self._recommend(req, t0)
+            out = await recommend(req, self.backend, self.settings.candidates, self.settings.history_len, t0)
         except Exception as exc:
             self._observe("recommend", t0, 503)
             log.exception("recommend failed")
@@ -450,39 +420,6 @@ class Ingress:
         self._observe("recommend", t0, 200)
         self.m["served"].inc(len(out.items))
         return out
-
-    async def _recommend(self, req: api.RecommendRequest, t0: float) -> api.RecommendResponse:
-        stored = await self.events.history.remote(req.user_id) if req.user_id else []
-        entries = list(stored) + [(e.item_id, EVENT_CODE[e.event], e.ts or api.now_ms()) for e in req.recent_events]
-        categories = req.filters.categories if req.filters and req.filters.categories else None
-        h = await self.retriever.history.remote([e[0] for e in entries], req.exclude)
-        unknown_reported = [i for i in h["unknown"] if i in set(req.exclude) | {e.item_id for e in req.recent_events}]
-        known = [entries[k] for k in h["known"]][-self.settings.history_len:]
-        rows = h["rows"][-self.settings.history_len:]
-        vectors = h["vectors"][-self.settings.history_len:]
-        if not known:
-            c = await self.retriever.cold_start.remote(req.k, req.exclude, categories)
-            items = [api.RecommendedItem(item_id=x["item_id"], title=x["title"], score=float(s), reason=None,
-                                         categories=x["categories"]) for x, s in zip(c["items"], c["scores"])]
-            return api.RecommendResponse(user_id=req.user_id, items=items, model_version=c["version"],
-                                         took_ms=_ms(t0), cold_start=True, unknown_items=unknown_reported)
-        version = h["version"]
-        ts = [e[2] for e in known]
-        ev = [e[1] for e in known]
-        u = await self.encoder.encode.remote({"version": version, "vectors": vectors, "events": ev, "ts": ts})
-        c = await self.retriever.candidates.remote(version, u, rows, ts, ev, h["exclude_rows"], categories,
-                                                   max(self.settings.candidates, req.k))
-        if len(c["rows"]) == 0:
-            return api.RecommendResponse(user_id=req.user_id, items=[], model_version=version, took_ms=_ms(t0),
-                                         unknown_items=unknown_reported)
-        scores = await self.ranker.score.remote({"version": version, "u": u, "i": c["i"], "ctx": c["ctx"],
-                                                 "retrieval": c["retrieval"]})
-        order = np.argsort(-np.asarray(scores), kind="stable")[:req.k]
-        items = [api.RecommendedItem(item_id=c["items"][j]["item_id"], title=c["items"][j]["title"],
-                                     score=float(scores[j]), reason=c["reasons"][j], categories=c["items"][j]["categories"])
-                 for j in order]
-        return api.RecommendResponse(user_id=req.user_id, items=items, model_version=version, took_ms=_ms(t0),
-                                     unknown_items=unknown_reported)
 
     @app.post("/v1/events", status_code=202, response_model=api.EventsResponse)
     async def post_events(self, req: api.EventsRequest) -> JSONResponse:

@@ -119,8 +119,8 @@ class RankerModel:
         ctx = torch.zeros(len(lists), C, NUM_CONTEXT)
         for b, x in enumerate(lists):
             n = len(x["retrieval"])
-            i[b, :n] = torch.as_tensor(x["i"], dtype=torch.float32)
-            ctx[b, :n] = torch.as_tensor(x["ctx"], dtype=torch.float32)
+            i[b, :n] = torch.tensor(np.asarray(x["i"], dtype=np.float32))
+            ctx[b, :n] = torch.tensor(np.asarray(x["ctx"], dtype=np.float32))
         s = self.model(u, i, ctx).numpy()
         return [s[b, :len(x["retrieval"])] for b, x in enumerate(lists)]
 
@@ -332,6 +332,37 @@ class RetrievalModel:
         rows = np.array(out, dtype=np.int64)
         score = self.stats.log_pop[rows - 1].astype(np.float32) if len(rows) else np.zeros(0, np.float32)
         return rows, score
+
+    # -- what the retriever deployment answers (one call each) ----------------------------------------
+    def history_inputs(self, item_ids: Sequence[str], exclude: Sequence[str]) -> Dict[str, Any]:
+        """Catalog rows and item vectors of a history (unknown ids dropped and listed)."""
+        rows, known, unknown = [], [], []
+        for k, iid in enumerate(item_ids):
+            r = self.row.get(iid)
+            if r is None:
+                unknown.append(iid)
+            else:
+                rows.append(r)
+                known.append(k)
+        ex_rows, ex_unknown = self.lookup(exclude)
+        return {"version": self.version, "rows": rows, "known": known, "vectors": self.history_vectors(rows),
+                "exclude_rows": ex_rows, "unknown": sorted(set(unknown) | set(ex_unknown))}
+
+    def candidates(self, u: np.ndarray, hist_rows: Sequence[int], hist_ts: Sequence[int], hist_events: Sequence[int],
+                   exclude_rows: Sequence[int], categories: Optional[Sequence[str]], n: int) -> Dict[str, Any]:
+        """Top-``n`` unseen items for user vector ``u`` with the ranker's inputs and the reasons."""
+        rows, scores = self.search(u, n, list(exclude_rows) + list(hist_rows), categories)
+        if len(rows) == 0:
+            return {"rows": rows, "retrieval": scores, "i": np.zeros((0, self.dim), np.float32),
+                    "ctx": np.zeros((0, NUM_CONTEXT), np.float32), "items": [], "reasons": []}
+        return {"rows": rows, "retrieval": scores, "i": self.vectors[rows],
+                "ctx": self.context(rows, scores, hist_rows, hist_ts, hist_events),
+                "items": self.describe(rows), "reasons": self.reasons(rows, hist_rows)}
+
+    def cold_start_items(self, n: int, exclude: Sequence[str], categories: Optional[Sequence[str]]) -> Dict[str, Any]:
+        ex_rows, unknown = self.lookup(exclude)
+        rows, scores = self.cold_start(n, ex_rows, categories)
+        return {"version": self.version, "items": self.describe(rows), "scores": scores, "unknown": unknown}
 
     def describe(self, rows: Sequence[int]) -> List[Dict[str, Any]]:
         return [{"item_id": self.ids[r - 1], "title": self.titles[r - 1], "categories": self.categories[r - 1]}

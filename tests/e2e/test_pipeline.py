@@ -2,24 +2,60 @@
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pyarrow.parquet as pq
+import pytest
+import requests
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 from tests.e2e.test_cli import ENV
 
 
-def test_pipeline_trains_evaluates_promotes_and_text_pays_off(tmp_path):
+def _wait_for_serving(p, log_path, timeout_s):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        text = log_path.read_text()
+        m = re.search(r"serving on (http://\S+)", text)
+        if m:
+            return m.group(1)
+        if p.poll() is not None:
+            pytest.fail(f"pipeline exited with {p.returncode} before serving:\n{text[-5000:]}")
+        time.sleep(1)
+    pytest.fail("pipeline did not start serving in time")
+
+
+def test_pipeline_trains_evaluates_promotes_serves_and_text_pays_off(tmp_path):
+    """The command-line contract: ... serve.enabled=true serve.port=N trains, promotes, serves on
+    127.0.0.1:N until SIGTERM, then stops cleanly."""
     root = tmp_path / "store"
+    port = free_port()
     args = [sys.executable, "-m", "jobs.pipeline", f"storage.root={root}",
             "data.synthetic.num_events=12000", "data.synthetic.num_items=1500", "data.synthetic.num_shards=3",
             "retriever.dim=32", "retriever.max_len=50", "train.retriever.epochs=12", "train.retriever.eval_every=4",
-            "train.llm.steps=2", "train.llm.batch_size=8", "ranker.epochs=5", "ray.num_cpus=2"]
-    p = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1200)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
-    assert "PROMOTED" in p.stdout
+            "train.llm.steps=2", "train.llm.batch_size=8", "ranker.epochs=5", "ray.num_cpus=2",
+            "serve.enabled=true", f"serve.port={port}"]
+    log = open(tmp_path / "pipeline.log", "w+")
+    p = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = _wait_for_serving(p, tmp_path / "pipeline.log", timeout_s=1200)
+        assert url == f"http://127.0.0.1:{port}"
+        assert requests.get(url + "/healthz", timeout=30).json()["status"] == "ok"
+        out = requests.post(url + "/v1/recommend", json={"user_id": "u0000001", "k": 5}, timeout=30).json()
+        assert len(out["items"]) == 5
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=120) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+    stdout = (tmp_path / "pipeline.log").read_text()
+    assert "PROMOTED" in stdout and "stopping: shutting down Serve and Ray" in stdout
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "/healthz", timeout=5)
 
     pointer = json.loads((root / "registry/recommender/latest.json").read_text())
     run_id = pointer["run_id"]

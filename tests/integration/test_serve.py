@@ -14,7 +14,7 @@ from components import checkpoints as ck
 from serve import runner
 from serve.feedback import list_feedback_shards, read_feedback
 from tests.conftest import free_port
-from tests.serving_helpers import build_bundle
+from jobs.quick_train import build_bundle
 
 pytestmark = [pytest.mark.ray, pytest.mark.serve]
 WATCH_S = 0.5
@@ -196,3 +196,46 @@ def test_hot_swap_with_a_client_running_fails_no_request_and_refuses_a_corrupt_m
     assert not failures, failures[:3]
     assert old in versions and new["run_id"] in versions and "serve-test-bad" not in versions
     assert len(results) > 20
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+                    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+def test_demo_page_in_a_real_browser_click_changes_the_list(app, tmp_path, monkeypatch):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    monkeypatch.setenv("SE_OFFLINE", "true")  # never let Selenium Manager look for downloads
+    opts = Options()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-quic", f"--user-data-dir={tmp_path / 'profile'}"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    try:
+        driver.get(app["url"] + "/")
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+        user = driver.find_element(By.ID, "user").get_attribute("value")
+        ready = driver.find_element(By.TAG_NAME, "body").get_attribute("data-ready")
+        before = [b.get_attribute("data-item-id") for b in driver.find_elements(By.CSS_SELECTOR, "#recs button.item")]
+        assert len(before) == 10 and "error" not in driver.find_element(By.ID, "status").text
+        clicked = driver.find_elements(By.CSS_SELECTOR, "#recs button.item")[3]
+        clicked_title = clicked.text
+        clicked.click()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") != ready)
+        after = [b.get_attribute("data-item-id") for b in driver.find_elements(By.CSS_SELECTOR, "#recs button.item")]
+        assert after != before and before[3] not in after  # the clicked item is now history
+        history = driver.find_elements(By.CSS_SELECTOR, "#history li")
+        assert history[0].text == f"click: {clicked_title}"
+    finally:
+        driver.quit()
+    stored = read_feedback(app["storage"], list_feedback_shards(app["storage"]))
+    assert (user, before[3]) in set(zip(stored["user_id"].to_pylist(), stored["item_id"].to_pylist()))

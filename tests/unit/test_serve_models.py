@@ -12,7 +12,7 @@ from components.retriever import gap_buckets
 from serve.bundle import ModelWatcher, fetch_parts
 from serve.models import (ENCODER_PARTS, RANKER_PARTS, RETRIEVER_PARTS, RankerModel, RetrievalModel,
                           UserEncoderModel)
-from tests.serving_helpers import build_bundle
+from jobs.quick_train import build_bundle
 
 
 @pytest.fixture(scope="module")

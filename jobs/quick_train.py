@@ -1,8 +1,12 @@
-"""A small real bundle for serving tests, trained in-process in seconds (no Ray Train).
+"""A quick in-process trainer: a real bundle in seconds to minutes, without Ray Train.
 
-The serving code must not care how a bundle was trained: this writes the same layout as
-``jobs.train.train`` (retriever/, ranker/, text/, items/, lineage.json, manifest.json), publishes it
-and promotes it, on a synthetic shop whose item text carries the category signal.
+    python -m jobs.quick_train storage.root=<uri> [data.source=... train.retriever.epochs=6]
+
+For demos, serving tests and serving benchmarks, where what matters is a servable model, not the
+best one: it preprocesses (single process), embeds items with the LLM, fits the retriever and the
+ranker with plain AdamW, and writes the same bundle layout as ``jobs.train`` (retriever/, ranker/,
+text/, items/, lineage.json, manifest.json), publishes and promotes it. The production path is
+``jobs.pipeline`` (Ray Data, Ray Train + DeepSpeed, evaluation gate).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 
 from components import checkpoints as ck
-from components.config import load_config
+from components.config import load_config, to_dict
 from components.datasets import load_training_data, resolve_dataset
 from components.evaluation import fit_retriever_local
 from components.ranker import RankerConfig, RankerMLP, listwise_loss
@@ -27,27 +31,35 @@ from components.retriever_training import RetrieverTrainConfig
 from components.storage import Storage
 from jobs import preprocess
 from jobs.embed_items import ItemEmbedder
+from jobs.runtime import run_cli
 from jobs.train import BUNDLE, ranker_lists
 
+# A small synthetic shop (item text carries the category signal) and a small model: seconds.
 SMALL = ["data.synthetic.num_events=6000", "data.synthetic.num_items=400", "data.synthetic.num_users=300",
-         "data.synthetic.num_shards=2"]
+         "data.synthetic.num_shards=2", "retriever.dim=32", "retriever.max_len=50", "retriever.layers=1"]
 
 
 def build_bundle(root: str | Path, run_id: str = "serve-test-1", epochs: int = 6, ranker: bool = True,
-                 overrides=(), promote: bool = True, seed: int = 0) -> Dict[str, Any]:
-    """Preprocess the synthetic shop under ``root``, train a small hybrid retriever (+ ranker),
+                 overrides=(), promote: bool = True, seed: int = 0, small: bool = True) -> Dict[str, Any]:
+    """Preprocess ``cfg.data`` under ``root`` (once), train a hybrid retriever (+ ranker) in-process,
     publish ``checkpoints/recommender/<run_id>/`` and (by default) promote it."""
-    cfg = load_config([f"storage.root={root}", *SMALL, *overrides])
+    cfg = load_config([f"storage.root={root}", *(SMALL if small else []), *overrides])
+    return build(cfg, run_id, epochs, ranker, promote, seed)
+
+
+def build(cfg: Any, run_id: str, epochs: int, ranker: bool = True, promote: bool = True,
+          seed: int = 0) -> Dict[str, Any]:
     storage = Storage.from_config(cfg.storage)
-    if not storage.list_files("datasets"):
+    name = cfg.data.name or cfg.data.source
+    if not storage.is_file(f"datasets/{name}/latest.json"):
         preprocess.run(cfg, engine="local")
     ds = resolve_dataset(storage, cfg)
     text_prefix = f"indexes/{run_id}-base"
     if not storage.is_file(f"{text_prefix}/text_embeddings.parquet"):
         items = storage.read_parquet(f"{ds.prefix}/items").select(["item_idx", "item_id", "title", "text", "categories"])
-        storage.write_parquet(f"{text_prefix}/text_embeddings.parquet", ItemEmbedder({})(items))
+        storage.write_parquet(f"{text_prefix}/text_embeddings.parquet", ItemEmbedder(to_dict(cfg.text))(items))
     data = load_training_data(storage, ds.prefix, text_prefix)
-    rcfg = RetrieverConfig(dim=32, max_len=50, layers=1)
+    rcfg = RetrieverConfig(**to_dict(cfg.retriever))
     model = fit_retriever_local(data.histories, data.text, rcfg,
                                 RetrieverTrainConfig(epochs=epochs, eval_every=epochs, seed=seed))
     rcfg = model.cfg
@@ -77,7 +89,18 @@ def build_bundle(root: str | Path, run_id: str = "serve-test-1", epochs: int = 6
     manifest = ck.write_manifest(bundle)
     prefix = ck.publish(storage, bundle, BUNDLE, run_id)
     shutil.rmtree(bundle, ignore_errors=True)
-    pointer = ck.promote(storage, BUNDLE, run_id, prefix, {"ndcg@10": 0.0}, manifest, lineage) if promote else None
+    pointer = ck.promote(storage, BUNDLE, run_id, prefix, {}, manifest, lineage) if promote else None
     return {"storage": storage, "dataset": ds, "run_id": run_id, "prefix": prefix, "manifest": manifest,
             "pointer": pointer, "items": storage.read_parquet(f"{ds.prefix}/items"), "cfg": cfg}
+
+
+def main(cfg: Any) -> Dict[str, Any]:
+    run_id = cfg.train.run_id or ck.new_run_id("quick")
+    out = build(cfg, run_id, cfg.train.retriever.epochs, "ranker" in cfg.train.stages)
+    print(f"trained and promoted {run_id}: {out['storage'].uri(out['prefix'])}")
+    return out
+
+
+if __name__ == "__main__":
+    run_cli(main)
 
