@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-all bench clean
+.PHONY: setup run test test-all bench bench-serving clean
 
 setup: $(STAMP)
 
@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml
 	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
 	touch $(STAMP)
 
-# The main job end to end on the embedded synthetic data (offline, CPU only).
+# The main job end to end on the embedded synthetic data (offline, CPU only): train, evaluate,
+# promote, then serve on http://127.0.0.1:8000 until Ctrl-C (ARGS="serve.enabled=false" to stop
+# after promotion).
 run: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/python -m jobs.pipeline $(ARGS)
+	RAY_AUTH_MODE=disabled $(BIN)/python -m jobs.pipeline serve.enabled=true $(ARGS)
 
 # The default suite (what CI runs).
 test: $(STAMP)
@@ -32,6 +34,9 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/python -m benchmarks.preprocess_throughput $(ARGS)
+
+bench-serving: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/python -m benchmarks.serving $(ARGS)
 
 clean:
 	rm -rf storage .pytest_cache

@@ -51,6 +51,11 @@ class ServeSettings:
 
     storage_root: str = "storage"
     storage_endpoint: Optional[str] = None
+    # graph: ingress -> UserEncoder -> Retriever -> Ranker deployments, each scaled on its own.
+    # fused: the ingress replicas hold encoder, retriever and ranker in-process (the same
+    # classes, hot swap included) and scale as one; saves four Ray Serve hops per request
+    # (configs/serve-fused.yaml). TextEmbedder and EventStore stay deployments in both.
+    mode: str = "graph"
     model: str = "recommender"
     # Seconds between registry polls in every model replica (promotion -> serving latency).
     watch_interval_s: float = 2.0
@@ -73,7 +78,10 @@ class ServeSettings:
         unknown = sorted(set(args) - known)
         if unknown:
             raise ValueError(f"unknown serve application args: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**args)
+        out = cls(**args)
+        if out.mode not in ("graph", "fused"):
+            raise ValueError(f"serve args mode must be graph or fused, got {out.mode!r}")
+        return out
 
     def storage(self) -> Storage:
         return Storage(self.storage_root, endpoint_url=self.storage_endpoint)
@@ -323,6 +331,27 @@ class EventStore:
                 "last_write_ms": round(self.log.last_write_s * 1000, 2)}
 
 
+class LocalHandle:
+    """Stands in for a DeploymentHandle in fused mode: ``h.method.remote(...)`` calls the method of
+    an in-process instance and returns an awaitable, so the request flow is the same code."""
+
+    def __init__(self, obj: Any):
+        self._obj = obj
+
+    def __getattr__(self, name: str):
+        fn = getattr(self._obj, name)
+
+        class _Method:
+            @staticmethod
+            def remote(*args, **kwargs):
+                async def call():
+                    out = fn(*args, **kwargs)
+                    return await out if asyncio.iscoroutine(out) or isinstance(out, asyncio.Future) else out
+                return call()
+
+        return _Method
+
+
 # -- ingress -----------------------------------------------------------------------------------
 app = FastAPI(title="llmrec", version="1", description="LLM-enhanced real-time recommendations on Ray Serve.")
 
@@ -368,6 +397,10 @@ class Ingress:
     def __init__(self, encoder: DeploymentHandle, retriever: DeploymentHandle, ranker: DeploymentHandle,
                  text: DeploymentHandle, events: DeploymentHandle, args: Dict[str, Any]):
         self.settings = ServeSettings.from_args(args)
+        if self.settings.mode == "fused":  # the model stages live in this replica
+            encoder = LocalHandle(UserEncoder.func_or_class(args))
+            retriever = LocalHandle(Retriever.func_or_class(args))
+            ranker = LocalHandle(Ranker.func_or_class(args))
         self.encoder, self.retriever, self.ranker, self.text, self.events = encoder, retriever, ranker, text, events
         self.backend = HandleBackend(encoder, retriever, ranker, events)
         self.registry, self.m = _metrics()
@@ -491,9 +524,11 @@ def build(args: Optional[Dict[str, Any]] = None) -> serve.Application:
     def dep(d):
         return d.options(**options[d.name]) if d.name in options else d
 
+    text = dep(TextEmbedder).bind(a)
+    events = dep(EventStore).bind(a)
+    if s.mode == "fused":
+        return dep(Ingress).bind(None, None, None, text, events, a)
     encoder = dep(UserEncoder).bind(a)
     retriever = dep(Retriever).bind(a)
     ranker = dep(Ranker).bind(a)
-    text = dep(TextEmbedder).bind(a)
-    events = dep(EventStore).bind(a)
     return dep(Ingress).bind(encoder, retriever, ranker, text, events, a)

@@ -1,5 +1,6 @@
-"""The Serve application over HTTP on a local Ray: started once for this module from
-configs/serve.yaml, on a small real bundle (tests/serving_helpers.py)."""
+"""The Serve application over HTTP on a local Ray: started from configs/serve.yaml (the
+deployment graph) and again from configs/serve-fused.yaml (models in the ingress), on a small
+real bundle (jobs/quick_train.py)."""
 
 import shutil
 import threading
@@ -20,13 +21,14 @@ pytestmark = [pytest.mark.ray, pytest.mark.serve]
 WATCH_S = 0.5
 
 
-@pytest.fixture(scope="module")
-def app(ray_local, tmp_path_factory):
+@pytest.fixture(scope="module", params=["configs/serve.yaml", "configs/serve-fused.yaml"], ids=["graph", "fused"])
+def app(ray_local, tmp_path_factory, request):
     from ray import serve
 
+    CONFIG = request.param
     root = tmp_path_factory.mktemp("serve-store")
     bundle = build_bundle(root, epochs=6)
-    url = runner.start("configs/serve.yaml", {"storage_root": str(root), "watch_interval_s": WATCH_S},
+    url = runner.start(CONFIG, {"storage_root": str(root), "watch_interval_s": WATCH_S},
                        port=free_port())
     yield {"url": url, "root": root, "bundle": bundle, "storage": bundle["storage"]}
     serve.shutdown()
@@ -196,6 +198,24 @@ def test_hot_swap_with_a_client_running_fails_no_request_and_refuses_a_corrupt_m
     assert not failures, failures[:3]
     assert old in versions and new["run_id"] in versions and "serve-test-bad" not in versions
     assert len(results) > 20
+
+
+def test_live_state_is_rebuilt_from_the_feedback_log_when_its_holder_restarts(app):
+    import ray
+
+    user = "restart-user"
+    items = app["bundle"]["items"]["item_id"].to_pylist()[:3]
+    post(app, "/v1/events", {"events": [{"user_id": user, "item_id": i, "event": "click"} for i in items]}, expect=202)
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "EventStore" in a["name"]]
+    assert len(replicas) == 1, replicas
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    deadline = time.time() + 90
+    while time.time() < deadline:  # Serve starts a new replica, which rebuilds from storage
+        r = requests.get(f"{app['url']}/v1/users/{user}/history", timeout=30)
+        if r.status_code == 200:
+            break
+        time.sleep(0.5)
+    assert [e["item_id"] for e in r.json()["events"]][::-1] == items
 
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
