@@ -194,6 +194,17 @@ class ServeConfig:
 
 
 @dataclass
+class RetrainConfig:
+    # Loop period ("30s", "10m", "1h"); empty: one pass and exit (for cron / a Kubernetes RayJob).
+    every: Optional[str] = None
+    # Skip the pass unless at least this many new feedback events arrived since the watermark.
+    min_events: int = 1
+    # Warm-start fine-tuning: retriever epochs (the ranker uses ranker.epochs); stages to run.
+    epochs: int = 6
+    stages: List[str] = field(default_factory=lambda: ["retriever", "ranker"])
+
+
+@dataclass
 class AppConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -205,6 +216,7 @@ class AppConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
 
 
 def load_config(

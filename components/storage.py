@@ -7,6 +7,8 @@ Nothing stored is ever unpickled: tables are Parquet, metadata JSON, weights saf
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import io
 import json
 import os
@@ -22,6 +24,10 @@ import pyarrow.parquet as pq
 
 class StorageError(RuntimeError):
     """A storage operation failed; the message names the URI."""
+
+
+class PreconditionFailed(StorageError):
+    """A compare-and-swap lost: the object changed since the caller read it."""
 
 
 def _endpoint_from_env() -> Optional[str]:
@@ -205,6 +211,65 @@ class Storage:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise self._wrap("atomic write", rel, exc) from exc
+
+    # -- compare-and-swap (the registry pointer) -------------------------------------------
+    def read_versioned(self, rel: str) -> Tuple[Optional[bytes], Optional[str]]:
+        """(content or None when absent, token) for ``compare_and_swap``: the S3 ETag, or the
+        sha256 of a local file."""
+        if self.is_s3:
+            from botocore.exceptions import ClientError
+
+            bucket, key = split_uri(self.uri(rel))
+            try:
+                obj = self._s3_client().get_object(Bucket=bucket, Key=key)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None, None
+                raise self._wrap("read", rel, exc) from exc
+            return obj["Body"].read(), obj["ETag"]
+        if not self.is_file(rel):
+            return None, None
+        data = self.read_bytes(rel)
+        return data, hashlib.sha256(data).hexdigest()
+
+    def compare_and_swap(self, rel: str, data: bytes, expected: Optional[str]) -> None:
+        """Replace ``rel`` with ``data`` only if it is still at token ``expected`` (None: only if
+        it does not exist); otherwise raise ``PreconditionFailed`` and change nothing.
+
+        S3: a conditional PUT (If-Match on the ETag / If-None-Match: *), atomic on the server.
+        Local: an exclusive ``flock`` on a sibling lock file around check + atomic rename (atomic
+        between processes of one host; not across hosts on a network filesystem).
+        """
+        if self.is_s3:
+            from botocore.exceptions import ClientError
+
+            bucket, key = split_uri(self.uri(rel))
+            cond = {"IfMatch": expected} if expected is not None else {"IfNoneMatch": "*"}
+            try:
+                self._s3_client().put_object(Bucket=bucket, Key=key, Body=data, **cond)
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code")
+                if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409", "NoSuchKey"):
+                    raise PreconditionFailed(f"{self.uri(rel)} changed since it was read ({code})") from None
+                raise self._wrap("conditional write", rel, exc) from exc
+            return
+        path = self.path(rel)
+        os.makedirs(posixpath.dirname(path), exist_ok=True)
+        lock = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.lock")
+        with open(lock, "a+") as lf:
+            fcntl.flock(lf, fcntl.LOCK_EX)
+            try:
+                _, current = self.read_versioned(rel)
+                if current != expected:
+                    raise PreconditionFailed(f"{self.uri(rel)} changed since it was read")
+                self.write_bytes_atomic(rel, data)
+            finally:
+                fcntl.flock(lf, fcntl.LOCK_UN)
+
+    def _s3_client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region)
 
     def read_parquet(self, rel: str, columns: Optional[Sequence[str]] = None) -> pa.Table:
         """Read one Parquet file, or every Parquet file below a folder, as one table."""

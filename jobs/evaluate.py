@@ -209,10 +209,15 @@ def report_markdown(res: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def gate_and_promote(cfg: Any, storage: Storage, res: Dict[str, Any], train_out: Dict[str, Any]) -> Dict[str, Any]:
-    """Promote only a run that clears the floor and does not regress beyond the tolerance."""
+def gate_and_promote(cfg: Any, storage: Storage, res: Dict[str, Any], train_out: Dict[str, Any],
+                     expected: Any = None) -> Dict[str, Any]:
+    """Promote only a run that clears the floor and does not regress beyond the tolerance.
+
+    ``expected``: (pointer, token) the run started from (retraining); the promotion is then a
+    compare-and-swap against that pointer, so a run never replaces a pointer that moved while it
+    trained. Default: the pointer read here."""
     ndcg = res["models"][res["main_model"]]["test"]["ndcg@10"]
-    current = ck.read_pointer(storage, BUNDLE)
+    current, token = expected if expected is not None else ck.read_pointer_versioned(storage, BUNDLE)
     cur = (current or {}).get("metrics", {}).get("test_ndcg@10")
     decision = {"test_ndcg@10": ndcg, "floor": cfg.evaluate.ndcg_floor, "current": cur,
                 "tolerance": cfg.evaluate.tolerance}
@@ -223,16 +228,19 @@ def gate_and_promote(cfg: Any, storage: Storage, res: Dict[str, Any], train_out:
                                                f"by more than {cfg.evaluate.tolerance}")
     else:
         metrics = {"test_ndcg@10": ndcg, "test_recall@10": res["models"][res["main_model"]]["test"]["recall@10"]}
-        ck.promote(storage, BUNDLE, train_out["run_id"], train_out["prefix"], metrics, train_out["manifest"],
-                   {k: v for k, v in train_out["lineage"].items() if k != "config"})
-        decision.update(promoted=True, reason="cleared the gate")
+        try:  # compare-and-swap against the pointer the gate compared with
+            ck.promote(storage, BUNDLE, train_out["run_id"], train_out["prefix"], metrics, train_out["manifest"],
+                       {k: v for k, v in train_out["lineage"].items() if k != "config"}, expected=token)
+            decision.update(promoted=True, reason="cleared the gate")
+        except ck.PromotionConflict as exc:
+            decision.update(promoted=False, reason=f"another run promoted meanwhile ({exc}); gate not re-run")
     return decision
 
 
-def run(cfg: Any, storage: Storage, train_out: Dict[str, Any]) -> Dict[str, Any]:
+def run(cfg: Any, storage: Storage, train_out: Dict[str, Any], expected: Any = None) -> Dict[str, Any]:
     ev = evaluate_bundle(cfg, storage, Path(train_out["local_dir"]), train_out["run_id"])
     prefix = write_report(storage, train_out["run_id"], ev)
-    decision = gate_and_promote(cfg, storage, ev["results"], train_out)
+    decision = gate_and_promote(cfg, storage, ev["results"], train_out, expected)
     ev["results"]["promotion"] = decision
     storage.write_json(f"{prefix}/metrics.json", ev["results"])
     return {"results": ev["results"], "report_prefix": prefix, "promotion": decision}

@@ -84,7 +84,7 @@ def build(cfg: Any, run_id: str, epochs: int, ranker: bool = True, promote: bool
     storage.download_dir(text_prefix, bundle / "text")
     storage.download_dir(f"{ds.prefix}/items", bundle / "items")
     lineage = {"run_id": run_id, "dataset": ds.name, "dataset_version": ds.version, "text_embeddings": text_prefix,
-               "parent_run": None, "config": {"text": {}}}
+               "parent_run": None, "config": to_dict(cfg)}
     (bundle / "lineage.json").write_text(json.dumps(lineage))
     manifest = ck.write_manifest(bundle)
     prefix = ck.publish(storage, bundle, BUNDLE, run_id)

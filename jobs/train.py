@@ -22,10 +22,11 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_safetensors
 
 from components import checkpoints as ck
 from components.config import to_dict
@@ -36,6 +37,7 @@ from components.retriever_training import (RetrieverTrainConfig, batches, log_q_
 from components.sequences import history_for, training_windows
 from components.metrics import rank_and_topk, ranking_metrics
 from components.storage import Storage
+from components.warm_start import warm_start
 from components.text_encoder import TextEncoder, TextEncoderConfig, contrastive_loss, item_text
 from jobs.runtime import ray_session, run_cli
 
@@ -141,6 +143,25 @@ def _maybe_fail(config: Dict[str, Any], epoch: int, rank: int) -> None:
         os._exit(1)
 
 
+def _warm_start(model: torch.nn.Module, config: Dict[str, Any], part: str,
+                item_ids: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
+    """Initialise from the parent bundle ``config["warm_start"]`` (a storage prefix), if given."""
+    prefix = config.get("warm_start")
+    if not prefix:
+        return None
+    storage: Storage = config["storage"]
+    rel = f"{prefix}/{part}/{ck.WEIGHTS}"
+    if not storage.is_file(rel):
+        log.warning("warm start: parent %s has no %s; training %s from scratch", prefix, part, part)
+        return None
+    parent = load_safetensors(storage.read_bytes(rel))
+    parent_ids = (storage.read_parquet(f"{prefix}/items").sort_by("item_idx")["item_id"].to_pylist()
+                  if item_ids is not None else [])
+    out = warm_start(model, parent, parent_ids, item_ids or [])
+    log.info("warm start of %s from %s: %s", part, prefix, out)
+    return out
+
+
 # -- workers ---------------------------------------------------------------------------------
 def retriever_worker(config: Dict[str, Any]) -> None:
     import ray.train
@@ -156,6 +177,7 @@ def retriever_worker(config: Dict[str, Any]) -> None:
     tcfg = RetrieverTrainConfig(**config["train"])
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
     model = SequenceRetriever(rcfg)
+    warm = _warm_start(model, config, "retriever", data.items["item_id"].to_pylist())
     text_emb = data.text_emb() if rcfg.use_text else None
     counts = np.bincount(np.concatenate(h.items), minlength=h.num_items)
     log_q = log_q_from_counts(counts)
@@ -178,7 +200,8 @@ def retriever_worker(config: Dict[str, Any]) -> None:
             engine.step()
             total, n = total + float(loss.item()), n + 1
         metrics = {"epoch": epoch, "loss": _mean_across_workers(total / max(n, 1)),
-                   "epoch_s": round(time.perf_counter() - t0, 2), "resumed_from": progress["resumed_from"]}
+                   "epoch_s": round(time.perf_counter() - t0, 2), "resumed_from": progress["resumed_from"],
+                   "warm_start_items_mapped": (warm or {}).get("items_mapped")}
         last = epoch == tcfg.epochs - 1
         evaluate = last or (tcfg.eval_every > 0 and (epoch + 1) % tcfg.eval_every == 0)
         if evaluate:
@@ -220,6 +243,7 @@ def ranker_worker(config: Dict[str, Any]) -> None:
     fit = np.setdiff1d(users, held)
     torch.manual_seed(0)
     model = RankerMLP(kcfg)
+    _warm_start(model, config, "ranker")
     engine = _deepspeed(model, kcfg.lr, kcfg.weight_decay, config, kcfg.batch_size)
     progress = _resume(engine) or {"epoch": -1, "best": -1.0, "best_epoch": -1, "_best_state": None}
     best_state = progress.pop("_best_state", None)
@@ -381,14 +405,19 @@ def run_stage(name: str, worker, loop_config: Dict[str, Any], cfg: Any, storage:
 
 
 def train(cfg: Any, storage: Storage, ds: DatasetRef, run_id: str, text_prefix: Optional[str],
-          parent: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """All configured stages; assembles and publishes the bundle. Needs an initialised Ray."""
+          parent: Optional[Dict[str, Any]] = None, warm_start_prefix: Optional[str] = None,
+          llm_from: Optional[str] = None, extra_lineage: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """All configured stages; assembles and publishes the bundle. Needs an initialised Ray.
+
+    ``warm_start_prefix``: a parent bundle to initialise the retriever and ranker from (item rows
+    matched by id). ``llm_from``: a parent bundle whose fine-tuned ``llm/`` this bundle carries
+    when the llm stage does not run (so serving embeds new items with the same LLM)."""
     from jobs.embed_items import embed_items
 
     run_prefix = f"runs/{run_id}"
     base = {"storage": storage, "dataset_prefix": ds.prefix, "text_prefix": text_prefix,
             "zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision, "run_prefix": run_prefix,
-            "fail_at_epoch": cfg.train.fail_at_epoch}
+            "fail_at_epoch": cfg.train.fail_at_epoch, "warm_start": warm_start_prefix}
     bundle = Path(tempfile.mkdtemp(prefix="bundle-"))
     timings: Dict[str, float] = {}
     llm_dir = None
@@ -414,11 +443,14 @@ def train(cfg: Any, storage: Storage, ds: DatasetRef, run_id: str, text_prefix: 
                           cfg, storage, run_id)
         shutil.copytree(k_dir, bundle / "ranker")
         timings["ranker_s"] = round(time.perf_counter() - t0, 1)
+    if llm_dir is None and llm_from and storage.is_file(f"{llm_from}/llm/{ck.WEIGHTS}"):
+        storage.download_dir(f"{llm_from}/llm", bundle / "llm")
     if text_prefix:
         storage.download_dir(text_prefix, bundle / "text")
     storage.download_dir(f"{ds.prefix}/items", bundle / "items")
     lineage = {"run_id": run_id, "dataset": ds.name, "dataset_version": ds.version, "text_embeddings": text_prefix,
-               "parent_run": (parent or {}).get("run_id"), "config": to_dict(cfg), "timings": timings}
+               "parent_run": (parent or {}).get("run_id"), "warm_start": warm_start_prefix, "config": to_dict(cfg),
+               "timings": timings, **(extra_lineage or {})}
     (bundle / "lineage.json").write_text(json.dumps(lineage, indent=2, default=str))
     manifest = ck.write_manifest(bundle)
     prefix = ck.publish(storage, bundle, BUNDLE, run_id)

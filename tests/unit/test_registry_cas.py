@@ -1,0 +1,54 @@
+"""Compare-and-swap on registry/<model>/latest.json: racing promotions cannot corrupt or roll back
+the pointer (local storage here; the S3 path runs against the S3 server in tests/integration)."""
+
+import json
+import multiprocessing as mp
+
+import pytest
+
+from components import checkpoints as ck
+from components.storage import PreconditionFailed, Storage
+
+
+def _race(root, k, barrier, out):
+    storage = Storage(root)
+    _, token = ck.read_pointer_versioned(storage, "m")
+    barrier.wait()  # everyone has read the same pointer before anyone writes
+    try:
+        ck.promote(storage, "m", f"run-{k}", f"checkpoints/m/run-{k}", {"k": k}, {}, expected=token)
+        out.put(("won", k))
+    except ck.PromotionConflict:
+        out.put(("lost", k))
+
+
+def test_racing_promotions_have_exactly_one_winner_and_a_whole_pointer(tmp_path):
+    root = str(tmp_path)
+    ck.promote(Storage(root), "m", "run-base", "checkpoints/m/run-base", {}, {})
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(6), ctx.Queue()
+    procs = [ctx.Process(target=_race, args=(root, k, barrier, out)) for k in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    results = [out.get(timeout=5) for _ in procs]
+    winners = [k for r, k in results if r == "won"]
+    assert len(winners) == 1
+    pointer = json.loads((tmp_path / "registry/m/latest.json").read_text())
+    assert pointer["run_id"] == f"run-{winners[0]}"
+
+
+def test_a_stale_promotion_is_refused_and_changes_nothing(tmp_path):
+    storage = Storage(str(tmp_path))
+    pointer, token = ck.read_pointer_versioned(storage, "m")
+    assert pointer is None and token is None
+    ck.promote(storage, "m", "a", "checkpoints/m/a", {}, {}, expected=None)
+    with pytest.raises(ck.PromotionConflict):  # "there was no pointer" is stale now
+        ck.promote(storage, "m", "b", "checkpoints/m/b", {}, {}, expected=None)
+    _, token_a = ck.read_pointer_versioned(storage, "m")
+    ck.promote(storage, "m", "c", "checkpoints/m/c", {}, {}, expected=token_a)
+    with pytest.raises(ck.PromotionConflict):  # a late run holding a's token cannot roll back to its view
+        ck.promote(storage, "m", "d", "checkpoints/m/d", {}, {}, expected=token_a)
+    assert ck.read_pointer(storage, "m")["run_id"] == "c"
+    with pytest.raises(PreconditionFailed):
+        storage.compare_and_swap("registry/m/latest.json", b"{}", "not-a-token")
