@@ -191,6 +191,10 @@ class ServeConfig:
     config: str = "configs/serve.yaml"
     # Registry poll interval of every model replica; empty: the YAML's value.
     watch_interval_s: Optional[float] = None
+    # Once serving, show the feedback loop: post simulated clicks through the API, run one
+    # jobs.retrain pass, and print the version and metric change (then keep serving).
+    demo_feedback: bool = True
+    demo_users: int = 40
 
 
 @dataclass

@@ -16,9 +16,11 @@ ID_TABLES = ("id_emb.weight",)
 
 
 def warm_start(model: nn.Module, parent_state: Dict[str, torch.Tensor], parent_item_ids: Sequence[str] = (),
-               item_ids: Sequence[str] = ()) -> Dict[str, object]:
+               item_ids: Sequence[str] = (), zero_unmapped: bool = False) -> Dict[str, object]:
     """Load ``parent_state`` into ``model`` in place; rows of ID tables (row 0 = padding, row r =
-    vocabulary item r - 1) are matched by item id. Returns what was copied and what was not."""
+    vocabulary item r - 1) are matched by item id. ``zero_unmapped``: items the parent never saw
+    get a zero ID row (the parent as it would serve them: text only) instead of a fresh init.
+    Returns what was copied and what was not."""
     state = model.state_dict()
     copied: List[str] = []
     skipped: List[str] = []
@@ -34,6 +36,8 @@ def warm_start(model: nn.Module, parent_state: Dict[str, torch.Tensor], parent_i
                 if p is not None and p < value.shape[0]:
                     table[r + 1] = value[p]
                     mapped += 1
+                elif zero_unmapped:
+                    table[r + 1] = 0
             state[key] = table
             copied.append(key)
         elif state[key].shape == value.shape:

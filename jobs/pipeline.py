@@ -69,7 +69,66 @@ def serve_promoted(cfg: Any, storage: Storage) -> None:
         overrides["watch_interval_s"] = cfg.serve.watch_interval_s
     with ray_session(cfg.ray):
         url = runner.start(cfg.serve.config, overrides, host=cfg.serve.host, port=cfg.serve.port)
+        if cfg.serve.demo_feedback:
+            feedback_demo(cfg, storage, url)
         runner.serve_until_signal(url)
+
+
+def feedback_demo(cfg: Any, storage: Storage, url: str) -> None:
+    """The loop the system exists for, shown once: clicks through the API change recommendations at
+    once, are stored, retrain a better-informed model, which the replicas swap in."""
+    import subprocess
+    import sys
+    from collections import Counter
+
+    import requests
+
+    def share(users, category):
+        recs = [requests.post(url + "/v1/recommend", json={"user_id": u, "k": 10}, timeout=30).json()["items"]
+                for u in users]
+        return sum(category in it["categories"] for r in recs for it in r) / max(1, sum(len(r) for r in recs))
+
+    users = requests.get(url + f"/v1/users?limit={cfg.serve.demo_users}", timeout=30).json()["users"]
+    pointer = ck.read_pointer(storage, train.BUNDLE)
+    items = storage.read_parquet(f"{pointer['prefix']}/items", columns=["item_id", "categories"]).to_pylist()
+    cats = Counter(c for it in items for c in it["categories"] or [])
+    shares = {c: share(users[:8], c) for c, _ in cats.most_common(8)}
+    category = min(shares, key=shares.get)
+    pool = [it["item_id"] for it in items if it["categories"] == [category]] or \
+           [it["item_id"] for it in items if category in (it["categories"] or [])]
+    before = share(users, category)
+    events = [{"user_id": u, "item_id": pool[(k * 7 + j) % len(pool)], "event": "click"}
+              for k, u in enumerate(users) for j in range(5)]
+    for s in range(0, len(events), 100):
+        r = requests.post(url + "/v1/events", json={"events": events[s:s + 100]}, timeout=60)
+        r.raise_for_status()
+    live = share(users, category)
+    print(f"\nfeedback loop demo: {len(users)} users clicked {len(events)} '{category}' items through "
+          f"POST /v1/events (stored under {storage.uri('feedback')})\n"
+          f"  share of '{category}' in their top-10: {before:.0%} before -> {live:.0%} at once (live state)",
+          flush=True)
+    print("  retraining on the new feedback (python -m jobs.retrain) ...", flush=True)
+    t0 = time.perf_counter()
+    args = [sys.executable, "-m", "jobs.retrain", f"storage.root={storage.root}",
+            f"ray.num_cpus={cfg.ray.num_cpus or 2}", f"retrain.epochs={cfg.retrain.epochs}"]
+    if cfg.storage.endpoint_url:
+        args.append(f"storage.endpoint_url={cfg.storage.endpoint_url}")
+    p = subprocess.run(args, capture_output=True, text=True)
+    summary = [ln for ln in p.stdout.splitlines() if ln.startswith(("model ", "promotion:", "dataset ", "timings:"))]
+    print("\n".join("  " + ln for ln in summary), flush=True)
+    if p.returncode != 0:
+        print(f"  retrain failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-1:]}", flush=True)
+        return
+    new = ck.read_pointer(storage, train.BUNDLE)
+    t1 = time.perf_counter()
+    while time.perf_counter() - t1 < 60:
+        v = requests.get(url + "/v1/version", timeout=30).json()
+        if {v[d]["version"] for d in ("encoder", "retriever", "ranker", "text")} == {new["run_id"]}:
+            break
+        time.sleep(0.2)
+    print(f"  serving {v['model_version']} (was {pointer['run_id']}; swapped {time.perf_counter() - t1:.1f}s after "
+          f"the retrain ended, {time.perf_counter() - t0:.0f}s for the whole loop); share of '{category}': "
+          f"{share(users, category):.0%}\n", flush=True)
 
 
 def _with_version(cfg: Any, version: str) -> Any:

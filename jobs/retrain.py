@@ -15,18 +15,22 @@ One pass:
    recomputed over the merged input, the new shards are the delta;
 4. embeds the catalog with the parent's LLM and fine-tunes the retriever and ranker with Ray Train
    + DeepSpeed, warm-started from the parent (ID rows matched by item id);
-5. evaluates on the new test split and on the holdout of the newest feedback (test targets that
-   came from the new shards), then promotes through the gate with a compare-and-swap against the
+5. evaluates the new model and the parent (mapped onto the new vocabulary) on the new test split,
+   and the new model on the holdout of the newest feedback (test targets from the new shards); the
+   gate compares the two on the same split, and promotion is a compare-and-swap against the
    pointer read in step 1: a failed or worse run never promotes, and a run never replaces a
    pointer that moved while it trained.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import shutil
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -93,6 +97,37 @@ def feedback_holdout(storage: Storage, report_prefix: str, dataset_prefix: str, 
     return {"n": len(hits), f"recall@{k}": round(float(np.mean(hits)), 4)}
 
 
+def parent_on_new_split(cfg: Any, storage: Storage, pointer: Dict[str, Any], trained: Dict[str, Any]) -> Dict:
+    """The promoted (parent) model evaluated on the new dataset version's split, so the gate
+    compares like with like: its ID rows mapped onto the new vocabulary by item id (items it never
+    saw get a zero ID row, as when it serves them), its text tower over the same embeddings, its
+    ranker as is."""
+    from dataclasses import asdict
+
+    import torch
+    from safetensors.torch import load as load_safetensors
+
+    from components.retriever import RetrieverConfig, SequenceRetriever
+    from components.warm_start import warm_start
+
+    new_dir = Path(trained["local_dir"])
+    rcfg = RetrieverConfig(**json.loads((new_dir / "retriever/config.json").read_text())["retriever"])
+    model = SequenceRetriever(rcfg)
+    parent_state = load_safetensors(storage.read_bytes(f"{pointer['prefix']}/retriever/{ck.WEIGHTS}"))
+    parent_ids = storage.read_parquet(f"{pointer['prefix']}/items").sort_by("item_idx")["item_id"].to_pylist()
+    new_ids = storage.read_parquet(f"{trained['prefix']}/items").sort_by("item_idx")["item_id"].to_pylist()
+    with torch.no_grad():
+        warm_start(model, parent_state, parent_ids, new_ids, zero_unmapped=True)
+    folder = Path(tempfile.mkdtemp(prefix="parent-eval-"))
+    ck.save_local(folder / "retriever", model.state_dict(), {"retriever": asdict(rcfg), "kind": "retriever"})
+    if storage.is_file(f"{pointer['prefix']}/ranker/{ck.WEIGHTS}"):
+        storage.download_dir(f"{pointer['prefix']}/ranker", folder / "ranker")
+    shutil.copy(new_dir / "lineage.json", folder / "lineage.json")  # the new dataset + text embeddings
+    res = evaluate.evaluate_bundle(cfg, storage, folder, pointer["run_id"])["results"]
+    shutil.rmtree(folder, ignore_errors=True)
+    return res["models"][res["main_model"]]["test"]
+
+
 def retrain_once(cfg: Any, storage: Optional[Storage] = None) -> Dict[str, Any]:
     t0 = time.perf_counter()
     storage = storage or Storage.from_config(cfg.storage)
@@ -142,23 +177,32 @@ def retrain_once(cfg: Any, storage: Optional[Storage] = None) -> Dict[str, Any]:
                                              "feedback_shards": len(shards), "feedback_events": new.num_rows})
         timings["train_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    out = evaluate.run(cfg, storage, trained, expected=(pointer, token))
+    parent_test = parent_on_new_split(cfg, storage, pointer, trained)
+    baseline = dict(pointer, metrics={**pointer.get("metrics", {}), "test_ndcg@10": parent_test["ndcg@10"],
+                                      "test_recall@10": parent_test["recall@10"]})
+    out = evaluate.run(cfg, storage, trained, expected=(baseline, token))
     timings["evaluate_s"] = round(time.perf_counter() - t, 1)
     holdout = feedback_holdout(storage, out["report_prefix"], ds.prefix, new)
     timings["total_s"] = round(time.perf_counter() - t0, 1)
     main = out["results"]["models"][out["results"]["main_model"]]["test"]
-    before = pointer.get("metrics", {})
+    before = baseline["metrics"]
     p = out["promotion"]
     print(f"dataset {ds.name}/{ds.version}: {pre['stats'].get('interactions')} interactions "
           f"({new.num_rows} from feedback)")
-    print(f"model {pointer['run_id']} -> {run_id}: test NDCG@10 {before.get('test_ndcg@10')} -> {main['ndcg@10']:.4f}, "
-          f"Recall@10 {before.get('test_recall@10')} -> {main['recall@10']:.4f} (new split); "
+    print(f"model {pointer['run_id']} -> {run_id}, both on the new test split: NDCG@10 "
+          f"{_f(before.get('test_ndcg@10'))} -> {main['ndcg@10']:.4f}, "
+          f"Recall@10 {_f(before.get('test_recall@10'))} -> {main['recall@10']:.4f}; "
           f"newest-feedback holdout Recall@10 {holdout.get('recall@10')} (n={holdout['n']})")
     print(f"promotion: {'PROMOTED' if p['promoted'] else 'not promoted'} ({p['reason']})")
     print(f"timings: {timings}", flush=True)
     return {"status": "promoted" if p["promoted"] else "rejected", "run_id": run_id, "parent": pointer["run_id"],
+            "parent_test": parent_test,
             "dataset_version": ds.version, "new_events": new.num_rows, "holdout": holdout, "test": main,
             "promotion": p, "timings": timings}
+
+
+def _f(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
 
 
 def main(cfg: Any) -> Dict[str, Any]:

@@ -71,15 +71,18 @@ class _Strict(BaseModel):
 Id = Field(min_length=1, max_length=MAX_ID)
 
 
-class RecentEvent(_Strict):
+class _EventFields(_Strict):
     item_id: str = Id
     event: str = "click"
-    ts: Optional[Union[int, str]] = None
 
     @field_validator("event")
     @classmethod
     def _event(cls, v: str) -> str:
         return check_event(v)
+
+
+class RecentEvent(_EventFields):
+    ts: Optional[Union[int, str]] = None
 
     @field_validator("ts")
     @classmethod
@@ -116,19 +119,12 @@ class RecommendResponse(BaseModel):
     unknown_items: List[str] = Field(default_factory=list, description="ids in recent_events/exclude not in the catalog")
 
 
-class Event(_Strict):
+class Event(_EventFields):
     user_id: str = Id
-    item_id: str = Id
-    event: str = "click"
     ts: Optional[Union[int, str]] = Field(default=None, validate_default=True, description="epoch ms or ISO-8601; default now")
     value: Optional[float] = None
     session_id: Optional[str] = Field(default=None, max_length=MAX_ID)
     context: Optional[Dict[str, Any]] = None
-
-    @field_validator("event")
-    @classmethod
-    def _event(cls, v: str) -> str:
-        return check_event(v)
 
     @field_validator("ts")
     @classmethod

@@ -115,6 +115,18 @@ class _Versioned:
     def status(self) -> Dict[str, Any]:
         return self.watcher.status()
 
+    def per_version(self, requests: List[Dict[str, Any]], run) -> List[Any]:
+        """Run a dynamic batch as one sub-batch per pinned model version (usually one)."""
+        out: List[Any] = [None] * len(requests)
+        by_version: Dict[str, List[int]] = {}
+        for k, r in enumerate(requests):
+            by_version.setdefault(r.get("version") or "", []).append(k)
+        for version, idx in by_version.items():
+            results = run(self.model_for(version), [requests[k] for k in idx])
+            for j, k in enumerate(idx):
+                out[k] = results[j]
+        return out
+
 
 @serve.deployment
 class UserEncoder(_Versioned):
@@ -128,15 +140,7 @@ class UserEncoder(_Versioned):
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def encode(self, requests: List[Dict[str, Any]]) -> List[np.ndarray]:
-        out: List[Optional[np.ndarray]] = [None] * len(requests)
-        by_version: Dict[str, List[int]] = {}
-        for k, r in enumerate(requests):
-            by_version.setdefault(r.get("version") or "", []).append(k)
-        for version, idx in by_version.items():
-            vecs = self.model_for(version).encode([requests[k] for k in idx])
-            for j, k in enumerate(idx):
-                out[k] = vecs[j]
-        return out
+        return self.per_version(requests, lambda model, batch: model.encode(batch))
 
 
 @serve.deployment
@@ -151,15 +155,7 @@ class Ranker(_Versioned):
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def score(self, lists: List[Dict[str, Any]]) -> List[np.ndarray]:
-        out: List[Optional[np.ndarray]] = [None] * len(lists)
-        by_version: Dict[str, List[int]] = {}
-        for k, x in enumerate(lists):
-            by_version.setdefault(x.get("version") or "", []).append(k)
-        for version, idx in by_version.items():
-            scores = self.model_for(version).score([lists[k] for k in idx])
-            for j, k in enumerate(idx):
-                out[k] = scores[j]
-        return out
+        return self.per_version(lists, lambda model, batch: model.score(batch))
 
 
 @serve.deployment
