@@ -29,8 +29,9 @@ DEPLOYMENTS = ("encoder", "retriever", "ranker", "text")
 
 
 def simulated_feedback(storage, pointer, frac: float, seed: int = 0) -> List[Dict[str, Any]]:
-    """frac x the dataset's interactions as clicks: random users, each on items of a genre they
-    already watched (what a real shift in taste inside known tastes looks like)."""
+    """frac x the dataset's interactions as clicks: a trend. In every genre 20 items become
+    popular; random users click 5 of the trending items of a genre they already watch. Learnable
+    from the feedback, invisible to the parent model: what retraining is for."""
     lin = pointer["lineage"]
     prefix = f"datasets/{lin['dataset']}/{lin['dataset_version']}"
     train = storage.read_parquet(f"{prefix}/train", columns=["user_id", "item_id"])
@@ -44,6 +45,7 @@ def simulated_feedback(storage, pointer, frac: float, seed: int = 0) -> List[Dic
     for u, i in zip(train["user_id"].cast("string").to_pylist(), train["item_id"].cast("string").to_pylist()):
         seen.setdefault(u, []).append(i)
     rng = random.Random(seed)
+    trending = {g: rng.sample(sorted(ids), min(20, len(ids))) for g, ids in sorted(by_cat.items())}
     users = sorted(seen)
     n = int(frac * train.num_rows)
     now = int(time.time() * 1000)
@@ -53,7 +55,8 @@ def simulated_feedback(storage, pointer, frac: float, seed: int = 0) -> List[Dic
         genres = [c for i in seen[u][-20:] for c in cats.get(i, [])] or list(by_cat)
         g = rng.choice(genres)
         for _ in range(5):
-            out.append({"user_id": u, "item_id": rng.choice(by_cat[g]), "event": "click", "ts": now - rng.randint(0, 60_000)})
+            out.append({"user_id": u, "item_id": rng.choice(trending[g]), "event": "click",
+                        "ts": now - rng.randint(0, 60_000)})
     return out[:n]
 
 
@@ -130,8 +133,10 @@ def main() -> None:
         if p.returncode != 0:
             raise SystemExit(f"retrain failed: {p.stderr[-3000:]}")
         new = ck.read_pointer(storage, "recommender")
+        promoted = new["run_id"] != pointer["run_id"]
         timings = json.loads(p.stdout.split("timings: ")[-1].splitlines()[0].replace("'", '"'))
-        while True:
+        t_serving = None
+        while promoted:
             v = requests.get(url + "/v1/version", timeout=30).json()
             if {v[d]["version"] for d in DEPLOYMENTS} == {new["run_id"]}:
                 t_serving = time.perf_counter()
@@ -148,10 +153,10 @@ def main() -> None:
         ray.shutdown()
     t_promoted = seen_versions.get(new["run_id"], t_done)
     result.update({
-        "new_run": new["run_id"], "promoted": new["run_id"] != pointer["run_id"],
+        "new_run": new["run_id"], "promoted": promoted,
         "retrain_wall_s": round(t_done - t_posted, 1), "retrain_timings": timings,
         "event_to_dataset_version_s": round(t_posted - t0 + timings.get("preprocess_s", 0), 1),
-        "promotion_to_all_replicas_s": round(t_serving - t_promoted, 2),
+        "promotion_to_all_replicas_s": round(t_serving - t_promoted, 2) if promoted else None,
         "requests_during": len(codes), "failed_requests": sum(1 for c in codes if c != 200),
         "retrain_summary": [ln for ln in p.stdout.splitlines() if ln.startswith(("dataset", "model", "promotion"))],
     })

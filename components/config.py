@@ -206,6 +206,9 @@ class RetrainConfig:
     # Warm-start fine-tuning: retriever epochs (the ranker uses ranker.epochs); stages to run.
     epochs: int = 6
     stages: List[str] = field(default_factory=lambda: ["retriever", "ranker"])
+    # Gate: the retrained model's test NDCG@10 may be at most this much below the parent's on the
+    # same (new) split; 0 = never promote a worse model.
+    tolerance: float = 0.0
 
 
 @dataclass

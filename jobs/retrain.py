@@ -152,7 +152,7 @@ def retrain_once(cfg: Any, storage: Optional[Storage] = None) -> Dict[str, Any]:
         "data": {"source": "files", "path": storage.uri(input_prefix), "name": dataset_name},
         "train": {"stages": list(cfg.retrain.stages), "run_id": run_id,
                   "retriever": {"epochs": cfg.retrain.epochs}},
-        "evaluate": {"baselines": False, "new_item_variant": False}})
+        "evaluate": {"baselines": False, "new_item_variant": False, "tolerance": cfg.retrain.tolerance}})
     print(f"retrain {run_id}: parent {pointer['run_id']}, {new.num_rows} new events in {len(shards)} shards "
           f"after {watermark or 'the start'}", flush=True)
     timings: Dict[str, float] = {}

@@ -68,6 +68,7 @@ def test_feedback_retrain_swap_with_no_failed_request(ray_local, tmp_path):
                             "ranker.epochs=3", "ray.num_cpus=2"], cwd=ROOT, env=ENV, capture_output=True,
                            text=True, timeout=1200)
         assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+        print(p.stdout[-1500:])
         assert "PROMOTED" in p.stdout, p.stdout[-3000:]
         pointer = ck.read_pointer(base["storage"], "recommender")
         new_run = pointer["run_id"]
