@@ -20,10 +20,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job end to end on the embedded synthetic data (offline, CPU only): train, evaluate,
-# promote, then serve on http://127.0.0.1:8000 until Ctrl-C (ARGS="serve.enabled=false" to stop
-# after promotion).
+# promote, serve on http://127.0.0.1:8000, show the feedback loop once (simulated clicks ->
+# retrain -> swap), then keep serving until Ctrl-C (ARGS="serve.enabled=false" stops after promotion).
 run: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/python -m jobs.pipeline serve.enabled=true $(ARGS)
+	RAY_AUTH_MODE=disabled $(BIN)/python -m jobs.pipeline serve.enabled=true serve.demo_feedback=true $(ARGS)
 
 # The default suite (what CI runs).
 test: $(STAMP)

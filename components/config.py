@@ -192,8 +192,9 @@ class ServeConfig:
     # Registry poll interval of every model replica; empty: the YAML's value.
     watch_interval_s: Optional[float] = None
     # Once serving, show the feedback loop: post simulated clicks through the API, run one
-    # jobs.retrain pass, and print the version and metric change (then keep serving).
-    demo_feedback: bool = True
+    # jobs.retrain pass, and print the version and metric change (then keep serving). It writes
+    # simulated feedback into storage.root, so it is off unless asked for (`make run` asks).
+    demo_feedback: bool = False
     demo_users: int = 40
 
 

@@ -88,6 +88,7 @@ def feedback_demo(cfg: Any, storage: Storage, url: str) -> None:
                 for u in users]
         return sum(category in it["categories"] for r in recs for it in r) / max(1, sum(len(r) for r in recs))
 
+    print(f"service up on {url}; first, the feedback loop demo (serve.demo_feedback=true)", flush=True)
     users = requests.get(url + f"/v1/users?limit={cfg.serve.demo_users}", timeout=30).json()["users"]
     pointer = ck.read_pointer(storage, train.BUNDLE)
     items = storage.read_parquet(f"{pointer['prefix']}/items", columns=["item_id", "categories"]).to_pylist()
