@@ -460,7 +460,11 @@ class Ingress:
             self._observe("events", t0, 503)
             raise HTTPException(503, f"events not stored, retry: {exc}") from None
         self.m["events"].inc(len(rows))
-        unknown = await self.retriever.known.remote(sorted({r["item_id"] for r in rows}))
+        try:  # informational: the events are stored already, so this must not fail the request
+            unknown = await self.retriever.known.remote(sorted({r["item_id"] for r in rows}))
+        except Exception as exc:
+            log.warning("events stored; catalog lookup for unknown_items failed: %s", exc)
+            unknown = []
         self._observe("events", t0, 202)
         return JSONResponse(status_code=202, content=api.EventsResponse(
             accepted=len(rows), shard=shard, unknown_items=unknown).model_dump())
