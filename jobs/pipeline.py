@@ -121,6 +121,10 @@ def feedback_demo(cfg: Any, storage: Storage, url: str) -> None:
         print(f"  retrain failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-1:]}", flush=True)
         return
     new = ck.read_pointer(storage, train.BUNDLE)
+    if new["run_id"] == pointer["run_id"]:
+        print(f"  the gate kept {pointer['run_id']} serving: the retrained model was not better on the same split "
+              f"({time.perf_counter() - t0:.0f}s for the whole loop)\n", flush=True)
+        return
     t1 = time.perf_counter()
     while time.perf_counter() - t1 < 60:
         v = requests.get(url + "/v1/version", timeout=30).json()

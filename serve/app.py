@@ -101,6 +101,12 @@ class _Versioned:
     def _init_versions(self) -> None:
         self._previous: Dict[str, Any] = {}
 
+    def _start(self, args: Dict[str, Any], parts, loader, keep_previous: bool = True) -> None:
+        """Load the promoted version (blocking) and start watching the registry."""
+        self._init_versions()
+        self.watcher = _watcher(ServeSettings.from_args(args), parts, loader,
+                                prepare=(lambda old, new: self._remember(old)) if keep_previous else None)
+
     def model_for(self, version: Optional[str]):
         cur = self.watcher.current
         if not version or version == cur.version:
@@ -133,10 +139,7 @@ class UserEncoder(_Versioned):
     """Embedding replicas: user vectors from history item vectors (dynamically batched)."""
 
     def __init__(self, args: Dict[str, Any]):
-        s = ServeSettings.from_args(args)
-        self._init_versions()
-        self.watcher = _watcher(s, ENCODER_PARTS, lambda f, v: UserEncoderModel(f, v),
-                                prepare=lambda old, new: self._remember(old))
+        self._start(args, ENCODER_PARTS, lambda f, v: UserEncoderModel(f, v))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def encode(self, requests: List[Dict[str, Any]]) -> List[np.ndarray]:
@@ -148,10 +151,7 @@ class Ranker(_Versioned):
     """Ranking replicas: the relevance MLP over the retriever's candidates (dynamically batched)."""
 
     def __init__(self, args: Dict[str, Any]):
-        s = ServeSettings.from_args(args)
-        self._init_versions()
-        self.watcher = _watcher(s, RANKER_PARTS, lambda f, v: RankerModel(f, v),
-                                prepare=lambda old, new: self._remember(old))
+        self._start(args, RANKER_PARTS, lambda f, v: RankerModel(f, v))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def score(self, lists: List[Dict[str, Any]]) -> List[np.ndarray]:
@@ -163,9 +163,7 @@ class TextEmbedder(_Versioned):
     """The LLM for new item text (fine-tuned weights from the bundle when it has them)."""
 
     def __init__(self, args: Dict[str, Any]):
-        s = ServeSettings.from_args(args)
-        self._init_versions()
-        self.watcher = _watcher(s, TEXT_PARTS, lambda f, v: TextModel(f, v))
+        self._start(args, TEXT_PARTS, lambda f, v: TextModel(f, v), keep_previous=False)
 
     async def embed(self, items: List[Dict[str, Any]]) -> Dict[str, Any]:
         m = self.watcher.current
