@@ -15,7 +15,7 @@ from components.metrics import coverage, evaluate_scorer, popularity_deciles, ra
 from components.ranker import RankerMLP, context_features, item_stats
 from components.retriever import RetrieverConfig, SequenceRetriever
 from components.retriever_training import (RetrieverTrainConfig, batches, item_table, log_q_from_counts,
-                                           retriever_scores, user_vectors)
+                                           lr_schedule, retriever_scores, steps_per_epoch, user_vectors)
 from components.sequences import UserHistories, history_for, training_windows
 
 
@@ -32,6 +32,7 @@ def fit_retriever_local(h: UserHistories, text: Optional[torch.Tensor], rcfg: Re
     log_q = log_q_from_counts(np.bincount(np.concatenate(h.items), minlength=h.num_items))
     windows = training_windows(h, rcfg.max_len)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    sched = lr_schedule(opt, tcfg, tcfg.epochs * steps_per_epoch(windows, tcfg.batch_size))
     mask = torch.as_tensor(known_items) if known_items is not None else None
     best, best_state, bad = -1.0, None, 0
     for epoch in range(tcfg.epochs):
@@ -42,6 +43,8 @@ def fit_retriever_local(h: UserHistories, text: Optional[torch.Tensor], rcfg: Re
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            if sched is not None:
+                sched.step()
         last = epoch == tcfg.epochs - 1
         if last or (tcfg.eval_every and (epoch + 1) % tcfg.eval_every == 0):
             s, t, hist = retriever_scores(model, text_emb, h, "valid")

@@ -5,6 +5,11 @@ rank, item popularity, recency (time since the item's last interaction, seen fro
 last event), category overlap with the user's recent history, LLM text similarity to the
 user's recent items, and the user's last event type. Trained listwise (softmax over the
 candidate list) on the retriever's hard negatives.
+
+The MLP is a residual on the retrieval order: score = standardised retrieval score + MLP(...),
+with the MLP's output layer starting at zero. An untrained ranker therefore keeps the
+retriever's order exactly, and training (with the epoch picked on held-out lists, the untrained
+state included) can only move away from it where that helps on data the ranker did not fit.
 """
 
 from __future__ import annotations
@@ -44,11 +49,14 @@ class RankerMLP(nn.Module):
         self.net = nn.Sequential(
             nn.Linear(3 * cfg.dim + NUM_CONTEXT, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout),
             nn.Linear(cfg.hidden, cfg.hidden // 2), nn.GELU(), nn.Linear(cfg.hidden // 2, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, u: torch.Tensor, i: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        """u [B, d], i [B, C, d], ctx [B, C, NUM_CONTEXT] -> scores [B, C]."""
+        """u [B, d], i [B, C, d], ctx [B, C, NUM_CONTEXT] -> scores [B, C] (ctx[..., 0] is the
+        standardised retrieval score: the residual's starting point)."""
         uu = u.unsqueeze(1).expand_as(i)
-        return self.net(torch.cat([uu, i, uu * i, ctx], -1)).squeeze(-1)
+        return ctx[..., 0] + self.net(torch.cat([uu, i, uu * i, ctx], -1)).squeeze(-1)
 
 
 @dataclass

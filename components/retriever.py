@@ -38,7 +38,10 @@ class RetrieverConfig:
     # softmax: full cross-entropy over the catalog. sampled: sampled softmax with logQ correction.
     loss: str = "softmax"
     num_negatives: int = 1024
-    temperature: float = 1.0
+    # Logits are <u, i> / temperature; 0 means sqrt(dim). User and item vectors are layer-normed
+    # (norm ~ sqrt(dim) each), so unscaled logits start with a spread of ~dim and the softmax
+    # saturates: on ml-latest-small sqrt(dim) reaches the same valid NDCG in a third of the epochs.
+    temperature: float = 0.0
 
 
 def gap_buckets(ts_ms: np.ndarray) -> np.ndarray:
@@ -58,6 +61,7 @@ class SequenceRetriever(nn.Module):
             raise ValueError(f"retriever.loss must be softmax or sampled; got {cfg.loss!r}")
         self.cfg = cfg
         d = cfg.dim
+        self.logit_scale = 1.0 / (cfg.temperature if cfg.temperature > 0 else math.sqrt(d))
         if cfg.use_id:
             self.id_emb = nn.Embedding(cfg.num_items + 1, d, padding_idx=0)
             nn.init.normal_(self.id_emb.weight, std=0.02)
@@ -142,7 +146,7 @@ class SequenceRetriever(nn.Module):
         h, t = h[mask], targets[mask]
         if self.cfg.loss == "softmax":
             table = self.item_vectors(text_emb)[1:]
-            logits = h @ table.T / self.cfg.temperature
+            logits = (h @ table.T) * self.logit_scale
             if item_mask is not None:
                 logits = logits.masked_fill(~item_mask[None], float("-inf"))
             return F.cross_entropy(logits, t - 1)
@@ -156,8 +160,9 @@ class SequenceRetriever(nn.Module):
         neg = torch.multinomial(q, self.cfg.num_negatives, replacement=True) + 1
         pos_v = self.item_vectors(text_emb, t)
         neg_v = self.item_vectors(text_emb, neg)
-        pos_logit = (h * pos_v).sum(-1, keepdim=True) - log_q[t].unsqueeze(-1)
-        neg_logit = h @ neg_v.T - log_q[neg][None]
+        # The correction applies to the scaled logits: softmax(s / T - log q).
+        pos_logit = (h * pos_v).sum(-1, keepdim=True) * self.logit_scale - log_q[t].unsqueeze(-1)
+        neg_logit = (h @ neg_v.T) * self.logit_scale - log_q[neg][None]
         neg_logit = neg_logit.masked_fill(neg[None] == t[:, None], float("-inf"))  # accidental hits
-        logits = torch.cat([pos_logit, neg_logit], 1) / self.cfg.temperature
+        logits = torch.cat([pos_logit, neg_logit], 1)
         return F.cross_entropy(logits, torch.zeros(len(t), dtype=torch.long, device=h.device))

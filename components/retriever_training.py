@@ -24,6 +24,10 @@ class RetrieverTrainConfig:
     eval_every: int = 2
     # Stop after this many evaluations without improvement on valid NDCG@10 (0: never).
     patience: int = 3
+    # Learning-rate schedule: "onecycle" (warm-up to ``lr`` over ``warmup`` of the steps, then
+    # cosine decay to ~0 at the last epoch) or "constant".
+    schedule: str = "onecycle"
+    warmup: float = 0.05
 
 
 def batches(windows: Dict[str, np.ndarray], batch_size: int, rng: np.random.Generator, rank: int = 0,
@@ -41,6 +45,23 @@ def batches(windows: Dict[str, np.ndarray], batch_size: int, rng: np.random.Gene
     per_rank = len(chunks) // world if world > 1 else len(chunks)
     for idx in chunks[rank * per_rank:(rank + 1) * per_rank]:
         yield {k: torch.as_tensor(v) for k, v in trim_padding({k: v[idx] for k, v in windows.items()}).items()}
+
+
+def steps_per_epoch(windows: Dict[str, np.ndarray], batch_size: int, world: int = 1) -> int:
+    """Optimizer steps per epoch of ``batches`` on each rank."""
+    chunks = -(-len(windows["items"]) // batch_size)
+    return max(1, chunks // world if world > 1 else chunks)
+
+
+def lr_schedule(opt: torch.optim.Optimizer, tcfg: RetrieverTrainConfig,
+                steps: int) -> Optional[torch.optim.lr_scheduler.LRScheduler]:
+    """The schedule ``tcfg.schedule`` over ``steps`` optimizer steps (None: constant lr)."""
+    if tcfg.schedule == "constant":
+        return None
+    if tcfg.schedule != "onecycle":
+        raise ValueError(f"train.retriever.schedule must be onecycle or constant; got {tcfg.schedule!r}")
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tcfg.lr, total_steps=max(2, steps),
+                                               pct_start=tcfg.warmup, anneal_strategy="cos")
 
 
 def log_q_from_counts(counts: np.ndarray) -> torch.Tensor:

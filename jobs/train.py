@@ -33,7 +33,8 @@ from components.config import to_dict
 from components.datasets import DatasetRef, load_training_data, resolve_dataset
 from components.ranker import RankerConfig, RankerMLP, context_features, item_stats, listwise_loss
 from components.retriever import RetrieverConfig, SequenceRetriever
-from components.retriever_training import (RetrieverTrainConfig, batches, log_q_from_counts, retriever_scores)
+from components.retriever_training import (RetrieverTrainConfig, batches, log_q_from_counts, lr_schedule,
+                                           retriever_scores, steps_per_epoch)
 from components.sequences import history_for, training_windows
 from components.metrics import rank_and_topk, ranking_metrics
 from components.storage import Storage
@@ -60,14 +61,18 @@ def deepspeed_config(zero_stage: int, precision: str, micro_batch: int) -> Dict[
     }
 
 
-def _deepspeed(model: torch.nn.Module, lr: float, wd: float, config: Dict[str, Any], micro_batch: int):
+def _deepspeed(model: torch.nn.Module, lr: float, wd: float, config: Dict[str, Any], micro_batch: int,
+               schedule=None):
+    """A DeepSpeed engine over ``model`` with AdamW; ``schedule(opt)`` builds an lr scheduler that
+    the engine steps with the optimizer and saves in (and restores from) its checkpoints."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=wd)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=opt, config=deepspeed_config(config["zero_stage"], config["precision"], micro_batch))
+        model=model, optimizer=opt, lr_scheduler=schedule,
+        config=deepspeed_config(config["zero_stage"], config["precision"], micro_batch))
     return engine
 
 
@@ -182,7 +187,9 @@ def retriever_worker(config: Dict[str, Any]) -> None:
     counts = np.bincount(np.concatenate(h.items), minlength=h.num_items)
     log_q = log_q_from_counts(counts)
     windows = training_windows(h, rcfg.max_len)
-    engine = _deepspeed(model, tcfg.lr, tcfg.weight_decay, config, tcfg.batch_size)
+    steps = tcfg.epochs * steps_per_epoch(windows, tcfg.batch_size, world)
+    engine = _deepspeed(model, tcfg.lr, tcfg.weight_decay, config, tcfg.batch_size,
+                        lambda opt: lr_schedule(opt, tcfg, steps))
     progress = _resume(engine) or {"epoch": -1, "best": -1.0, "best_epoch": -1, "bad_evals": 0,
                                    "resumed_from": None, "_best_state": None}
     if progress["epoch"] >= 0:
@@ -248,6 +255,11 @@ def ranker_worker(config: Dict[str, Any]) -> None:
     progress = _resume(engine) or {"epoch": -1, "best": -1.0, "best_epoch": -1, "_best_state": None}
     best_state = progress.pop("_best_state", None)
     best_config = {"ranker": to_dict_safe(kcfg), "kind": "ranker"}
+    if progress["epoch"] < 0:  # the untrained residual is the retriever's order: the bar to clear
+        with full_params(engine, config["zero_stage"]):
+            m = ranker_holdout_metrics(engine.module, lists, held)
+        progress.update(best=m, retriever_order_holdout_ndcg=m, best_metrics={"holdout_ndcg@10": m})
+        best_state = _state(engine, config["zero_stage"])
     for epoch in range(progress["epoch"] + 1, kcfg.epochs):
         engine.train()
         rng = np.random.default_rng([7, epoch])
@@ -267,6 +279,7 @@ def ranker_worker(config: Dict[str, Any]) -> None:
         with full_params(engine, config["zero_stage"]):
             m = ranker_holdout_metrics(engine.module, lists, held)
         metrics = {"epoch": epoch, "loss": _mean_across_workers(total / max(n, 1)), "holdout_ndcg@10": m,
+                   "retriever_order_holdout_ndcg@10": progress.get("retriever_order_holdout_ndcg"),
                    "train_lists": int(len(fit)), "holdout_lists": int(len(held))}
         improved = m > progress["best"]
         if improved:

@@ -121,6 +121,74 @@ def test_sampled_softmax_and_item_mask():
     assert full(b, None, None, mask) < full(b, None, None, None)  # fewer competitors
 
 
+def test_logits_are_scaled_by_temperature_default_sqrt_dim():
+    torch.manual_seed(0)
+    kw = dict(num_items=20, use_text=False, dim=16, layers=1, heads=2, max_len=6, dropout=0.0)
+    auto = SequenceRetriever(RetrieverConfig(**kw))
+    assert auto.logit_scale == pytest.approx(1 / 4.0)
+    explicit = SequenceRetriever(RetrieverConfig(**kw, temperature=2.0))
+    explicit.load_state_dict(auto.state_dict())
+    auto.eval(), explicit.eval()
+    b = _toy_batch()
+    h = auto.encode(b["items"], b["events"], b["gaps"])[b["targets"] > 0]
+    table = auto.item_vectors(None)[1:]
+    for model, scale in ((auto, 0.25), (explicit, 0.5)):
+        expected = torch.nn.functional.cross_entropy(h @ table.T * scale, b["targets"][b["targets"] > 0] - 1)
+        assert model(b, None).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_sampled_softmax_corrects_scaled_logits_by_log_q():
+    """The loss is softmax(s / T - log q) over the positive and the same sampled negatives,
+    computed here by hand (the correction must not be divided by T)."""
+    torch.manual_seed(0)
+    cfg = RetrieverConfig(num_items=5, use_text=False, dim=16, layers=1, heads=2, max_len=6, dropout=0.0,
+                          loss="sampled", num_negatives=3, temperature=2.0)
+    model = SequenceRetriever(cfg).eval()
+    log_q = torch.log(torch.tensor([0.0, 0.1, 0.2, 0.3, 0.2, 0.2]))
+    b = _toy_batch(num_items=5, B=2, L=3)
+    torch.manual_seed(1)
+    loss = model(b, None, log_q)
+    torch.manual_seed(1)
+    neg = torch.multinomial(log_q[1:].exp(), 3, replacement=True) + 1
+    h = model.encode(b["items"], b["events"], b["gaps"])[b["targets"] > 0]
+    t = b["targets"][b["targets"] > 0]
+    pos = (h * model.item_vectors(None, t)).sum(-1, keepdim=True) / 2.0 - log_q[t].unsqueeze(-1)
+    negl = (h @ model.item_vectors(None, neg).T) / 2.0 - log_q[neg][None]
+    negl = negl.masked_fill(neg[None] == t[:, None], float("-inf"))
+    expected = torch.nn.functional.cross_entropy(torch.cat([pos, negl], 1), torch.zeros(len(t), dtype=torch.long))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_one_cycle_schedule_warms_up_then_decays():
+    from components.retriever_training import RetrieverTrainConfig, lr_schedule, steps_per_epoch
+
+    windows = {"items": np.zeros((100, 4))}
+    assert steps_per_epoch(windows, 32) == 4 and steps_per_epoch(windows, 32, world=2) == 2
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = lr_schedule(opt, RetrieverTrainConfig(lr=0.01, warmup=0.1), 100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    peak = int(np.argmax(lrs))
+    assert 5 <= peak <= 15 and lrs[peak] == pytest.approx(0.01)
+    assert lrs[0] < 0.002 and lrs[-1] < 1e-4 and all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+    assert lr_schedule(opt, RetrieverTrainConfig(schedule="constant"), 100) is None
+    with pytest.raises(ValueError, match="schedule"):
+        lr_schedule(opt, RetrieverTrainConfig(schedule="linear"), 100)
+
+
+def test_untrained_ranker_keeps_the_retrieval_order():
+    torch.manual_seed(0)
+    model = RankerMLP(RankerConfig(dim=8, candidates=5)).eval()
+    ctx = torch.zeros(3, 5, NUM_CONTEXT)
+    ctx[..., 0] = torch.randn(3, 5)
+    ctx[..., 2:] = torch.rand(3, 5, NUM_CONTEXT - 2)  # other features must not move it yet
+    s = model(torch.randn(3, 8), torch.randn(3, 5, 8), ctx)
+    assert torch.equal(torch.argsort(s, 1), torch.argsort(ctx[..., 0], 1))
+
+
 def test_gap_buckets():
     assert gap_buckets(np.array([0, 1000, 1000, 3_601_000])).tolist() == [0, 1, 0, 11]
 
