@@ -301,6 +301,8 @@ def validate_config(cfg: Any) -> None:
             raise ConfigError(f"train.stages: unknown stage(s) {bad}; use llm, retriever, ranker")
         if t.num_workers < 1:
             raise ConfigError("train.num_workers must be >= 1")
+        if t.retriever.schedule not in ("onecycle", "constant"):
+            raise ConfigError(f"train.retriever.schedule must be onecycle or constant; got {t.retriever.schedule!r}")
     if "retriever" in cfg and cfg.retriever.loss not in ("softmax", "sampled"):
         raise ConfigError(f"retriever.loss must be softmax or sampled; got {cfg.retriever.loss!r}")
     if "text" in cfg and cfg.text.pooling not in ("mean", "cls", "last"):

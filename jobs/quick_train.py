@@ -61,7 +61,10 @@ def build(cfg: Any, run_id: str, epochs: int, ranker: bool = True, promote: bool
     data = load_training_data(storage, ds.prefix, text_prefix)
     rcfg = RetrieverConfig(**to_dict(cfg.retriever))
     model = fit_retriever_local(data.histories, data.text, rcfg,
-                                RetrieverTrainConfig(epochs=epochs, eval_every=epochs, seed=seed))
+                                # A few epochs: constant lr (a one-cycle decay would spend most
+                                # of so short a run near zero).
+                                RetrieverTrainConfig(epochs=epochs, eval_every=epochs, seed=seed,
+                                                     schedule="constant"))
     rcfg = model.cfg
     bundle = Path(tempfile.mkdtemp(prefix="bundle-"))
     ck.save_local(bundle / "retriever", model.state_dict(), {"retriever": asdict(rcfg), "kind": "retriever"})

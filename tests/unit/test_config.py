@@ -46,3 +46,9 @@ def test_repo_yaml_configs_load():
         if path.name.startswith("serve"):
             continue
         load_config(["data.path=/x"] if "synthetic" not in path.name and "default" not in path.name else [], path)
+
+
+def test_unknown_lr_schedule_is_refused_at_load_time():
+    with pytest.raises(ConfigError, match="train.retriever.schedule"):
+        load_config(["train.retriever.schedule=linear"], None)
+    assert load_config(["train.retriever.schedule=constant"], None).train.retriever.schedule == "constant"
