@@ -1,10 +1,19 @@
-"""Recommendation quality on real data: the whole pipeline (preprocess -> embed -> Ray Train +
-DeepSpeed -> evaluate with baselines and the new-item variant), timed end to end.
+"""Recommendation quality, side by side with an outside peer, from the documented command.
 
-    python -m benchmarks.quality [--dataset ml-latest-small|amazon-gift-cards] [key=value ...]
+    python -m benchmarks.quality [--datasets ml-latest-small,amazon-gift-cards] [--no-peer] [--no-id-only]
 
-Reads ../shared/data (or $SHARED_DATA). Model selection uses the valid split only; the table is
-on test. Writes ``results/quality_<dataset>.json`` and prints a table.
+For every dataset in ../shared/data (or $SHARED_DATA), in one run on one machine:
+  1. the contract command, as a user runs it (no --config: the source's preset applies):
+     ``python -m jobs.pipeline data.source=X data.path=DIR storage.root=TMP`` (+ the dataset's
+     documented extra settings, e.g. ``preprocess.kcore=5`` for Amazon Gift Cards), timed;
+  2. its ``reports/<run_id>/predictions.parquet`` scored here, independently of jobs.evaluate,
+     against the dataset version's test split (full ranking, history excluded, top-100 lists);
+  3. an ID-only retriever with the same settings (in-process), for the hybrid vs ID-only paired
+     bootstrap 95% interval over test users (and the same on valid);
+  4. the reference SASRec-CE in ../shared/peers, run as an outside program with its documented
+     flags on its own copy of the same split protocol.
+Prints one table (project, peer, ItemKNN, MostPopular, ratio) and writes
+``results/quality_<dataset>.json`` with the figures and the per-user test ranks behind them.
 """
 
 from __future__ import annotations
@@ -13,64 +22,207 @@ import argparse
 import json
 import os
 import platform
+import re
+import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
+PEERS = Path(os.environ.get("SHARED_PEERS", ROOT.parent / "shared" / "peers"))
+# name -> (source, folder under shared/data, extra contract settings, peer dataset name, peer flags)
 DATASETS = {
-    "ml-latest-small": ("movielens", "ml-latest-small", "configs/movielens.yaml"),
-    "amazon-gift-cards": ("amazon", "amazon-2018-gift-cards-5core", "configs/amazon.yaml"),
+    "ml-latest-small": ("movielens", "ml-latest-small", [], "ml-latest-small",
+                        ["--max-len", "200", "--dropout", "0.5", "--batch", "32", "--epochs", "300", "--patience", "30"]),
+    "amazon-gift-cards": ("amazon", "amazon-2018-gift-cards-5core", ["preprocess.kcore=5"], "amazon-giftcards",
+                          ["--max-len", "50", "--dropout", "0.5", "--batch", "32", "--epochs", "300", "--patience", "30"]),
 }
+
+
+def ranks_from_predictions(pred_users: List[str], pred_items: List[List[str]], targets: Dict[str, str]) -> np.ndarray:
+    """0-based rank of each test user's target in their top-100 list (100 when absent)."""
+    lists = dict(zip(pred_users, pred_items))
+    out = []
+    for user, target in targets.items():
+        items = lists.get(user, [])
+        out.append(items.index(target) if target in items else 100)
+    return np.asarray(out)
+
+
+def metrics(ranks: np.ndarray) -> Dict[str, float]:
+    hit = ranks < 10
+    return {"recall@10": float(hit.mean()), "ndcg@10": float(np.where(hit, 1 / np.log2(ranks + 2.0), 0).mean()),
+            "n": int(len(ranks))}
+
+
+def ndcg_per_user(ranks: np.ndarray) -> np.ndarray:
+    return np.where(ranks < 10, 1 / np.log2(np.asarray(ranks) + 2.0), 0.0)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, reps: int = 2000, seed: int = 0) -> Dict[str, float]:
+    """Mean of a - b over users with a 95% percentile interval (users resampled with replacement)."""
+    rng = np.random.default_rng(seed)
+    d = np.asarray(a) - np.asarray(b)
+    means = d[rng.integers(0, len(d), (reps, len(d)))].mean(1)
+    return {"diff": float(d.mean()), "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]}
+
+
+def run_contract(source: str, path: Path, extra: List[str], root: str, overrides: List[str]) -> Dict[str, Any]:
+    cmd = [sys.executable, "-m", "jobs.pipeline", f"data.source={source}", f"data.path={path}",
+           f"storage.root={root}", *extra, *overrides]
+    print("$", " ".join(cmd[1:]), flush=True)
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"pipeline failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    report = re.search(r"report: (\S+)/report.md", p.stdout)
+    return {"wall_s": round(wall, 1), "stdout_tail": p.stdout[-4000:], "report": report.group(1) if report else None,
+            "cmd": " ".join(cmd[1:])}
+
+
+def score_project(root: str) -> Dict[str, Any]:
+    from components import checkpoints as ck
+    from components.storage import Storage
+
+    storage = Storage(root)
+    reports = sorted(f for f in storage.list_files("reports") if f.endswith("metrics.json"))
+    run_id = reports[-1].split("/")[-2]
+    res = storage.read_json(f"reports/{run_id}/metrics.json")
+    pred = storage.read_parquet(f"reports/{run_id}/predictions.parquet")
+    ds = f"datasets/{res['dataset']}/{res['dataset_version']}"
+    test = storage.read_parquet(f"{ds}/test", columns=["user_id", "item_id"])
+    targets = dict(zip(test["user_id"].to_pylist(), test["item_id"].to_pylist()))
+    ranks = ranks_from_predictions(pred["user_id"].to_pylist(), pred["items"].to_pylist(), targets)
+    pointer = ck.read_pointer(storage, "recommender")
+    return {"run_id": run_id, "metrics_json": res, "ranks": ranks, "users": list(targets), "dataset_prefix": ds,
+            "promoted": bool(pointer and pointer["run_id"] == run_id)}
+
+
+def id_only_ranks(root: str, project: Dict[str, Any], source: str, extra: List[str], overrides: List[str]):
+    """An ID-only retriever with the settings the contract command used (its preset + extras),
+    fitted in-process; per-user ranks on valid and test (ordered as the dataset's targets)."""
+    from components.config import load_config, preset_for
+    from components.datasets import load_training_data
+    from components.evaluation import final_ranking, fit_retriever_local
+    from components.retriever import RetrieverConfig
+    from components.retriever_training import RetrieverTrainConfig
+    from components.storage import Storage
+    from jobs.evaluate import _local_train_config, _plain
+
+    overrides = [f"data.source={source}", *extra, *overrides]
+    cfg = load_config(overrides, preset_for(overrides))
+    data = load_training_data(Storage(root), project["dataset_prefix"], None)
+    rcfg = replace(RetrieverConfig(**_plain(cfg.retriever)), use_text=False)
+    tcfg: RetrieverTrainConfig = _local_train_config(cfg)
+    t0 = time.perf_counter()
+    model = fit_retriever_local(data.histories, None, rcfg, tcfg)
+    out = {"fit_s": round(time.perf_counter() - t0, 1)}
+    for split in ("valid", "test"):
+        out[split] = final_ranking(model, None, None, data.histories, split, data.categories)[0]
+    return out
+
+
+def run_peer(peer_name: str, flags: List[str], work: Path) -> Dict[str, Any]:
+    if not (PEERS / "sasrec_ce.py").is_file():
+        return {"skipped": f"no peer at {PEERS}"}
+    env = {**os.environ, "SPLITS_DIR": str(work / "splits"), "PEER_OUT": str(work / "out"), "SHARED_DATA": str(SHARED)}
+    if not (work / "splits" / peer_name).is_dir():
+        subprocess.run([sys.executable, str(PEERS / "prep_splits.py"), peer_name], env=env, check=True,
+                       capture_output=True, text=True)
+    cmd = [sys.executable, str(PEERS / "sasrec_ce.py"), "--dataset", peer_name, *flags, "--threads", "2"]
+    print("$ (peer)", " ".join(cmd[1:]), flush=True)
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        return {"error": p.stderr[-2000:]}
+    res = json.loads((work / "out" / "results" / f"sasrec_ce_{peer_name}.json").read_text())
+    return {"test": {"recall@10": res["test"]["Recall@10"], "ndcg@10": res["test"]["NDCG@10"]},
+            "valid": {"recall@10": res["valid"]["Recall@10"], "ndcg@10": res["valid"]["NDCG@10"]},
+            "fit_s": res.get("fit_seconds"), "wall_s": round(wall, 1), "epochs_run": res.get("epochs_run"),
+            "flags": flags}
+
+
+def bench(name: str, args, work: Path) -> Dict[str, Any]:
+    source, folder, extra, peer_name, peer_flags = DATASETS[name]
+    path = SHARED / folder
+    if not path.is_dir():
+        print(f"skipping {name}: {path} not found (set SHARED_DATA)")
+        return {}
+    root = str(work / f"store-{name}")
+    run = run_contract(source, path, extra, root, args.overrides)
+    proj = score_project(root)
+    res = proj["metrics_json"]
+    main = res["main_model"]
+    out: Dict[str, Any] = {
+        "benchmark": "quality", "dataset": name, "split": "loo", "machine": f"{os.cpu_count()} cpus",
+        "python": platform.python_version(), "contract_command": run["cmd"], "pipeline_wall_s": run["wall_s"],
+        "main_model": main, "promoted": proj["promoted"], "fusion": res.get("fusion"),
+        "project_test_scored_here": metrics(proj["ranks"]),
+        "jobs_evaluate": {m: {"test": s.get("test"), "valid": s.get("valid")} for m, s in res["models"].items()},
+        "test_ranks": {"users": proj["users"], "project": proj["ranks"].tolist()},
+    }
+    if not args.no_id_only:
+        ido = id_only_ranks(root, proj, source, extra, args.overrides)
+        # jobs.evaluate's valid ranks of the main model come from metrics.json (means only);
+        # the paired interval on test uses the predictions scored here.
+        out["id_only"] = {"fit_s": ido["fit_s"], "test": metrics(ido["test"]), "valid": metrics(ido["valid"])}
+        out["hybrid_minus_id_only_test_ndcg@10"] = paired_bootstrap(ndcg_per_user(proj["ranks"]),
+                                                                    ndcg_per_user(ido["test"]))
+        out["test_ranks"]["id_only"] = np.asarray(ido["test"]).tolist()
+    if not args.no_peer:
+        out["peer_sasrec_ce"] = run_peer(peer_name, peer_flags, work / "peer")
+    out["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return out
+
+
+def print_table(rows: List[Dict[str, Any]]) -> None:
+    print(f"\n{'dataset':<20}{'model':<28}{'Recall@10':>10}{'NDCG@10':>10}{'vs peer':>9}")
+    for r in rows:
+        peer = (r.get("peer_sasrec_ce") or {}).get("test")
+        lines = [(f"project: {r['main_model']}", r["project_test_scored_here"])]
+        if "id_only" in r:
+            lines.append(("id-only retriever", r["id_only"]["test"]))
+        for b in ("ItemKNN", "MostPopular"):
+            if b in r["jobs_evaluate"]:
+                lines.append((b, r["jobs_evaluate"][b]["test"]))
+        if peer:
+            lines.append(("peer SASRec-CE", peer))
+        for label, m in lines:
+            ratio = f"{m['ndcg@10'] / peer['ndcg@10']:.2f}x" if peer else "-"
+            print(f"{r['dataset']:<20}{label:<28}{m['recall@10']:>10.4f}{m['ndcg@10']:>10.4f}{ratio:>9}")
+        if "hybrid_minus_id_only_test_ndcg@10" in r:
+            d = r["hybrid_minus_id_only_test_ndcg@10"]
+            print(f"{'':<20}project - id-only NDCG@10: {d['diff']:+.4f} (95% CI {d['ci95'][0]:+.4f} .. {d['ci95'][1]:+.4f})")
+        print(f"{'':<20}pipeline {r['pipeline_wall_s'] / 60:.1f} min; fusion {r.get('fusion', {}) and r['fusion'].get('weights')}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="ml-latest-small", choices=sorted(DATASETS))
-    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--no-id-only", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="extra key=value settings for the contract command")
     args = ap.parse_args()
-    source, folder, config = DATASETS[args.dataset]
-    path = SHARED / folder
-    if not path.is_dir():
-        raise SystemExit(f"dataset not found at {path} (set SHARED_DATA)")
-    from components.config import load_config
-    from jobs import pipeline
-
-    with tempfile.TemporaryDirectory(prefix="bench-quality-") as root:
-        cfg = load_config([f"data.source={source}", f"data.path={path}", f"storage.root={root}",
-                           "evaluate.baselines=true", "evaluate.new_item_variant=true", *args.overrides],
-                          ROOT / config)
-        t0 = time.perf_counter()
-        out = pipeline.main(cfg)
-        wall = time.perf_counter() - t0
-    res = out["evaluate"]["results"]
-    table = {name: splits["test"] for name, splits in res["models"].items()}
-    main_name = res["main_model"]
-    rare = next(k for k in res["slices"][main_name] if k.startswith("rare_items"))
-    summary = {
-        "benchmark": "quality", "dataset": args.dataset, "split": "loo", "machine": f"{os.cpu_count()} cpus",
-        "python": platform.python_version(), "overrides": args.overrides, "pipeline_wall_s": round(wall, 1),
-        "timings": out["timings"], "test": table, "main_model": main_name,
-        "rare_item_recall@10": {n: s[rare]["recall@10"] for n, s in res["slices"].items()},
-        "new_item_variant": res.get("new_item_variant"), "valid": {n: s["valid"] for n, s in res["models"].items()},
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    out_path = ROOT / "results" / f"quality_{args.dataset}.json"
-    out_path.parent.mkdir(exist_ok=True)
-    out_path.write_text(json.dumps(summary, indent=2, default=str))
-    print(f"\n{args.dataset} (loo, test, full ranking): pipeline {wall / 60:.1f} min")
-    print(f"{'model':<16}{'Recall@10':>10}{'NDCG@10':>10}{'Recall@20':>10}{'NDCG@20':>10}{'rare R@10':>10}")
-    for name, m in table.items():
-        print(f"{name:<16}{m['recall@10']:>10.4f}{m['ndcg@10']:>10.4f}{m['recall@20']:>10.4f}{m['ndcg@20']:>10.4f}"
-              f"{summary['rare_item_recall@10'].get(name, float('nan')):>10.4f}")
-    nv = res.get("new_item_variant")
-    if nv:
-        for name in ("hybrid", "id-only"):
-            print(f"new-item variant {name}: Recall@10 all {nv[name]['all']['recall@10']:.4f}, "
-                  f"new-item targets {nv[name]['new_item_targets'].get('recall@10', 0):.4f} "
-                  f"(n={nv[name]['new_item_targets']['n']})")
-    print(f"wrote {out_path}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
+        for name in args.datasets.split(","):
+            r = bench(name, args, Path(tmp))
+            if not r:
+                continue
+            rows.append(r)
+            path = ROOT / "results" / f"quality_{name}.json"
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(json.dumps(r, indent=1, default=str))
+            print(f"wrote {path}", flush=True)
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from components.channels import covisitation
+
 
 def item_counts(histories: Sequence[np.ndarray], num_items: int) -> np.ndarray:
     return np.bincount(np.concatenate(histories) if len(histories) else np.empty(0, np.int64),
@@ -24,27 +26,16 @@ class MostPopular:
 
 class ItemKNN:
     """score(u, i) = sum over history items j of cos(j, i), with cosine over user co-occurrence
-    (shrunk by ``shrink``) keeping the ``neighbors`` most similar items per item."""
+    (shrunk by ``shrink``) keeping the ``neighbors`` most similar items per item. The same
+    matrix is the recommender's co-visitation channel (``components.channels``)."""
 
     def __init__(self, train_histories: Sequence[np.ndarray], num_items: int, neighbors: int = 100,
                  shrink: float = 10.0):
-        rows = np.concatenate([np.full(len(h), u) for u, h in enumerate(train_histories)])
-        cols = np.concatenate(train_histories)
-        m = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)),
-                          shape=(len(train_histories), num_items))
-        m.data[:] = 1.0  # binary
-        co = (m.T @ m).toarray()
-        norms = np.sqrt(np.diag(co))
-        sim = co / (np.outer(norms, norms) + shrink + 1e-9)
-        np.fill_diagonal(sim, 0.0)
-        if neighbors < num_items:
-            thresh = -np.partition(-sim, neighbors - 1, axis=1)[:, neighbors - 1:neighbors]
-            sim = np.where(sim >= thresh, sim, 0.0)
-        self.sim = torch.as_tensor(sim, dtype=torch.float32)
+        self.sim = covisitation(train_histories, num_items, neighbors, shrink)
 
     def scores(self, histories: List[np.ndarray]) -> torch.Tensor:
-        x = torch.zeros(len(histories), self.sim.shape[0])
+        x = sp.csr_matrix((len(histories), self.sim.shape[0]), dtype=np.float32).tolil()
         for r, h in enumerate(histories):
             if len(h):
-                x[r, torch.as_tensor(np.asarray(h), dtype=torch.long)] = 1.0
-        return x @ self.sim
+                x[r, np.unique(np.asarray(h))] = 1.0
+        return torch.as_tensor((x.tocsr() @ self.sim).toarray(), dtype=torch.float32)

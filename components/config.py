@@ -6,6 +6,7 @@ struct mode, so an unknown key fails with its dotted name instead of being silen
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,8 +171,10 @@ class EvaluateConfig:
     # users with at most this many training items the short-history slice.
     rare_item_max: int = 10
     short_history_max: int = 10
-    # Also compute MostPopular, ItemKNN, and ID-only / text-only retrievers (in-process).
-    baselines: bool = True
+    # MostPopular and ItemKNN are always computed (the gate needs them). This also trains the
+    # ID-only and text-only retrievers in-process: it doubles the evaluation's cost, so the
+    # pipeline leaves it to benchmarks.quality (once per dataset version) unless asked.
+    baselines: bool = False
     # Also run the new-item variant (last-appearing 10% of items lose their training data).
     new_item_variant: bool = False
     new_item_frac: float = 0.1
@@ -317,8 +320,24 @@ def to_dict(cfg: Any) -> Dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
+PRESETS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def preset_for(overrides: Sequence[str]) -> Optional[Path]:
+    """The preset YAML for the ``data.source=X`` among ``overrides`` (``configs/X.yaml``), if any."""
+    sources = [o.split("=", 1)[1] for o in overrides if o.startswith("data.source=")]
+    if not sources or sources[-1] not in SOURCES:
+        return None
+    path = PRESETS / f"{sources[-1]}.yaml"
+    return path if path.is_file() else None
+
+
 def parse_cli(argv: List[str], schema: type = AppConfig, default_yaml: Optional[str] = None) -> Any:
-    """``[--config FILE] key=value ...`` -> validated config (see load_config)."""
+    """``[--config FILE] key=value ...`` -> validated config (see load_config).
+
+    Without ``--config``, ``data.source=X`` applies the preset for that source
+    (``configs/X.yaml``: the best settings the project knows for that kind of data); the
+    ``key=value`` settings still override it. The choice is logged."""
     yaml_path = default_yaml
     rest: List[str] = []
     it = iter(argv)
@@ -331,4 +350,10 @@ def parse_cli(argv: List[str], schema: type = AppConfig, default_yaml: Optional[
             yaml_path = arg.split("=", 1)[1]
         else:
             rest.append(arg)
+    if yaml_path is None:
+        preset = preset_for(rest)
+        if preset is not None:
+            yaml_path = str(preset)
+            logging.getLogger("jobs").info("data.source preset: %s (--config FILE chooses another)",
+                                           preset.relative_to(PRESETS.parent))
     return load_config(rest, yaml_path, schema)

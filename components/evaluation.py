@@ -11,11 +11,12 @@ import numpy as np
 import torch
 
 from components.baselines import ItemKNN, MostPopular, item_counts
+from components.channels import Channels
 from components.metrics import coverage, evaluate_scorer, popularity_deciles, rank_and_topk, ranking_metrics
 from components.ranker import RankerMLP, context_features, item_stats
 from components.retriever import RetrieverConfig, SequenceRetriever
 from components.retriever_training import (RetrieverTrainConfig, batches, item_table, log_q_from_counts,
-                                           lr_schedule, retriever_scores, steps_per_epoch, user_vectors)
+                                           lr_schedule, plan_budget, retriever_scores, user_vectors)
 from components.sequences import UserHistories, history_for, training_windows
 
 
@@ -31,13 +32,14 @@ def fit_retriever_local(h: UserHistories, text: Optional[torch.Tensor], rcfg: Re
     text_emb = torch.cat([torch.zeros(1, text.shape[1]), text]) if rcfg.use_text else None
     log_q = log_q_from_counts(np.bincount(np.concatenate(h.items), minlength=h.num_items))
     windows = training_windows(h, rcfg.max_len)
+    budget = plan_budget(tcfg, windows)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    sched = lr_schedule(opt, tcfg, tcfg.epochs * steps_per_epoch(windows, tcfg.batch_size))
+    sched = lr_schedule(opt, tcfg, budget.epochs * budget.steps_per_epoch)
     mask = torch.as_tensor(known_items) if known_items is not None else None
     best, best_state, bad = -1.0, None, 0
-    for epoch in range(tcfg.epochs):
+    for epoch in range(budget.epochs):
         model.train()
-        for batch in batches(windows, tcfg.batch_size, np.random.default_rng([tcfg.seed, epoch])):
+        for batch in batches(windows, budget.batch_size, np.random.default_rng([tcfg.seed, epoch])):
             loss = model(batch, text_emb, log_q, mask)
             opt.zero_grad()
             loss.backward()
@@ -45,7 +47,7 @@ def fit_retriever_local(h: UserHistories, text: Optional[torch.Tensor], rcfg: Re
             opt.step()
             if sched is not None:
                 sched.step()
-        last = epoch == tcfg.epochs - 1
+        last = epoch == budget.epochs - 1
         if last or (tcfg.eval_every and (epoch + 1) % tcfg.eval_every == 0):
             s, t, hist = retriever_scores(model, text_emb, h, "valid")
             ndcg = ranking_metrics(rank_and_topk(s, t, hist)[0], (10,))["ndcg@10"]
@@ -69,25 +71,49 @@ def text_table(text: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if text is None else torch.cat([torch.zeros(1, text.shape[1]), text])
 
 
-def final_ranking(retriever: SequenceRetriever, ranker: Optional[RankerMLP], text: Optional[torch.Tensor],
-                  h: UserHistories, split: str, categories: List[List[str]], topk: int = 100):
-    """Ranks of the targets and top-``topk`` lists: retriever order, with the ranker re-scoring
-    its first ``ranker.cfg.candidates`` when given. Returns (ranks, top, targets, users)."""
+def scored_lists(retriever: SequenceRetriever, channels: Optional[Channels], text: Optional[torch.Tensor],
+                 h: UserHistories, split: str, categories: List[List[str]], candidates: int,
+                 topk: int = 100) -> Dict[str, Any]:
+    """Everything the ranker needs for ``split``: fused channel scores over the catalog (the
+    retriever alone without ``channels``), the target ranks and top lists under that order, and
+    the ranker's inputs for the first ``candidates`` of each list (user and item vectors,
+    context features). Shared by ranker training (jobs.train) and evaluation."""
     te = text_table(text) if retriever.cfg.use_text else None
-    scores, targets, hist = retriever_scores(retriever, te, h, split)
+    raw, targets, hist = retriever_scores(retriever, te, h, split)
     users, items, events, ts, _ = history_for(h, split)
-    ranks, top = rank_and_topk(scores.clone(), targets, hist, max(topk, ranker.cfg.candidates if ranker else 0))
+    if channels is not None:
+        fused, z = channels.scores(raw, hist)
+    else:
+        fused, z = raw, {}
+    ranks, top = rank_and_topk(fused.clone(), targets, hist, max(topk, candidates))
+    cand = top[:, :candidates]
+    if candidates == 0:  # no ranker: the order is all that is needed
+        return {"top": top, "cand": cand, "ranks": ranks, "targets": targets, "users": users}
+    cz = {name: np.take_along_axis(x.numpy(), cand, 1) for name, x in z.items()}
+    stats = item_stats(h.items, h.ts, categories, text)
+    ctx = context_features(stats, cand, np.take_along_axis(fused.numpy(), cand, 1), items, ts, events, cz)
+    table = item_table(retriever, te)
+    positive = np.array([int(np.flatnonzero(cand[r] == targets[r])[0]) if (cand[r] == targets[r]).any() else -1
+                         for r in range(len(targets))], dtype=np.int64)
+    return {"u": user_vectors(retriever, te, items, events, ts), "i": table[torch.as_tensor(cand)], "ctx": ctx,
+            "top": top, "cand": cand, "positive": positive, "ranks": ranks, "targets": targets, "users": users}
+
+
+def final_ranking(retriever: SequenceRetriever, ranker: Optional[RankerMLP], text: Optional[torch.Tensor],
+                  h: UserHistories, split: str, categories: List[List[str]], topk: int = 100,
+                  channels: Optional[Channels] = None):
+    """Ranks of the targets and top-``topk`` lists: the fused channel order (the retriever's
+    alone without ``channels``), with the ranker re-scoring its first ``ranker.cfg.candidates``
+    when given. Returns (ranks, top, targets, users)."""
+    C = ranker.cfg.candidates if ranker is not None else 0
+    lists = scored_lists(retriever, channels, text, h, split, categories, C, topk)
+    ranks, top, targets, users = lists["ranks"], lists["top"], lists["targets"], lists["users"]
     if ranker is None:
         return ranks, top[:, :topk], targets, users
-    C = ranker.cfg.candidates
-    cand = top[:, :C]
-    u = user_vectors(retriever, te, items, events, ts)
-    table = item_table(retriever, te)
-    stats = item_stats(h.items, h.ts, categories, text)
-    ctx = context_features(stats, cand, np.take_along_axis(scores.numpy(), cand, 1), items, ts, events)
+    cand = lists["cand"]
     with torch.no_grad():
         ranker.eval()
-        s = ranker(u, table[torch.as_tensor(cand)], ctx).numpy()
+        s = ranker(lists["u"], lists["i"], lists["ctx"]).numpy()
     order = np.argsort(-s, axis=1, kind="stable")
     reranked = np.concatenate([np.take_along_axis(cand, order, 1), top[:, C:]], 1)[:, :topk]
     new_ranks = ranks.copy()
@@ -96,6 +122,21 @@ def final_ranking(retriever: SequenceRetriever, ranker: Optional[RankerMLP], tex
         if ranks[r] < C:  # the ranker only moves items inside the candidate list
             new_ranks[r] = int(hit[0]) if len(hit) else ranks[r]
     return new_ranks, reranked, targets, users
+
+
+def fit_channels(retriever: SequenceRetriever, text: Optional[torch.Tensor], h: UserHistories) -> tuple[Channels, Dict]:
+    """Channels over the training histories, fusion weights fitted on valid NDCG@10."""
+    te = text_table(text) if retriever.cfg.use_text else None
+    raw, targets, hist = retriever_scores(retriever, te, h, "valid")
+    channels = Channels.fit_data(h.items, h.num_items, text)
+
+    def objective(fused: torch.Tensor) -> float:
+        return ranking_metrics(rank_and_topk(fused.clone(), targets, hist)[0], (10,))["ndcg@10"]
+
+    retriever_only = objective(raw)
+    fit = channels.fit_weights(raw, hist, objective)
+    fit["valid_ndcg@10_retriever"] = retriever_only
+    return channels, fit
 
 
 def slice_masks(h: UserHistories, users: np.ndarray, targets: np.ndarray, rare_max: int, short_max: int,

@@ -1,21 +1,21 @@
-"""Relevance ranker: an MLP that re-scores the retriever's top candidates.
+"""Relevance ranker: an MLP that re-scores the fused candidates of every channel.
 
-Features per (user, candidate): user vector, item vector, their product, retrieval score and
-rank, item popularity, recency (time since the item's last interaction, seen from the user's
-last event), category overlap with the user's recent history, LLM text similarity to the
-user's recent items, and the user's last event type. Trained listwise (softmax over the
-candidate list) on the retriever's hard negatives.
+Features per (user, candidate): user vector, item vector, their product, the fused channel score
+and its rank, each channel's z-score (sequence retriever, co-visitation, LLM text similarity to
+the user's recent items), item popularity and recency as of the list's cut-off (the user's last
+event: nothing later is counted), category overlap with the user's recent history, and the
+user's last event type. Trained listwise (softmax over the candidate list).
 
-The MLP is a residual on the retrieval order: score = standardised retrieval score + MLP(...),
-with the MLP's output layer starting at zero. An untrained ranker therefore keeps the
-retriever's order exactly, and training (with the epoch picked on held-out lists, the untrained
-state included) can only move away from it where that helps on data the ranker did not fit.
+The MLP is a residual on the fused order: score = standardised fused score + MLP(...), with the
+MLP's output layer starting at zero. An untrained ranker therefore keeps the fused order exactly,
+and training (with the epoch picked on held-out lists, the untrained state included) can only
+move away from it where that helps on data the ranker did not fit.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from components.schemas import EVENT_TYPES
 
 DAY_MS = 86_400_000.0
-NUM_CONTEXT = 6 + len(EVENT_TYPES)
+# fused score, rank, channel z-scores (retriever, co-visitation, text), popularity and recency as of
+# the list's cut-off, category overlap, last event type.
+NUM_CONTEXT = 8 + len(EVENT_TYPES)
 
 
 @dataclass
@@ -34,6 +36,9 @@ class RankerConfig:
     hidden: int = 128
     dropout: float = 0.2
     candidates: int = 100
+    # Fuse the co-visitation, LLM-text and popularity channels with the retriever (weights fitted
+    # on valid; components.channels) to choose and feature the candidates; false: retriever only.
+    channels: bool = True
     epochs: int = 20
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -61,55 +66,80 @@ class RankerMLP(nn.Module):
 
 @dataclass
 class ItemStats:
-    """Per-item facts the context features use (0-based item codes)."""
+    """Per-item facts the context features use (0-based item codes).
 
-    log_pop: np.ndarray  # log1p(train interactions)
-    last_ts: np.ndarray  # last train interaction, epoch ms (0 when none)
+    Interaction times are kept per item (sorted), so popularity and recency are computed as of
+    each list's cut-off (the user's last event): a feature never counts interactions that
+    happened after the moment the recommendation is made. Items past ``num_known`` (added at
+    serving) have no interactions."""
+
+    keys: np.ndarray  # item * KEY + ts, sorted: every training interaction
+    num_known: int
     categories: torch.Tensor  # [num_items, num_categories] multi-hot (L2-normalised rows)
     text: Optional[torch.Tensor]  # [num_items, text_dim] LLM embeddings (normalised) or None
+
+    @property
+    def log_pop(self) -> np.ndarray:
+        """log1p(all training interactions) per known item (cold start, popularity channel)."""
+        items = self.keys // KEY
+        return np.log1p(np.bincount(items, minlength=self.num_known)).astype(np.float64)
+
+    def as_of(self, cand: np.ndarray, now: int) -> tuple[np.ndarray, np.ndarray]:
+        """(interactions with ``cand`` at or before ``now``, the last one's time or 0)."""
+        cand = np.asarray(cand, dtype=np.int64)
+        known = cand < self.num_known
+        c = np.where(known, cand, 0)
+        lo = np.searchsorted(self.keys, c * KEY, "left")
+        hi = np.searchsorted(self.keys, c * KEY + min(max(int(now), 0), KEY - 1), "right")
+        count = np.where(known, hi - lo, 0)
+        last = np.where(count > 0, self.keys[np.maximum(hi - 1, 0)] - c * KEY, 0)
+        return count, last
+
+
+KEY = 1 << 42  # > any epoch-ms timestamp until the year 2109
 
 
 def item_stats(histories: Sequence[np.ndarray], ts: Sequence[np.ndarray], categories: List[List[str]],
                text: Optional[torch.Tensor]) -> ItemStats:
     n = len(categories)
-    flat = np.concatenate(histories) if len(histories) else np.empty(0, np.int64)
-    flat_ts = np.concatenate(ts) if len(ts) else np.empty(0, np.int64)
-    counts = np.bincount(flat, minlength=n)
-    last = np.zeros(n, dtype=np.int64)
-    np.maximum.at(last, flat, flat_ts)
+    flat = np.concatenate(histories).astype(np.int64) if len(histories) else np.empty(0, np.int64)
+    flat_ts = np.concatenate(ts).astype(np.int64) if len(ts) else np.empty(0, np.int64)
+    keys = np.sort(flat * KEY + np.clip(flat_ts, 0, KEY - 1))
     names = sorted({c for cats in categories for c in cats})
     col = {c: k for k, c in enumerate(names)}
     mh = torch.zeros(n, max(len(names), 1))
     for r, cats in enumerate(categories):
         for c in cats:
             mh[r, col[c]] = 1.0
-    return ItemStats(np.log1p(counts), last, F.normalize(mh, dim=1),
-                     F.normalize(text, dim=1) if text is not None else None)
+    return ItemStats(keys, n, F.normalize(mh, dim=1), F.normalize(text, dim=1) if text is not None else None)
 
 
 def context_features(stats: ItemStats, cand: np.ndarray, scores: np.ndarray, hist_items: Sequence[np.ndarray],
-                     hist_ts: Sequence[np.ndarray], hist_events: Sequence[np.ndarray]) -> torch.Tensor:
-    """[B, C, NUM_CONTEXT] features for candidates ``cand`` [B, C] with retrieval ``scores``."""
+                     hist_ts: Sequence[np.ndarray], hist_events: Sequence[np.ndarray],
+                     channels: Optional[Dict[str, np.ndarray]] = None) -> torch.Tensor:
+    """[B, C, NUM_CONTEXT] features for candidates ``cand`` [B, C] with fused ``scores`` and
+    each channel's z-score (``channels``: name -> [B, C]; a missing channel is 0)."""
     B, C = cand.shape
     ctx = torch.zeros(B, C, NUM_CONTEXT)
     s = torch.as_tensor(scores, dtype=torch.float32)
     ctx[..., 0] = (s - s.mean(1, keepdim=True)) / (s.std(1, keepdim=True) + 1e-6)
     ctx[..., 1] = 1.0 / torch.log2(torch.arange(C, dtype=torch.float32) + 2.0)
-    ctx[..., 2] = torch.as_tensor(stats.log_pop[cand], dtype=torch.float32) / 5.0
+    for k, name in enumerate(("retriever", "covisit", "text")):
+        if channels is not None and name in channels:
+            ctx[..., 2 + k] = torch.as_tensor(np.asarray(channels[name]), dtype=torch.float32).clamp(-10, 10) / 3.0
     for b in range(B):
         items, ts, ev = hist_items[b], hist_ts[b], hist_events[b]
-        now = ts[-1] if len(ts) else 0
-        age = np.maximum(0, now - stats.last_ts[cand[b]]) / DAY_MS
-        ctx[b, :, 3] = torch.as_tensor(np.log1p(age) / 5.0, dtype=torch.float32)
+        now = int(ts[-1]) if len(ts) else 0
+        count, last = stats.as_of(cand[b], now)
+        ctx[b, :, 5] = torch.as_tensor(np.log1p(count) / 5.0, dtype=torch.float32)
+        age = np.where(count > 0, np.maximum(0, now - last) / DAY_MS, 1e4)
+        ctx[b, :, 6] = torch.as_tensor(np.log1p(age) / 5.0, dtype=torch.float32)
         recent = torch.as_tensor(np.asarray(items[-50:], dtype=np.int64))
         if len(recent):
             prof = F.normalize(stats.categories[recent].mean(0), dim=0)
-            ctx[b, :, 4] = stats.categories[torch.as_tensor(cand[b])] @ prof
-            if stats.text is not None:
-                tprof = F.normalize(stats.text[recent[-5:]].mean(0), dim=0)
-                ctx[b, :, 5] = stats.text[torch.as_tensor(cand[b])] @ tprof
+            ctx[b, :, 7] = stats.categories[torch.as_tensor(cand[b])] @ prof
         if len(ev):
-            ctx[b, :, 6 + int(ev[-1])] = 1.0
+            ctx[b, :, 8 + int(ev[-1])] = 1.0
     return ctx
 
 

@@ -50,6 +50,17 @@ def gap_buckets(ts_ms: np.ndarray) -> np.ndarray:
     return np.clip(np.floor(np.log2(np.maximum(gaps, 0) + 1.0)), 0, GAP_BUCKETS - 1).astype(np.int64)
 
 
+def attention_mask(present: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B * heads, L, L] bool, True = may not attend: causal, and no real position attends to
+    padding, so a user's vector does not depend on who shares the batch (or on the padded length).
+    A padding position attends to itself only (its output is zeroed): no row is fully masked."""
+    L = present.shape[1]
+    causal = torch.triu(torch.ones(L, L, dtype=torch.bool, device=present.device), 1)
+    mask = causal[None] | ~present[:, None, :]
+    mask &= ~torch.eye(L, dtype=torch.bool, device=present.device)[None]
+    return mask.repeat_interleave(heads, dim=0)
+
+
 class SequenceRetriever(nn.Module):
     def __init__(self, cfg: RetrieverConfig):
         super().__init__()
@@ -119,8 +130,7 @@ class SequenceRetriever(nn.Module):
         x = x + self.pos_emb(pos)[None] + self.event_emb(events) + self.gap_emb(gaps)
         keep = present.unsqueeze(-1).to(x.dtype)
         x = self.drop(x) * keep
-        causal = torch.triu(torch.ones(L, L, dtype=torch.bool, device=vectors.device), 1)
-        h = self.encoder(x, mask=causal)
+        h = self.encoder(x, mask=attention_mask(present, self.cfg.heads))
         return self.out_norm(h) * keep
 
     def user_vector(self, items, events, gaps, text_emb=None) -> torch.Tensor:

@@ -55,7 +55,9 @@ def embed_items(cfg: Any, storage: Storage, ds: DatasetRef, run_id: str, llm_dir
 
     t0 = time.perf_counter()
     items = storage.read_parquet(f"{ds.prefix}/items").select(["item_idx", "item_id", "title", "text", "categories"])
-    data = ray.data.from_arrow(items)
+    # Several blocks, so every actor of the pool gets work (one block would keep one busy).
+    step = max(64, -(-items.num_rows // (2 * concurrency)))
+    data = ray.data.from_arrow([items.slice(s, step) for s in range(0, max(items.num_rows, 1), step)])
     out = data.map_batches(ItemEmbedder, fn_constructor_kwargs={"text_cfg": to_dict(cfg.text), "weights_dir": llm_dir},
                            batch_size=64, batch_format="pyarrow", num_cpus=1,
                            compute=ray.data.ActorPoolStrategy(size=concurrency))

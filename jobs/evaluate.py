@@ -27,12 +27,13 @@ from components.evaluation import (baseline_rankings, final_ranking, fit_retriev
                                    slice_masks, summarize, timed)
 from components.metrics import popularity_deciles, sliced_metrics
 from components.baselines import item_counts
+from components.channels import describe as describe_fusion
 from components.ranker import RankerConfig, RankerMLP
 from components.retriever import RetrieverConfig
 from components.retriever_training import RetrieverTrainConfig
 from components.storage import Storage
 from jobs.runtime import run_cli
-from jobs.train import BUNDLE, load_retriever
+from jobs.train import BUNDLE, load_channels, load_retriever
 
 log = logging.getLogger("jobs.evaluate")
 
@@ -52,18 +53,22 @@ def evaluate_bundle(cfg: Any, storage: Storage, bundle: Path, run_id: str) -> Di
     data = load_training_data(storage, ds_prefix, lineage.get("text_embeddings"))
     h, cats, ev = data.histories, data.categories, cfg.evaluate
     retriever, _ = load_retriever(bundle / "retriever", data)
+    channels = load_channels(bundle / "channels", data)
     ranker = load_ranker(bundle / "ranker")
     results: Dict[str, Any] = {"run_id": run_id, "dataset": lineage["dataset"],
-                               "dataset_version": lineage["dataset_version"], "models": {}, "timings": {}}
-    main_name = "hybrid+ranker" if ranker is not None else "hybrid"
+                               "dataset_version": lineage["dataset_version"], "models": {}, "timings": {},
+                               "fusion": lineage.get("fusion")}
     kind = ("hybrid" if retriever.cfg.use_id and retriever.cfg.use_text
             else "id-only" if retriever.cfg.use_id else "text-only")
-    if kind != "hybrid":
-        main_name = kind + ("+ranker" if ranker is not None else "")
+    fused = kind + "+channels" if channels is not None else kind
+    main_name = fused + ("+ranker" if ranker is not None else "")
     rankings = {}
     for split in ("valid", "test"):
         if ranker is not None:
-            rankings[(main_name, split)] = final_ranking(retriever, ranker, data.text, h, split, cats)
+            rankings[(main_name, split)] = final_ranking(retriever, ranker, data.text, h, split, cats,
+                                                         channels=channels)
+        if channels is not None:
+            rankings[(fused, split)] = final_ranking(retriever, None, data.text, h, split, cats, channels=channels)
         rankings[(kind, split)] = final_ranking(retriever, None, data.text, h, split, cats)
     for name, split in list(rankings):
         r, top, _, _ = rankings[(name, split)]
@@ -191,6 +196,10 @@ def report_markdown(res: Dict[str, Any]) -> str:
             lines.append(f"| {name} | {split} | {m.get('recall@10', 0):.4f} | {m.get('ndcg@10', 0):.4f} | "
                          f"{m.get('mrr@10', 0):.4f} | {m.get('recall@20', 0):.4f} | {m.get('ndcg@20', 0):.4f} | "
                          f"{m.get('coverage@10', 0):.3f} |")
+    fusion = res.get("fusion")
+    if fusion:
+        lines += ["", f"Channel fusion (weights fitted on valid): {describe_fusion(fusion)}; valid NDCG@10 "
+                      f"{fusion['valid_ndcg@10']:.4f} fused vs {fusion['valid_ndcg@10_retriever']:.4f} retriever alone."]
     lines += ["", "## Test slices (Recall@10 / NDCG@10, n)", "", "| slice | " + " | ".join(res["slices"]) + " |",
               "| --- |" + " ---: |" * len(res["slices"])]
     first = next(iter(res["slices"].values()))
@@ -211,23 +220,38 @@ def report_markdown(res: Dict[str, Any]) -> str:
 
 def gate_and_promote(cfg: Any, storage: Storage, res: Dict[str, Any], train_out: Dict[str, Any],
                      expected: Any = None) -> Dict[str, Any]:
-    """Promote only a run that clears the floor and does not regress beyond the tolerance.
+    """Promote only a run that clears the floor, beats the non-neural baselines on the same
+    split, and does not regress beyond the tolerance against a comparable promoted model.
 
+    The baselines (MostPopular, ItemKNN) are compared on valid, where the model was selected;
+    the promoted model's stored test NDCG@10 is compared only when it was measured on the same
+    dataset version (another split's figure is not comparable, and is ignored with a note).
     ``expected``: (pointer, token) the run started from (retraining); the promotion is then a
     compare-and-swap against that pointer, so a run never replaces a pointer that moved while it
     trained. Default: the pointer read here."""
-    ndcg = res["models"][res["main_model"]]["test"]["ndcg@10"]
+    main = res["models"][res["main_model"]]
+    ndcg = main["test"]["ndcg@10"]
     current, token = expected if expected is not None else ck.read_pointer_versioned(storage, BUNDLE)
-    cur = (current or {}).get("metrics", {}).get("test_ndcg@10")
+    same_split = (current or {}).get("lineage", {}).get("dataset_version") == res.get("dataset_version")
+    cur = (current or {}).get("metrics", {}).get("test_ndcg@10") if same_split else None
+    bars = {b: res["models"][b]["valid"]["ndcg@10"] for b in ("MostPopular", "ItemKNN")
+            if b in res["models"] and "valid" in res["models"][b]}
+    valid = main.get("valid", {}).get("ndcg@10")
     decision = {"test_ndcg@10": ndcg, "floor": cfg.evaluate.ndcg_floor, "current": cur,
-                "tolerance": cfg.evaluate.tolerance}
+                "tolerance": cfg.evaluate.tolerance, "valid_ndcg@10": valid, "baselines_valid_ndcg@10": bars}
+    if current is not None and not same_split:
+        decision["note"] = "the promoted model was measured on another dataset version: not compared"
+    beaten = {b: v for b, v in bars.items() if valid is not None and valid < v}
     if ndcg < cfg.evaluate.ndcg_floor:
         decision.update(promoted=False, reason=f"NDCG@10 {ndcg:.4f} below the floor {cfg.evaluate.ndcg_floor}")
+    elif beaten:
+        decision.update(promoted=False, reason=f"valid NDCG@10 {valid:.4f} below " +
+                        ", ".join(f"{b} {v:.4f}" for b, v in beaten.items()))
     elif cur is not None and ndcg < cur - cfg.evaluate.tolerance:
         decision.update(promoted=False, reason=f"NDCG@10 {ndcg:.4f} worse than the promoted {cur:.4f} "
                                                f"by more than {cfg.evaluate.tolerance}")
     else:
-        metrics = {"test_ndcg@10": ndcg, "test_recall@10": res["models"][res["main_model"]]["test"]["recall@10"]}
+        metrics = {"test_ndcg@10": ndcg, "test_recall@10": main["test"]["recall@10"], "valid_ndcg@10": valid}
         try:  # compare-and-swap against the pointer the gate compared with
             ck.promote(storage, BUNDLE, train_out["run_id"], train_out["prefix"], metrics, train_out["manifest"],
                        {k: v for k, v in train_out["lineage"].items() if k != "config"}, expected=token)

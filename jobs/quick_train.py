@@ -24,7 +24,7 @@ import torch
 from components import checkpoints as ck
 from components.config import load_config, to_dict
 from components.datasets import load_training_data, resolve_dataset
-from components.evaluation import fit_retriever_local
+from components.evaluation import fit_channels, fit_retriever_local
 from components.ranker import RankerConfig, RankerMLP, listwise_loss
 from components.retriever import RetrieverConfig
 from components.retriever_training import RetrieverTrainConfig
@@ -68,9 +68,11 @@ def build(cfg: Any, run_id: str, epochs: int, ranker: bool = True, promote: bool
     rcfg = model.cfg
     bundle = Path(tempfile.mkdtemp(prefix="bundle-"))
     ck.save_local(bundle / "retriever", model.state_dict(), {"retriever": asdict(rcfg), "kind": "retriever"})
+    channels, fusion = fit_channels(model, data.text, data.histories)
+    channels.save(bundle / "channels")
     if ranker:
         kcfg = RankerConfig(dim=rcfg.dim, candidates=50)
-        lists = ranker_lists(model, data.text_emb(), data, "valid", kcfg.candidates)
+        lists = ranker_lists(model, channels, data, "valid", kcfg.candidates)
         rows = np.flatnonzero(lists["positive"] >= 0)
         torch.manual_seed(seed)
         mlp = RankerMLP(kcfg)
@@ -87,7 +89,7 @@ def build(cfg: Any, run_id: str, epochs: int, ranker: bool = True, promote: bool
     storage.download_dir(text_prefix, bundle / "text")
     storage.download_dir(f"{ds.prefix}/items", bundle / "items")
     lineage = {"run_id": run_id, "dataset": ds.name, "dataset_version": ds.version, "text_embeddings": text_prefix,
-               "parent_run": None, "config": to_dict(cfg)}
+               "parent_run": None, "config": to_dict(cfg), "fusion": fusion}
     (bundle / "lineage.json").write_text(json.dumps(lineage))
     manifest = ck.write_manifest(bundle)
     prefix = ck.publish(storage, bundle, BUNDLE, run_id)

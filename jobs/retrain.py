@@ -178,8 +178,10 @@ def retrain_once(cfg: Any, storage: Optional[Storage] = None) -> Dict[str, Any]:
         timings["train_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     parent_test = parent_on_new_split(cfg, storage, pointer, trained)
+    # The parent measured on the new split: the gate compares like with like.
     baseline = dict(pointer, metrics={**pointer.get("metrics", {}), "test_ndcg@10": parent_test["ndcg@10"],
-                                      "test_recall@10": parent_test["recall@10"]})
+                                      "test_recall@10": parent_test["recall@10"]},
+                    lineage={**pointer.get("lineage", {}), "dataset_version": ds.version})
     out = evaluate.run(cfg, storage, trained, expected=(baseline, token))
     timings["evaluate_s"] = round(time.perf_counter() - t, 1)
     holdout = feedback_holdout(storage, out["report_prefix"], ds.prefix, new)

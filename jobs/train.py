@@ -31,11 +31,13 @@ from safetensors.torch import load as load_safetensors
 from components import checkpoints as ck
 from components.config import to_dict
 from components.datasets import DatasetRef, load_training_data, resolve_dataset
-from components.ranker import RankerConfig, RankerMLP, context_features, item_stats, listwise_loss
+from components.ranker import RankerConfig, RankerMLP, listwise_loss
 from components.retriever import RetrieverConfig, SequenceRetriever
+from components.channels import Channels, describe as describe_fit
+from components.evaluation import fit_channels, scored_lists
 from components.retriever_training import (RetrieverTrainConfig, batches, log_q_from_counts, lr_schedule,
-                                           retriever_scores, steps_per_epoch)
-from components.sequences import history_for, training_windows
+                                           plan_budget, retriever_scores)
+from components.sequences import training_windows
 from components.metrics import rank_and_topk, ranking_metrics
 from components.storage import Storage
 from components.warm_start import warm_start
@@ -187,21 +189,25 @@ def retriever_worker(config: Dict[str, Any]) -> None:
     counts = np.bincount(np.concatenate(h.items), minlength=h.num_items)
     log_q = log_q_from_counts(counts)
     windows = training_windows(h, rcfg.max_len)
-    steps = tcfg.epochs * steps_per_epoch(windows, tcfg.batch_size, world)
-    engine = _deepspeed(model, tcfg.lr, tcfg.weight_decay, config, tcfg.batch_size,
-                        lambda opt: lr_schedule(opt, tcfg, steps))
+    budget = plan_budget(tcfg, windows, world)
+    if rank == 0:
+        log.info("retriever budget: %d windows, %d tokens an epoch -> batch %d per worker, %d steps an epoch, "
+                 "at most %d epochs", len(windows["items"]), budget.tokens_per_epoch, budget.batch_size,
+                 budget.steps_per_epoch, budget.epochs)
+    engine = _deepspeed(model, tcfg.lr, tcfg.weight_decay, config, budget.batch_size,
+                        lambda opt: lr_schedule(opt, tcfg, budget.epochs * budget.steps_per_epoch))
     progress = _resume(engine) or {"epoch": -1, "best": -1.0, "best_epoch": -1, "bad_evals": 0,
                                    "resumed_from": None, "_best_state": None}
     if progress["epoch"] >= 0:
         progress["resumed_from"] = progress["epoch"]
     best_state = progress.pop("_best_state", None)
     best_config = {"retriever": to_dict_safe(rcfg), "kind": "retriever"}
-    for epoch in range(progress["epoch"] + 1, tcfg.epochs):
+    for epoch in range(progress["epoch"] + 1, budget.epochs):
         _maybe_fail(config, epoch, rank)
         t0 = time.perf_counter()
         engine.train()
         total, n = 0.0, 0
-        for batch in batches(windows, tcfg.batch_size, np.random.default_rng([tcfg.seed, epoch]), rank, world):
+        for batch in batches(windows, budget.batch_size, np.random.default_rng([tcfg.seed, epoch]), rank, world):
             loss = engine(batch, text_emb, log_q)
             engine.backward(loss)
             engine.step()
@@ -209,8 +215,9 @@ def retriever_worker(config: Dict[str, Any]) -> None:
         metrics = {"epoch": epoch, "loss": _mean_across_workers(total / max(n, 1)),
                    "epoch_s": round(time.perf_counter() - t0, 2), "resumed_from": progress["resumed_from"],
                    "warm_start_items_mapped": (warm or {}).get("items_mapped")}
-        last = epoch == tcfg.epochs - 1
+        last = epoch == budget.epochs - 1
         evaluate = last or (tcfg.eval_every > 0 and (epoch + 1) % tcfg.eval_every == 0)
+        improved = False
         if evaluate:
             with full_params(engine, config["zero_stage"]):
                 scores, targets, hist = retriever_scores(engine.module, text_emb, h, "valid")
@@ -220,13 +227,17 @@ def retriever_worker(config: Dict[str, Any]) -> None:
                 progress.update(best=m["ndcg@10"], best_epoch=epoch, bad_evals=0,
                                 best_metrics={f"valid_{k}": v for k, v in m.items()})
                 best_state = _state(engine, config["zero_stage"])
+                improved = True
             else:
                 progress["bad_evals"] += 1
             if tcfg.patience and progress["bad_evals"] >= tcfg.patience:
                 last = True
         progress["epoch"] = epoch
         metrics["best_epoch"] = progress["best_epoch"]
-        if evaluate:
+        # A checkpoint (every rank's ZeRO shard) when the best model moved, and at the end: a
+        # resumed run restarts from the last improvement, and evaluations that did not improve
+        # cost no DeepSpeed save.
+        if improved or last:
             _report(engine, metrics, progress, best_state, best_config)
         else:
             ray.train.report(metrics)
@@ -240,10 +251,11 @@ def ranker_worker(config: Dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     data = load_training_data(config["storage"], config["dataset_prefix"], config["text_prefix"])
-    retriever, text_emb = load_retriever(config["retriever_dir"], data)
+    retriever, _ = load_retriever(config["retriever_dir"], data)
+    channels = load_channels(config["channels_dir"], data) if config.get("channels_dir") else None
     kcfg = RankerConfig(**config["ranker"])
     kcfg.dim = retriever.cfg.dim
-    lists = ranker_lists(retriever, text_emb, data, "valid", kcfg.candidates)
+    lists = ranker_lists(retriever, channels, data, "valid", kcfg.candidates)
     keep = lists["positive"] >= 0
     users = np.flatnonzero(keep)
     held = users[(users * 2654435761 % 1000) < kcfg.holdout * 1000]
@@ -349,23 +361,16 @@ def load_retriever(folder: str | Path, data) -> tuple[SequenceRetriever, Optiona
     return model, (data.text_emb() if rcfg.use_text else None)
 
 
-def ranker_lists(retriever: SequenceRetriever, text_emb, data, split: str, candidates: int) -> Dict[str, Any]:
-    """Candidate lists for ranker training/inference: retriever top-C with features."""
-    h = data.histories
-    scores, targets, hist = retriever_scores(retriever, text_emb, h, split)
-    _, top = rank_and_topk(scores.clone(), targets, hist, candidates)
-    users, items, events, ts, _ = history_for(h, split)
-    from components.retriever_training import user_vectors, item_table
+def load_channels(folder: str | Path, data) -> Optional[Channels]:
+    """The bundle's fitted channels (``channels/``), or None for a bundle without them."""
+    folder = Path(folder)
+    return Channels.load(folder, data.text) if (folder / "fusion.json").is_file() else None
 
-    u = user_vectors(retriever, text_emb, items, events, ts)
-    table = item_table(retriever, text_emb)
-    cand_scores = np.take_along_axis(scores.numpy(), top, 1)
-    stats = item_stats(h.items, h.ts, data.categories, data.text)
-    ctx = context_features(stats, top, cand_scores, items, ts, events)
-    pos = np.array([int(np.flatnonzero(top[r] == targets[r])[0]) if (top[r] == targets[r]).any() else -1
-                    for r in range(len(targets))])
-    return {"u": u, "i": table[torch.as_tensor(top)], "ctx": ctx, "top": top, "positive": pos,
-            "targets": targets}
+
+def ranker_lists(retriever: SequenceRetriever, channels: Optional[Channels], data, split: str,
+                 candidates: int) -> Dict[str, Any]:
+    """Candidate lists for ranker training: the fused channels' top-C with features."""
+    return scored_lists(retriever, channels, data.text, data.histories, split, data.categories, candidates)
 
 
 @torch.no_grad()
@@ -449,10 +454,21 @@ def train(cfg: Any, storage: Storage, ds: DatasetRef, run_id: str, text_prefix: 
                           cfg, storage, run_id)
         shutil.copytree(r_dir, bundle / "retriever")
         timings["retriever_s"] = round(time.perf_counter() - t0, 1)
+    fusion = None
+    if "retriever" in cfg.train.stages and cfg.ranker.channels:
+        t0 = time.perf_counter()
+        data = load_training_data(storage, ds.prefix, text_prefix)
+        retriever, _ = load_retriever(bundle / "retriever", data)
+        channels, fusion = fit_channels(retriever, data.text, data.histories)
+        channels.save(bundle / "channels")
+        timings["channels_s"] = round(time.perf_counter() - t0, 1)
+        log.info("channel fusion fitted on valid: %s (NDCG@10 %.4f, retriever alone %.4f)", describe_fit(fusion),
+                 fusion["valid_ndcg@10"], fusion["valid_ndcg@10_retriever"])
     if "ranker" in cfg.train.stages:
         t0 = time.perf_counter()
         k_dir = run_stage("ranker", ranker_worker,
-                          {**base, "ranker": to_dict(cfg.ranker), "retriever_dir": str(bundle / "retriever")},
+                          {**base, "ranker": to_dict(cfg.ranker), "retriever_dir": str(bundle / "retriever"),
+                           "channels_dir": str(bundle / "channels") if fusion else None},
                           cfg, storage, run_id)
         shutil.copytree(k_dir, bundle / "ranker")
         timings["ranker_s"] = round(time.perf_counter() - t0, 1)
@@ -463,7 +479,7 @@ def train(cfg: Any, storage: Storage, ds: DatasetRef, run_id: str, text_prefix: 
     storage.download_dir(f"{ds.prefix}/items", bundle / "items")
     lineage = {"run_id": run_id, "dataset": ds.name, "dataset_version": ds.version, "text_embeddings": text_prefix,
                "parent_run": (parent or {}).get("run_id"), "warm_start": warm_start_prefix, "config": to_dict(cfg),
-               "timings": timings, **(extra_lineage or {})}
+               "timings": timings, "fusion": fusion, **(extra_lineage or {})}
     (bundle / "lineage.json").write_text(json.dumps(lineage, indent=2, default=str))
     manifest = ck.write_manifest(bundle)
     prefix = ck.publish(storage, bundle, BUNDLE, run_id)

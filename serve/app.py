@@ -87,6 +87,14 @@ class ServeSettings:
         return Storage(self.storage_root, endpoint_url=self.storage_endpoint)
 
 
+class StaleVersion(RuntimeError):
+    """A request pinned to a model version this replica does not hold: one request never mixes
+    two models, so the ingress retries it on the current version instead of falling back."""
+
+
+STALE_RETRIES = 3
+
+
 def _watcher(settings: ServeSettings, parts, loader, prepare=None) -> ModelWatcher:
     w = ModelWatcher(settings.storage(), settings.model, parts, loader, settings.watch_interval_s, prepare=prepare)
     w.wait_first(settings.startup_timeout_s)
@@ -108,11 +116,16 @@ class _Versioned:
                                 prepare=(lambda old, new: self._remember(old)) if keep_previous else None)
 
     def model_for(self, version: Optional[str]):
+        """The model of ``version`` (the one the request was pinned to), never another: a
+        replica that does not hold it (a newer version not loaded yet, an older one dropped)
+        raises ``StaleVersion`` and the ingress re-runs the request on the current version."""
         cur = self.watcher.current
         if not version or version == cur.version:
             return cur
         old = self._previous.get(version)
-        return old if old is not None else cur
+        if old is None:
+            raise StaleVersion(f"model version {version} is not loaded here (serving {cur.version})")
+        return old
 
     def _remember(self, old) -> None:
         if old is not None:
@@ -362,9 +375,19 @@ async def _invalid(request: Request, exc: RequestValidationError):
 
 @app.middleware("http")
 async def _limit_size(request: Request, call_next):
+    too_big = JSONResponse(status_code=413, content={"error": f"body: larger than {api.MAX_BODY_BYTES} bytes"})
     size = request.headers.get("content-length")
     if size is not None and (not size.isdigit() or int(size) > api.MAX_BODY_BYTES):
-        return JSONResponse(status_code=413, content={"error": f"body: larger than {api.MAX_BODY_BYTES} bytes"})
+        return too_big
+    if size is None and request.method in ("POST", "PUT", "PATCH", "DELETE"):
+        # No length announced (chunked): count while reading, stop at the limit, and hand the
+        # body read so far to the route (starlette replays ``_body`` downstream).
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > api.MAX_BODY_BYTES:
+                return too_big
+        request._body = bytes(body)
     return await call_next(request)
 
 
@@ -439,7 +462,14 @@ class Ingress:
     async def recommend(self, req: api.RecommendRequest) -> api.RecommendResponse:
         t0 = time.perf_counter()
         try:
-            out = await recommend(req, self.backend, self.settings.candidates, self.settings.history_len, t0)
+            for attempt in range(STALE_RETRIES + 1):
+                try:
+                    out = await recommend(req, self.backend, self.settings.candidates, self.settings.history_len, t0)
+                    break
+                except StaleVersion:  # a swap between two hops: re-pin to the version now served
+                    if attempt == STALE_RETRIES:
+                        raise
+                    await asyncio.sleep(0.1 * (attempt + 1))
         except Exception as exc:
             self._observe("recommend", t0, 503)
             log.exception("recommend failed")

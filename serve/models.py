@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from components import checkpoints as ck
+from components.channels import Channels
 from components.ranker import NUM_CONTEXT, RankerConfig, RankerMLP, item_stats
 from components.retriever import RetrieverConfig, SequenceRetriever, gap_buckets
 from components.sequences import histories_from_tables
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 # Parts of the bundle each deployment downloads (plus lineage.json).
 ENCODER_PARTS = ("retriever",)
-RETRIEVER_PARTS = ("retriever", "text", "items")
+RETRIEVER_PARTS = ("retriever", "text", "items", "channels")
 RANKER_PARTS = ("ranker",)
 TEXT_PARTS = ("llm",)
 
@@ -176,13 +177,18 @@ class RetrievalModel:
         self.text = text  # [n, text_dim] 0-based
         hist, ts = self._dataset_histories(storage)
         self.stats = item_stats(hist, ts, self.categories, text)
+        self.log_pop = self.stats.log_pop  # grows with upserts (new items: 0)
         self.cat_col = {c: k for k, c in enumerate(sorted({c for cats in self.categories for c in cats}))}
         with torch.no_grad():
             emb = torch.cat([torch.zeros(1, text.shape[1]), text]) if text is not None else None
             self.vectors = self.model.item_vectors(emb).numpy().astype(np.float32)  # [n + 1, d]
+        # Candidate channels fused with the retriever (components.channels), the same object
+        # jobs.evaluate scores with; None for a bundle without them (retriever order alone).
+        self.channels = Channels.load(folder / "channels", text) if (folder / "channels" / "fusion.json").is_file() else None
         self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
         self.index.add_with_ids(self.vectors[1:], np.arange(1, n + 1, dtype=np.int64))
         self.added_at = np.zeros(n + 1, dtype=np.int64)  # upsert time (ms) of new items
+        self.trained_items = n
         self.upserts: Dict[str, Dict[str, Any]] = {}
         self._lock = threading.Lock()
 
@@ -249,6 +255,8 @@ class RetrievalModel:
                     self.vectors = np.vstack([self.vectors, v[k:k + 1]])
                     self.added_at = np.append(self.added_at, now)
                     self._grow_stats(r, x, None if text_emb is None else text_emb[k])
+                    if self.channels is not None:
+                        self.channels.grow(1)
                 else:
                     self.titles[r - 1] = x.get("title") or self.titles[r - 1]
                     self.categories[r - 1] = list(x.get("categories") or self.categories[r - 1])
@@ -256,13 +264,14 @@ class RetrievalModel:
                         self.vectors[r] = v[k]
                     self.index.remove_ids(np.array([r], dtype=np.int64))
                 self.index.add_with_ids(self.vectors[r:r + 1], np.array([r], dtype=np.int64))
+                if self.channels is not None and text_emb is not None and (iid in self.upserts or r > self.trained_items):
+                    self.channels.set_text(r - 1, np.asarray(text_emb[k], dtype=np.float32))
                 self.upserts[iid] = {**x, "embedding": None if text_emb is None else np.asarray(text_emb[k]).tolist()}
             return new
 
     def _grow_stats(self, row: int, item: Dict[str, Any], text_emb: Optional[np.ndarray]) -> None:
         s = self.stats
-        s.log_pop = np.append(s.log_pop, 0.0)
-        s.last_ts = np.append(s.last_ts, 0)
+        self.log_pop = np.append(self.log_pop, 0.0)
         mh = torch.zeros(1, s.categories.shape[1])
         for c in item.get("categories") or []:
             if c in self.cat_col:
@@ -296,14 +305,35 @@ class RetrievalModel:
         keep = [(r, s) for r, s in zip(rows[0], scores[0]) if r > 0 and int(r) not in excl][:n]
         return (np.array([r for r, _ in keep], dtype=np.int64), np.array([s for _, s in keep], dtype=np.float32))
 
+    def fused_search(self, u: np.ndarray, n: int, hist_rows: Sequence[int], exclude_rows: Sequence[int] = (),
+                     categories: Optional[Sequence[str]] = None) -> Tuple[np.ndarray, np.ndarray, Dict[str, np.ndarray]]:
+        """Top-``n`` rows by the fused channel score over the whole catalog (new items included),
+        with each channel's z-score for them; history, exclusions and category filters applied."""
+        raw = torch.as_tensor(self.vectors[1:] @ np.asarray(u, dtype=np.float32))[None]
+        hist = [np.asarray(hist_rows, dtype=np.int64) - 1]
+        fused, z = self.channels.scores(raw, hist)
+        s = fused[0].numpy().copy()
+        drop = np.asarray(list(exclude_rows) + list(hist_rows), dtype=np.int64) - 1
+        s[drop[(drop >= 0) & (drop < len(s))]] = -np.inf
+        if categories:
+            wanted = set(categories)
+            s[[r for r, cats in enumerate(self.categories) if not wanted.intersection(cats)]] = -np.inf
+        k = min(n, int(np.isfinite(s).sum()))
+        if k == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32), {}
+        top = np.argpartition(-s, k - 1)[:k]
+        top = top[np.argsort(-s[top], kind="stable")]
+        return top + 1, s[top].astype(np.float32), {c: x[0].numpy()[top] for c, x in z.items()}
+
     def context(self, cand: np.ndarray, scores: np.ndarray, hist_rows: Sequence[int], hist_ts: Sequence[int],
-                hist_events: Sequence[int]) -> np.ndarray:
+                hist_events: Sequence[int], channels: Optional[Dict[str, np.ndarray]] = None) -> np.ndarray:
         """Ranker features [C, NUM_CONTEXT] (the same features the ranker was trained on)."""
         from components.ranker import context_features
 
         ctx = context_features(self.stats, (np.asarray(cand) - 1)[None], np.asarray(scores)[None],
                                [np.asarray(hist_rows, dtype=np.int64) - 1], [np.asarray(hist_ts, dtype=np.int64)],
-                               [np.asarray(hist_events, dtype=np.int64)])
+                               [np.asarray(hist_events, dtype=np.int64)],
+                               {c: x[None] for c, x in channels.items()} if channels else None)
         return ctx[0].numpy()
 
     def reasons(self, picks: Sequence[int], hist_rows: Sequence[int]) -> List[Optional[str]]:
@@ -319,7 +349,7 @@ class RetrievalModel:
         """Popular items, with the freshest upserted items mixed in (every third slot)."""
         excl = set(int(r) for r in exclude_rows)
         ok = (lambda r: (not categories or set(categories).intersection(self.categories[r - 1])) and r not in excl)
-        pop = np.argsort(-self.stats.log_pop, kind="stable") + 1
+        pop = np.argsort(-self.log_pop, kind="stable") + 1
         fresh = [int(r) for r in np.argsort(-self.added_at, kind="stable") if self.added_at[r] > 0]
         out: List[int] = []
         pi = fi = 0
@@ -330,7 +360,7 @@ class RetrievalModel:
             if ok(r) and r not in out:
                 out.append(r)
         rows = np.array(out, dtype=np.int64)
-        score = self.stats.log_pop[rows - 1].astype(np.float32) if len(rows) else np.zeros(0, np.float32)
+        score = self.log_pop[rows - 1].astype(np.float32) if len(rows) else np.zeros(0, np.float32)
         return rows, score
 
     # -- what the retriever deployment answers (one call each) ----------------------------------------
@@ -351,12 +381,17 @@ class RetrievalModel:
     def candidates(self, u: np.ndarray, hist_rows: Sequence[int], hist_ts: Sequence[int], hist_events: Sequence[int],
                    exclude_rows: Sequence[int], categories: Optional[Sequence[str]], n: int) -> Dict[str, Any]:
         """Top-``n`` unseen items for user vector ``u`` with the ranker's inputs and the reasons."""
-        rows, scores = self.search(u, n, list(exclude_rows) + list(hist_rows), categories)
+        with self._lock:
+            if self.channels is not None:
+                rows, scores, z = self.fused_search(u, n, hist_rows, exclude_rows, categories)
+            else:
+                rows, scores = self.search(u, n, list(exclude_rows) + list(hist_rows), categories)
+                z = None
         if len(rows) == 0:
             return {"rows": rows, "retrieval": scores, "i": np.zeros((0, self.dim), np.float32),
                     "ctx": np.zeros((0, NUM_CONTEXT), np.float32), "items": [], "reasons": []}
         return {"rows": rows, "retrieval": scores, "i": self.vectors[rows],
-                "ctx": self.context(rows, scores, hist_rows, hist_ts, hist_events),
+                "ctx": self.context(rows, scores, hist_rows, hist_ts, hist_events, z),
                 "items": self.describe(rows), "reasons": self.reasons(rows, hist_rows)}
 
     def cold_start_items(self, n: int, exclude: Sequence[str], categories: Optional[Sequence[str]]) -> Dict[str, Any]:

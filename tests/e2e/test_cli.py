@@ -67,8 +67,34 @@ def ray_head(tmp_path):
                 time.sleep(1)
         yield address
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=ENV, capture_output=True, timeout=120)
+        stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def stop_cluster(temp_dir: str, timeout_s: float = 30) -> None:
+    """Stop only the Ray cluster started with ``--temp-dir=temp_dir`` (its GCS, raylet, dashboard
+    and workers name that folder on their command lines). ``ray stop --force`` would end every
+    Ray process of the user on the machine, other people's jobs included."""
+    import psutil
+
+    def ours(proc):
+        try:
+            return proc.pid != os.getpid() and any(temp_dir in a for a in proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return False
+
+    procs = [p for p in psutil.process_iter() if ours(p)]
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def test_ray_job_submit_runs_the_same_command(ray_head, tmp_path):

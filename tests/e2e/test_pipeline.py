@@ -37,7 +37,7 @@ def test_pipeline_trains_evaluates_promotes_serves_and_text_pays_off(tmp_path):
     args = [sys.executable, "-m", "jobs.pipeline", f"storage.root={root}",
             "data.synthetic.num_events=12000", "data.synthetic.num_items=1500", "data.synthetic.num_shards=3",
             "retriever.dim=32", "retriever.max_len=50", "train.retriever.epochs=12", "train.retriever.eval_every=4",
-            "train.llm.steps=2", "train.llm.batch_size=8", "ranker.epochs=5", "ray.num_cpus=2",
+            "train.llm.steps=2", "train.llm.batch_size=8", "ranker.epochs=5", "ray.num_cpus=2", "evaluate.baselines=true",
             "serve.enabled=true", f"serve.port={port}"]
     log = open(tmp_path / "pipeline.log", "w+")
     p = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True)

@@ -130,6 +130,13 @@ def test_garbage_and_oversized_bodies_do_not_hurt_the_service(app):
     r = requests.post(app["url"] + "/v1/events", data=b"x" * (2 << 20), headers={"content-type": "application/json"},
                       timeout=10)
     assert r.status_code == 413 and "body" in r.json()["error"]
+    # Chunked, with no Content-Length: the limit is enforced on the stream itself.
+    chunks = (b"[" + b"1," * 1000 for _ in range(1600))
+    r = requests.post(app["url"] + "/v1/events", data=chunks, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and "body" in r.json()["error"]
+    small = iter([b'{"user_id": "u0000001", ', b'"k": 3}'])
+    r = requests.post(app["url"] + "/v1/recommend", data=small, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["items"]) == 3, r.text
     assert requests.get(app["url"] + "/v1/items/missing", timeout=10).status_code == 404
     assert requests.get(app["url"] + "/healthz", timeout=10).status_code == 200
 
@@ -137,13 +144,16 @@ def test_garbage_and_oversized_bodies_do_not_hurt_the_service(app):
 def test_a_new_item_from_text_is_recommendable_at_once(app):
     items = app["bundle"]["items"]
     rows = [r for r in items.to_pylist() if r["categories"] == ["Cycling"]]
-    template = rows[0]
-    item = {"item_id": "fresh-helmet-1", "title": template["title"].rsplit(" ", 1)[0] + " Pro",
-            "text": template["text"], "categories": ["Cycling"]}
+    recent = [{"item_id": r["item_id"]} for r in rows[1:9]]
+    # The user's best pick now; a new item with the same LLM text is its nearest text neighbour.
+    best = post(app, "/v1/recommend", {"k": 1, "recent_events": recent})["items"][0]
+    template = next(r for r in items.to_pylist() if r["item_id"] == best["item_id"])
+    item = {"item_id": "fresh-helmet-1", "title": template["title"] + " Pro", "text": template["text"],
+            "categories": template["categories"]}
     out = requests.put(app["url"] + "/v1/items", json={"items": [item]}, timeout=60)
     assert out.status_code == 200 and out.json()["new"] == 1, out.text
     assert requests.get(app["url"] + "/v1/items/fresh-helmet-1", timeout=10).json()["title"] == item["title"]
-    recs = post(app, "/v1/recommend", {"k": 50, "recent_events": [{"item_id": r["item_id"]} for r in rows[1:9]]})
+    recs = post(app, "/v1/recommend", {"k": 10, "recent_events": recent})
     assert "fresh-helmet-1" in [it["item_id"] for it in recs["items"]]
     assert any(p.startswith("catalog/upserts/") for p in app["storage"].list_files("catalog"))
 

@@ -52,3 +52,13 @@ def test_unknown_lr_schedule_is_refused_at_load_time():
     with pytest.raises(ConfigError, match="train.retriever.schedule"):
         load_config(["train.retriever.schedule=linear"], None)
     assert load_config(["train.retriever.schedule=constant"], None).train.retriever.schedule == "constant"
+
+
+def test_data_source_applies_its_preset_unless_a_config_is_given(tmp_path):
+    cfg = parse_cli(["data.source=amazon", "data.path=/x", "preprocess.kcore=5"])
+    assert cfg.retriever.max_len == 50 and cfg.train.retriever.patience == 30  # configs/amazon.yaml
+    assert cfg.preprocess.kcore == 5 and cfg.data.path == "/x"  # key=value still wins
+    y = tmp_path / "mine.yaml"
+    y.write_text("retriever:\n  max_len: 77\n")
+    assert parse_cli(["--config", str(y), "data.source=amazon", "data.path=/x"]).retriever.max_len == 77
+    assert parse_cli(["data.source=files", "data.path=/x"]).retriever.max_len == 200  # no preset: defaults

@@ -165,7 +165,7 @@ def test_one_cycle_schedule_warms_up_then_decays():
     windows = {"items": np.zeros((100, 4))}
     assert steps_per_epoch(windows, 32) == 4 and steps_per_epoch(windows, 32, world=2) == 2
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = lr_schedule(opt, RetrieverTrainConfig(lr=0.01, warmup=0.1), 100)
+    sched = lr_schedule(opt, RetrieverTrainConfig(lr=0.01, warmup=0.1, schedule="onecycle"), 100)
     lrs = []
     for _ in range(100):
         lrs.append(opt.param_groups[0]["lr"])
@@ -229,3 +229,29 @@ def test_lora_trains_only_adapters(tiny_encoder):
     contrastive_loss(emb[:2], emb[2:]).backward()
     opt.step()
     assert all(torch.equal(frozen_before[n], p) for n, p in enc.named_parameters() if not p.requires_grad)
+
+
+def test_user_vector_does_not_depend_on_batch_padding():
+    """Issue 14.1: a user's vector is the same alone and in any left-padded batch."""
+    torch.manual_seed(0)
+    model = SequenceRetriever(RetrieverConfig(num_items=30, use_text=False, dim=16, heads=2, max_len=12)).eval()
+    short = torch.tensor([[3, 7, 9]])
+    ev = torch.ones_like(short)
+    gaps = torch.zeros_like(short)
+    alone = model.user_vector(short, ev, gaps)
+    for pad in (1, 5, 9):
+        batch = torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1),
+                           torch.randint(1, 30, (1, 3 + pad))])
+        v = model.user_vector(batch, (batch > 0).long(), torch.zeros_like(batch))
+        assert torch.allclose(v[0], alone[0], atol=1e-5), pad
+
+
+def test_budget_is_derived_from_the_data_size():
+    from components.retriever_training import RetrieverTrainConfig, plan_budget
+
+    small = {"items": np.zeros((450, 5)), "targets": np.ones((450, 5))}
+    b = plan_budget(RetrieverTrainConfig(batch_size=64, min_steps_per_epoch=16, epochs=300, max_tokens=10**6), small, 2)
+    assert b.batch_size == 15 and b.steps_per_epoch >= 15 and b.epochs == 300  # tiny data: many small steps
+    big = {"items": np.zeros((4000, 200)), "targets": np.ones((4000, 200))}
+    b = plan_budget(RetrieverTrainConfig(batch_size=32, epochs=300, max_tokens=4_000_000), big, 2)
+    assert b.batch_size == 32 and b.epochs == 5 and b.tokens_per_epoch == 800_000  # token budget caps epochs

@@ -4,13 +4,17 @@ from components.storage import Storage
 from jobs.evaluate import gate_and_promote
 
 
-def _res(ndcg):
-    return {"main_model": "hybrid", "models": {"hybrid": {"test": {"ndcg@10": ndcg, "recall@10": 2 * ndcg}}}}
+def _res(ndcg, version="v1", knn_valid=None):
+    models = {"hybrid": {"test": {"ndcg@10": ndcg, "recall@10": 2 * ndcg}, "valid": {"ndcg@10": ndcg}}}
+    if knn_valid is not None:
+        models["ItemKNN"] = {"valid": {"ndcg@10": knn_valid}, "test": {"ndcg@10": knn_valid}}
+        models["MostPopular"] = {"valid": {"ndcg@10": knn_valid / 2}, "test": {"ndcg@10": knn_valid / 2}}
+    return {"main_model": "hybrid", "dataset_version": version, "models": models}
 
 
 def _train_out(run):
     return {"run_id": run, "prefix": f"checkpoints/recommender/{run}", "manifest": {"a": "0" * 64},
-            "lineage": {"run_id": run, "config": {"big": 1}}}
+            "lineage": {"run_id": run, "dataset_version": "v1", "config": {"big": 1}}}
 
 
 def test_gate_promotes_refuses_below_floor_and_regressions(tmp_path):
@@ -25,3 +29,14 @@ def test_gate_promotes_refuses_below_floor_and_regressions(tmp_path):
     pointer = ck.read_pointer(st, "recommender")
     assert pointer["run_id"] == "r3" and pointer["metrics"]["test_ndcg@10"] == 0.095
     assert "config" not in pointer["lineage"]
+
+
+def test_gate_requires_beating_the_baselines_and_ignores_other_splits(tmp_path):
+    st = Storage(str(tmp_path))
+    cfg = load_config(["evaluate.tolerance=0.0"])
+    d = gate_and_promote(cfg, st, _res(0.10, knn_valid=0.12), _train_out("r0"))
+    assert d["promoted"] is False and "ItemKNN" in d["reason"]
+    assert gate_and_promote(cfg, st, _res(0.10, knn_valid=0.08), _train_out("r1"))["promoted"] is True
+    # A lower figure on another dataset version is not a regression: it is not comparable.
+    d = gate_and_promote(cfg, st, _res(0.05, version="v2", knn_valid=0.04), _train_out("r2"))
+    assert d["promoted"] is True and d["current"] is None and "not compared" in d["note"]

@@ -101,8 +101,17 @@ def test_an_upserted_item_is_retrievable_at_once_from_its_text(loaded):
     assert new == 1 and r.item("brand-new-helmet")["new"] is True
     cand, _ = r.search(u, 50, exclude_rows=rows)
     assert r.row["brand-new-helmet"] in set(cand.tolist())
+    # The fused channels (what /v1/recommend uses): a new item whose LLM text is that of the
+    # user's best pick is in the top-10 at once (it inherits its nearest catalog items' score).
+    ts = [1_700_000_000_000 + k for k in range(8)]
+    best = r.candidates(u, rows, ts, [1] * 8, [], None, 10)["items"][0]
+    twin = r.text[r.row[best["item_id"]] - 1].numpy()[None]
+    assert r.upsert([{"item_id": "twin-of-best", "title": "Twin", "categories": [cat]}], twin) == 1
+    assert r.channels is not None and r.channels.num_items == r.size
+    top = r.candidates(u, rows, ts, [1] * 8, [], None, 10)
+    assert "twin-of-best" in [x["item_id"] for x in top["items"]]
     fresh, _ = r.cold_start(3)
-    assert r.row["brand-new-helmet"] in set(fresh.tolist())  # fresh items are mixed into cold start
+    assert r.row["twin-of-best"] in set(fresh.tolist())  # the freshest item is mixed into cold start
     assert r.upsert([{"item_id": "brand-new-helmet", "title": "Renamed", "categories": [cat]}], text) == 0
     assert r.item("brand-new-helmet")["title"] == "Renamed"
 

@@ -1,0 +1,82 @@
+"""Candidate channels and their fusion (components.channels), and as-of ranker statistics."""
+
+import numpy as np
+import torch
+
+from components.baselines import ItemKNN
+from components.channels import Channels, FusionConfig, covisitation
+from components.metrics import rank_and_topk, ranking_metrics
+from components.ranker import item_stats
+
+
+def _histories():
+    # Items 0-2 are bought together, 3-5 together; item 6 is rare.
+    rng = np.random.default_rng(0)
+    out = []
+    for u in range(40):
+        block = [0, 1, 2] if u % 2 else [3, 4, 5]
+        out.append(rng.permutation(block))
+    out.append(np.array([6, 0]))
+    return out
+
+
+def test_covisitation_keeps_top_neighbours_without_self():
+    sim = covisitation(_histories(), 7, neighbors=2, shrink=0.0).toarray()
+    assert np.all(np.diag(sim) == 0)
+    assert np.all((sim > 0).sum(1) <= 2)
+    assert sim[0, 1] > 0.9 and sim[0, 3] == 0  # same block vs other block
+    assert np.allclose(sim[:6, :6], sim[:6, :6].T)
+
+
+def test_itemknn_baseline_is_the_covisitation_channel():
+    h = _histories()
+    knn = ItemKNN(h, 7).scores([np.array([0]), np.array([3, 4])])
+    ch = Channels.fit_data(h, 7, None).covisit_scores([np.array([0]), np.array([3, 4])], decay=1.0)
+    assert torch.allclose(knn, ch)
+
+
+def test_fusion_fit_is_never_worse_than_a_single_channel():
+    h = _histories()
+    ch = Channels.fit_data(h, 7, None)
+    hist = [np.array([0]), np.array([3]), np.array([1]), np.array([4])]
+    targets = np.array([2, 5, 2, 5])
+    raw = torch.randn(4, 7, generator=torch.Generator().manual_seed(1))  # an uninformative retriever
+
+    def objective(s):
+        return ranking_metrics(rank_and_topk(s.clone(), targets, hist)[0], (10,))["ndcg@10"]
+
+    alone = objective(raw)
+    knn_alone = objective(ch.covisit_scores(hist, 1.0))
+    fit = ch.fit_weights(raw, hist, objective)
+    assert fit["valid_ndcg@10"] >= max(alone, knn_alone) - 1e-9
+    assert fit["weights"]["covisit"] > 0
+    fused, z = ch.scores(raw, hist)
+    assert objective(fused) == fit["valid_ndcg@10"]
+
+
+def test_channels_round_trip_and_new_item_reached_through_text(tmp_path):
+    h = _histories()
+    text = torch.eye(7, 4)[:, :4] + 0.01
+    ch = Channels.fit_data(h, 7, text, FusionConfig(weights={"retriever": 1.0, "covisit": 0.5, "text": 2.0}))
+    ch.save(tmp_path)
+    back = Channels.load(tmp_path, text)
+    hist = [np.array([0, 1])]
+    raw = torch.zeros(1, 7)
+    assert torch.allclose(back.scores(raw, hist)[0], ch.scores(raw, hist)[0])
+    # A new item (row 7) whose text is item 1's: the text channel puts it on top.
+    back.grow(1)
+    back.set_text(7, text[1].numpy())
+    fused, _ = back.scores(torch.zeros(1, 8), [np.array([1])])
+    fused[0, 1] = -np.inf
+    assert int(torch.argmax(fused[0])) == 7
+
+
+def test_ranker_statistics_are_as_of_the_cutoff():
+    stats = item_stats([np.array([0, 1]), np.array([1, 2])], [np.array([100, 200]), np.array([300, 400])],
+                       [[], [], [], []], None)
+    count, last = stats.as_of(np.array([0, 1, 2, 3]), 250)
+    assert count.tolist() == [1, 1, 0, 0]  # item 1's interaction at 300 and item 2's at 400 are later
+    assert last.tolist() == [100, 200, 0, 0]
+    count, _ = stats.as_of(np.array([1, 5]), 10_000)
+    assert count.tolist() == [2, 0]  # item 5 was added after training
+    assert np.allclose(stats.log_pop, np.log1p([1, 2, 1, 0]))
