@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
+from serve.auth import client_headers
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOYMENTS = ("encoder", "retriever", "ranker", "text")
@@ -98,6 +100,7 @@ def main() -> None:
 
     def client():
         s = requests.Session()
+        s.headers.update(client_headers())
         k = 0
         while not stop.is_set():
             try:
@@ -121,7 +124,8 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         for s in range(0, len(events), 500):
-            r = requests.post(url + "/v1/events", json={"events": events[s:s + 500]}, timeout=60)
+            r = requests.post(url + "/v1/events", json={"events": events[s:s + 500]}, headers=client_headers(),
+                              timeout=60)
             assert r.status_code == 202, r.text
         t_posted = time.perf_counter()
         result["post_s"] = round(t_posted - t0, 2)

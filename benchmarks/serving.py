@@ -26,6 +26,8 @@ from typing import Any, Dict, List
 
 import numpy as np
 
+from serve.auth import client_headers
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +108,8 @@ async def load(url: str, users: List[str], n: int, concurrency: int) -> Dict[str
                     continue
             lat.append((time.perf_counter() - t0) * 1000)
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
+                                     headers=client_headers()) as session:
         await asyncio.gather(*[worker(session) for _ in range(min(concurrency, n))])  # warm-up
         queue[:] = list(range(n))
         lat.clear()
@@ -144,6 +147,7 @@ def hop_cost(port_url: str, n: int = 200) -> Dict[str, Any]:
     serve.run(Probe.bind(Echo.bind()), name="probe", route_prefix="/probe",
               logging_config={"log_level": "WARNING", "enable_access_log": False})
     s = requests.Session()
+    s.headers.update(client_headers())
     out = {}
     for hops in (0, 1, 5):
         lat = []
@@ -163,6 +167,7 @@ def event_to_effect(url: str, users: List[str], n: int) -> Dict[str, Any]:
     import requests
 
     s = requests.Session()
+    s.headers.update(client_headers())
     ack, effect, missed = [], [], 0
     for k in range(n):
         user = users[(k * 7) % len(users)]
@@ -194,6 +199,7 @@ def swap(url: str, storage, pointer, users: List[str], rounds: int = 2) -> Dict[
 
     def client():
         s = requests.Session()
+        s.headers.update(client_headers())
         k = 0
         while not stop.is_set():
             try:

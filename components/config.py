@@ -216,6 +216,12 @@ class RetrainConfig:
 
 
 @dataclass
+class ForgetConfig:
+    # jobs.forget_user: the user id to remove from every stored table (see components/privacy.py).
+    user_id: Optional[str] = None
+
+
+@dataclass
 class AppConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -228,6 +234,7 @@ class AppConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    forget: ForgetConfig = field(default_factory=ForgetConfig)
 
 
 def load_config(

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from components import interactions as ix
+from components.privacy import drop_forgotten, drop_forgotten_records
 from components.schemas import EVENT_SCHEMA, ITEM_SCHEMA, QUARANTINE_SCHEMA
 from components.shards import ShardReader
 from components.storage import Storage
@@ -133,10 +134,18 @@ class ValidatedStream:
     log: ix.InteractionLog = field(default_factory=ix.InteractionLog)
     items: List[pa.Table] = field(default_factory=list)
     rows_in: int = 0
+    # digest -> forgotten_at_ms (components.privacy): those users' events up to then are dropped
+    forgotten: Dict[str, int] = field(default_factory=dict)
+    forgotten_rows: int = 0
 
     def add_events(self, table: pa.Table) -> None:
         good, rej = split_validated(table)
         self.rows_in += table.num_rows
+        good, dropped = drop_forgotten(good, self.forgotten)
+        rej, dropped_raw = drop_forgotten_records(rej, self.forgotten)
+        # Forgotten rows count as never read (valid + quarantined = raw rows still holds).
+        self.rows_in -= dropped + dropped_raw
+        self.forgotten_rows += dropped + dropped_raw
         self.log.add(good)
         self.quarantine.add(rej)
 

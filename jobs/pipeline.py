@@ -83,13 +83,18 @@ def feedback_demo(cfg: Any, storage: Storage, url: str) -> None:
 
     import requests
 
+    from serve.auth import client_headers
+
+    http = requests.Session()
+    http.headers.update(client_headers())  # the admin key when the service has keys
+
     def share(users, category):
-        recs = [requests.post(url + "/v1/recommend", json={"user_id": u, "k": 10}, timeout=30).json()["items"]
+        recs = [http.post(url + "/v1/recommend", json={"user_id": u, "k": 10}, timeout=30).json()["items"]
                 for u in users]
         return sum(category in it["categories"] for r in recs for it in r) / max(1, sum(len(r) for r in recs))
 
     print(f"service up on {url}; first, the feedback loop demo (serve.demo_feedback=true)", flush=True)
-    users = requests.get(url + f"/v1/users?limit={cfg.serve.demo_users}", timeout=30).json()["users"]
+    users = http.get(url + f"/v1/users?limit={cfg.serve.demo_users}", timeout=30).json()["users"]
     pointer = ck.read_pointer(storage, train.BUNDLE)
     items = storage.read_parquet(f"{pointer['prefix']}/items", columns=["item_id", "categories"]).to_pylist()
     cats = Counter(c for it in items for c in it["categories"] or [])
@@ -101,7 +106,7 @@ def feedback_demo(cfg: Any, storage: Storage, url: str) -> None:
     events = [{"user_id": u, "item_id": pool[(k * 7 + j) % len(pool)], "event": "click"}
               for k, u in enumerate(users) for j in range(5)]
     for s in range(0, len(events), 100):
-        r = requests.post(url + "/v1/events", json={"events": events[s:s + 100]}, timeout=60)
+        r = http.post(url + "/v1/events", json={"events": events[s:s + 100]}, timeout=60)
         r.raise_for_status()
     live = share(users, category)
     print(f"\nfeedback loop demo: {len(users)} users clicked {len(events)} '{category}' items through "

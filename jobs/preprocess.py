@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterator, List
 
 import pyarrow as pa
 
+from components import privacy
 from components.config import to_dict
 from components.dataset_version import (QuarantineSink, ShardValidator, ValidatedStream, build_dataset,
                                         fingerprint, write_dataset)
@@ -63,11 +64,13 @@ def run(cfg: Any, engine: str = "ray") -> Dict[str, Any]:
         raise FileNotFoundError(describe_missing(source.events, source.events_prefix, "event"))
     item_shards = list_shards(source.items, source.items_prefix) if source.items else []
 
-    version = cfg.preprocess.version or fingerprint(_listing(source, shards, item_shards), _settings(cfg))
+    tombstones = privacy.forgotten(storage)  # users forgotten through DELETE /v1/users or jobs.forget_user
+    settings = {**_settings(cfg), **({"forgotten": sorted(tombstones.items())} if tombstones else {})}
+    version = cfg.preprocess.version or fingerprint(_listing(source, shards, item_shards), settings)
     prefix = f"datasets/{source.name}/{version}"
     storage.delete(prefix)
     sink = QuarantineSink(storage, f"{prefix}/quarantine/part-00000.parquet")
-    stream = ValidatedStream(sink)
+    stream = ValidatedStream(sink, forgotten=tombstones)
     now_ms = int(time.time() * 1000)
     events = ShardValidator(ShardReader(source.events, source.columns, cfg.preprocess.batch_size), "events",
                             cfg.data.ts_unit, cfg.data.default_event, now_ms)
@@ -95,6 +98,7 @@ def run(cfg: Any, engine: str = "ray") -> Dict[str, Any]:
         "dataset": source.name, "version": version, "engine": engine,
         "raw_rows": stream.rows_in, "event_shards": len(shards), "item_shards": len(item_shards),
         "quarantined": sink.total, "quarantined_by_reason": dict(sink.reasons),
+        "forgotten_users": len(tombstones), "forgotten_events_dropped": stream.forgotten_rows,
         "read_validate_s": round(read_s, 3), "created_at": datetime.now(timezone.utc).isoformat(),
         "source": {k: v for k, v in source.info.items() if k != "key"},
     })

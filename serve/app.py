@@ -30,9 +30,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from components import checkpoints as ck
+from components import privacy
 from components.schemas import EVENT_TYPES
 from components.storage import Storage
-from serve import api
+from serve import api, auth
 from serve.bundle import ModelWatcher
 from serve.flow import HandleBackend, recommend
 from serve.feedback import (GroupCommitLog, SessionState, list_feedback_shards, read_feedback, shard_key,
@@ -70,6 +71,14 @@ class ServeSettings:
     # starts within linger + one write time of an event (well under 200 ms on local disk or S3).
     feedback_linger_ms: float = 0.0
     feedback_max_events: int = 1024
+    # Access (serve/auth.py): keys from LLMREC_WRITE_KEY / LLMREC_ADMIN_KEY / LLMREC_READ_KEY and
+    # this secret file; recommend/health/docs need a key only with require_read_key.
+    keys_file: Optional[str] = None
+    require_read_key: bool = False
+    # Requests per key (per client address without one) and ingress replica, "N/second|minute";
+    # null turns it off. rate_limit_storage "redis://host:port" shares the count across replicas.
+    rate_limit: Optional[str] = "300/second"
+    rate_limit_storage: str = "memory://"
 
     @classmethod
     def from_args(cls, args: Optional[Dict[str, Any]]) -> "ServeSettings":
@@ -81,6 +90,13 @@ class ServeSettings:
         out = cls(**args)
         if out.mode not in ("graph", "fused"):
             raise ValueError(f"serve args mode must be graph or fused, got {out.mode!r}")
+        if out.rate_limit:
+            from limits import parse
+
+            try:
+                parse(out.rate_limit)
+            except ValueError:
+                raise ValueError(f"serve args rate_limit: {out.rate_limit!r} is not like '300/second'") from None
         return out
 
     def storage(self) -> Storage:
@@ -332,6 +348,15 @@ class EventStore:
     async def users(self, limit: int) -> List[str]:
         return self.state.users(limit)
 
+    async def forget(self, user_id: str) -> Dict[str, Any]:
+        """Forget the user everywhere: live state now, then every stored table (privacy.forget_user)
+        once the events queued before this call are stored, so none of them escapes the rewrite."""
+        live = self.state.forget(user_id)
+        await self.log.drain()
+        record = await asyncio.to_thread(privacy.forget_user, self.storage, user_id)
+        self.state.forget(user_id)
+        return {**record, "live_events_removed": live}
+
     async def status(self) -> Dict[str, Any]:
         return {"users": len(self.state), "rebuilt": self.rebuilt, "shards_written": self.log.shards_written,
                 "events_written": self.log.events_written, "write_failures": self.log.write_failures,
@@ -374,7 +399,21 @@ async def _invalid(request: Request, exc: RequestValidationError):
 
 
 @app.middleware("http")
-async def _limit_size(request: Request, call_next):
+async def _guard(request: Request, call_next):
+    """Access, rate and size checks before a route reads anything (an unauthenticated client
+    cannot make the replica read a body)."""
+    policy, limiter = auth.current()
+    authorization = request.headers.get("authorization")
+    denied = policy.check(request.method, request.url.path, authorization)
+    if denied is not None:
+        status, message = denied
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse(status_code=status, content={"error": message}, headers=headers)
+    if request.url.path != "/healthz":  # probes are never throttled
+        wait = limiter.hit(auth.client_id(authorization, request.client.host if request.client else None))
+        if wait is not None:
+            return JSONResponse(status_code=429, content={"error": f"rate limit: retry in {wait} s"},
+                                headers={"Retry-After": str(wait)})
     too_big = JSONResponse(status_code=413, content={"error": f"body: larger than {api.MAX_BODY_BYTES} bytes"})
     size = request.headers.get("content-length")
     if size is not None and (not size.isdigit() or int(size) > api.MAX_BODY_BYTES):
@@ -406,6 +445,18 @@ def _metrics():
     }
 
 
+def _http_host() -> Optional[str]:
+    """The address Serve's proxies bind to (None if the controller cannot say)."""
+    try:
+        import ray
+        from ray.serve.context import _get_global_client
+
+        return ray.get(_get_global_client()._controller.get_http_config.remote(), timeout=30).host
+    except Exception as exc:  # an internal API: a newer Ray may move it
+        log.warning("could not read Serve's http host (%s); bind check skipped", exc)
+        return None
+
+
 # Everything the ingress uses must be defined above it: serve.ingress serialises the class when
 # it is decorated.
 @serve.deployment
@@ -414,6 +465,11 @@ class Ingress:
     def __init__(self, encoder: DeploymentHandle, retriever: DeploymentHandle, ranker: DeploymentHandle,
                  text: DeploymentHandle, events: DeploymentHandle, args: Dict[str, Any]):
         self.settings = ServeSettings.from_args(args)
+        policy = auth.AccessPolicy.load(keys_file=self.settings.keys_file,
+                                        require_read_key=self.settings.require_read_key)
+        auth.check_bind(policy, _http_host())
+        auth.configure(policy, auth.RateLimiter(self.settings.rate_limit, self.settings.rate_limit_storage))
+        log.info("access: %s", auth.dumps_public(policy))
         if self.settings.mode == "fused":  # the model stages live in this replica
             encoder = LocalHandle(UserEncoder.func_or_class(args))
             retriever = LocalHandle(Retriever.func_or_class(args))
@@ -535,6 +591,23 @@ class Ingress:
         return {"user_id": user_id, "events": [
             {"item_id": h[0], "event": EVENT_TYPES[h[1]], "ts": h[2], "title": (it or {}).get("title", "")}
             for h, it in zip(hist, items)]}
+
+
+    @app.delete("/v1/users/{user_id}")
+    async def forget_user(self, user_id: str) -> Dict[str, Any]:
+        """Forget the user: live state, feedback, datasets, reports (admin key). The answer is
+        the audit record, which names the user only by a digest."""
+        if not 0 < len(user_id) <= api.MAX_ID:
+            raise HTTPException(422, f"user_id: must be 1..{api.MAX_ID} characters")
+        t0 = time.perf_counter()
+        try:
+            out = await self.events.forget.remote(user_id)
+        except Exception as exc:
+            self._observe("forget", t0, 503)
+            log.error("forget failed: %s", type(exc).__name__)  # the id is not logged
+            raise HTTPException(503, "forget not completed, retry (it is idempotent)") from None
+        self._observe("forget", t0, 200)
+        return {"forgotten": True, **out}
 
 
 def build(args: Optional[Dict[str, Any]] = None) -> serve.Application:

@@ -89,6 +89,7 @@ class GroupCommitLog:
         self.events_written = 0
         self.write_failures = 0
         self.last_write_s = 0.0
+        self._writing = False
 
     async def append(self, rows: List[Dict[str, Any]]) -> str:
         """Queue ``rows`` and wait until they are stored; returns the shard path."""
@@ -121,9 +122,18 @@ class GroupCommitLog:
             while self._queue:
                 await self._commit(self._take())
 
+    async def drain(self, timeout_s: float = 60.0) -> None:
+        """Wait until everything queued before this call is stored (or has failed)."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue or self._writing:
+            if time.monotonic() > deadline:
+                raise TimeoutError("feedback log did not drain")
+            await asyncio.sleep(0.005)
+
     async def _commit(self, group: _Group) -> None:
         path = shard_path(int(time.time() * 1000), self.prefix)
         t0 = time.perf_counter()
+        self._writing = True
         try:
             data = table_bytes(events_table(group.rows))
             await asyncio.to_thread(self.storage.write_bytes_atomic, path, data)
@@ -134,6 +144,8 @@ class GroupCommitLog:
                 if not f.done():
                     f.set_exception(RuntimeError(f"feedback storage unavailable: {exc}"))
             return
+        finally:
+            self._writing = False
         self.last_write_s = time.perf_counter() - t0
         self.shards_written += 1
         self.events_written += len(group.rows)
@@ -205,8 +217,7 @@ class SessionState:
         if table.num_rows == 0:
             return 0
         t = pa.table({c: table[c].cast(pa.string()) for c in ("user_id", "item_id", "event")} | {"ts": table["ts"]})
-        t = t.sort_by([("user_id", "ascending"),
-                                                                          ("ts", "ascending")])
+        t = t.sort_by([("user_id", "ascending"), ("ts", "ascending")])
         ts = t["ts"].cast(pa.int64()).to_numpy()
         users = t["user_id"].to_pylist()
         items = t["item_id"].to_pylist()
@@ -223,6 +234,11 @@ class SessionState:
     def history(self, user_id: str) -> List[Entry]:
         with self._lock:
             return list(self._users.get(user_id, ()))
+
+    def forget(self, user_id: str) -> int:
+        """Drop the user's live state; returns how many events it held."""
+        with self._lock:
+            return len(self._users.pop(user_id, ()))
 
     def users(self, limit: int = 50) -> List[str]:
         with self._lock:

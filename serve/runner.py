@@ -14,6 +14,8 @@ from typing import Any, Dict, Optional
 
 import yaml
 
+from serve.auth import AccessPolicy, check_bind
+
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,8 +48,12 @@ def start(config_path: str | Path, overrides: Optional[Dict[str, Any]] = None, h
     http.setdefault("host", "127.0.0.1")
     http.setdefault("port", 8000)
     args = {**(app.get("args") or {}), **(overrides or {})}
+    # Fail here, before anything is deployed, when an open API would face the network.
+    check_bind(AccessPolicy.load(keys_file=args.get("keys_file"), require_read_key=bool(args.get("require_read_key"))),
+               http["host"])
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments") or []}
-    serve.start(http_options={"host": http["host"], "port": int(http["port"])})
+    opts = {k: http[k] for k in ("host", "port", "request_timeout_s", "keep_alive_timeout_s") if k in http}
+    serve.start(http_options={**opts, "port": int(opts["port"])})
     serve.run(build({**args, "deployment_options": options}), name=app.get("name", "recommender"),
               route_prefix=app.get("route_prefix", "/"), logging_config=conf["logging_config"])
     return f"http://{http['host']}:{http['port']}"

@@ -19,6 +19,10 @@ from jobs.quick_train import build_bundle
 
 pytestmark = [pytest.mark.ray, pytest.mark.serve]
 WATCH_S = 0.5
+# The service under test has keys (from a secret file, as a mounted Kubernetes Secret would be);
+# the open, loopback-only mode is what the e2e pipeline and retrain tests run.
+ADMIN_KEY, WRITE_KEY = "admin-" + "a" * 24, "write-" + "w" * 24
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 @pytest.fixture(scope="module", params=["configs/serve.yaml", "configs/serve-fused.yaml"], ids=["graph", "fused"])
@@ -28,14 +32,16 @@ def app(ray_local, tmp_path_factory, request):
     CONFIG = request.param
     root = tmp_path_factory.mktemp("serve-store")
     bundle = build_bundle(root, epochs=6)
-    url = runner.start(CONFIG, {"storage_root": str(root), "watch_interval_s": WATCH_S},
+    keys = tmp_path_factory.mktemp("secret") / "keys.yaml"
+    keys.write_text(f"admin: [{ADMIN_KEY}]\nwrite: [old-write-key-0123456789, {WRITE_KEY}]\n")
+    url = runner.start(CONFIG, {"storage_root": str(root), "watch_interval_s": WATCH_S, "keys_file": str(keys)},
                        port=free_port())
     yield {"url": url, "root": root, "bundle": bundle, "storage": bundle["storage"]}
     serve.shutdown()
 
 
 def post(app, path, body, expect=200):
-    r = requests.post(app["url"] + path, json=body, timeout=30)
+    r = requests.post(app["url"] + path, json=body, headers=ADMIN, timeout=30)
     assert r.status_code == expect, r.text
     return r.json()
 
@@ -56,8 +62,8 @@ def test_health_version_and_docs(app):
 
 
 def test_recommend_for_a_known_user_with_reasons_from_history(app):
-    user = requests.get(app["url"] + "/v1/users?limit=1", timeout=10).json()["users"][0]
-    hist = {e["item_id"] for e in requests.get(f"{app['url']}/v1/users/{user}/history?limit=200", timeout=10)
+    user = requests.get(app["url"] + "/v1/users?limit=1", headers=ADMIN, timeout=10).json()["users"][0]
+    hist = {e["item_id"] for e in requests.get(f"{app['url']}/v1/users/{user}/history?limit=200", headers=ADMIN, timeout=10)
             .json()["events"]}
     out = post(app, "/v1/recommend", {"user_id": user, "k": 10})
     assert len(out["items"]) == 10 and out["model_version"] == app["bundle"]["run_id"] and not out["cold_start"]
@@ -84,7 +90,7 @@ def test_clicks_change_the_very_next_recommendation(app):
     for iid, cats in zip(items["item_id"].to_pylist(), items["categories"].to_pylist()):
         if len(cats) == 1:
             by_cat.setdefault(cats[0], []).append(iid)
-    user = requests.get(app["url"] + "/v1/users?limit=1", timeout=10).json()["users"][0]
+    user = requests.get(app["url"] + "/v1/users?limit=1", headers=ADMIN, timeout=10).json()["users"][0]
     before = post(app, "/v1/recommend", {"user_id": user, "k": 20})
     least = min(by_cat, key=lambda c: (categories_of(before["items"])[c], c))
     t0 = time.time()
@@ -119,7 +125,7 @@ def test_events_about_unknown_items_are_stored_and_reported(app):
     ("put", "/v1/items", {"items": [{"title": "no id"}]}, "items.0.item_id"),
 ])
 def test_malformed_requests_get_4xx_naming_the_field(app, method, path, body, field):
-    r = getattr(requests, method)(app["url"] + path, json=body, timeout=10)
+    r = getattr(requests, method)(app["url"] + path, json=body, headers=ADMIN, timeout=10)
     assert r.status_code == 422 and field in r.json()["error"], r.text
 
 
@@ -127,18 +133,62 @@ def test_garbage_and_oversized_bodies_do_not_hurt_the_service(app):
     r = requests.post(app["url"] + "/v1/recommend", data=b"{not json", headers={"content-type": "application/json"},
                       timeout=10)
     assert r.status_code == 422
-    r = requests.post(app["url"] + "/v1/events", data=b"x" * (2 << 20), headers={"content-type": "application/json"},
-                      timeout=10)
+    r = requests.post(app["url"] + "/v1/events", data=b"x" * (2 << 20),
+                      headers={"content-type": "application/json", **ADMIN}, timeout=10)
     assert r.status_code == 413 and "body" in r.json()["error"]
     # Chunked, with no Content-Length: the limit is enforced on the stream itself.
     chunks = (b"[" + b"1," * 1000 for _ in range(1600))
-    r = requests.post(app["url"] + "/v1/events", data=chunks, headers={"content-type": "application/json"}, timeout=30)
+    r = requests.post(app["url"] + "/v1/events", data=chunks, headers={"content-type": "application/json", **ADMIN},
+                      timeout=30)
     assert r.status_code == 413 and "body" in r.json()["error"]
     small = iter([b'{"user_id": "u0000001", ', b'"k": 3}'])
     r = requests.post(app["url"] + "/v1/recommend", data=small, headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 200 and len(r.json()["items"]) == 3, r.text
     assert requests.get(app["url"] + "/v1/items/missing", timeout=10).status_code == 404
     assert requests.get(app["url"] + "/healthz", timeout=10).status_code == 200
+
+
+def test_keys_decide_who_may_write_read_users_and_upsert(app):
+    url, ev = app["url"], {"events": [{"user_id": "u-auth", "item_id": "i-auth", "event": "view"}]}
+    write = {"Authorization": f"Bearer {WRITE_KEY}"}
+    for method, path, body in [("post", "/v1/events", ev), ("put", "/v1/items", {"items": []}),
+                               ("get", "/v1/users", None), ("get", "/v1/users/u-auth/history", None)]:
+        r = getattr(requests, method)(url + path, json=body, timeout=10)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (path, r.text)
+        r = getattr(requests, method)(url + path, json=body, headers={"Authorization": "Bearer wrong-key-0123456789"},
+                                      timeout=10)
+        assert r.status_code == 401 and "not valid" in r.json()["error"], (path, r.text)
+        if path != "/v1/events":
+            r = getattr(requests, method)(url + path, json=body, headers=write, timeout=10)
+            assert r.status_code == 403 and "admin" in r.json()["error"], (path, r.text)
+    # the write key may post events (the older key of the rotation pair too); nobody else's data leaks
+    assert requests.post(url + "/v1/events", json=ev, headers=write, timeout=10).status_code == 202
+    old = {"Authorization": "Bearer old-write-key-0123456789"}
+    assert requests.post(url + "/v1/events", json=ev, headers=old, timeout=10).status_code == 202
+    assert WRITE_KEY not in requests.get(url + "/metrics", timeout=10).text
+    # reads stay open without require_read_key
+    assert requests.post(url + "/v1/recommend", json={"user_id": "u-auth", "k": 3}, timeout=10).status_code == 200
+    assert requests.get(url + "/openapi.json", timeout=10).status_code == 200
+    stored = read_feedback(app["storage"], list_feedback_shards(app["storage"]))
+    assert stored["user_id"].to_pylist().count("u-auth") == 2
+
+
+def test_delete_forgets_the_user_in_live_state_and_storage(app):
+    from components.privacy import mentions
+
+    url = app["url"]
+    user = requests.get(url + "/v1/users?limit=50", headers=ADMIN, timeout=10).json()["users"][-1]
+    post(app, "/v1/events", {"events": [{"user_id": user, "item_id": "i-forget", "event": "click"}]}, expect=202)
+    assert mentions(app["storage"], user)
+    write = {"Authorization": f"Bearer {WRITE_KEY}"}
+    assert requests.delete(f"{url}/v1/users/{user}", headers=write, timeout=60).status_code == 403
+    r = requests.delete(f"{url}/v1/users/{user}", headers=ADMIN, timeout=120)
+    assert r.status_code == 200 and r.json()["forgotten"] and r.json()["live_events_removed"] >= 1, r.text
+    assert user not in r.text  # the audit answer names a digest only
+    assert mentions(app["storage"], user) == []
+    assert requests.get(f"{url}/v1/users/{user}/history", headers=ADMIN, timeout=10).json()["events"] == []
+    assert user not in requests.get(url + "/v1/users?limit=1000", headers=ADMIN, timeout=10).json()["users"]
+    assert post(app, "/v1/recommend", {"user_id": user, "k": 5})["cold_start"]
 
 
 def test_a_new_item_from_text_is_recommendable_at_once(app):
@@ -150,7 +200,7 @@ def test_a_new_item_from_text_is_recommendable_at_once(app):
     template = next(r for r in items.to_pylist() if r["item_id"] == best["item_id"])
     item = {"item_id": "fresh-helmet-1", "title": template["title"] + " Pro", "text": template["text"],
             "categories": template["categories"]}
-    out = requests.put(app["url"] + "/v1/items", json={"items": [item]}, timeout=60)
+    out = requests.put(app["url"] + "/v1/items", json={"items": [item]}, headers=ADMIN, timeout=60)
     assert out.status_code == 200 and out.json()["new"] == 1, out.text
     assert requests.get(app["url"] + "/v1/items/fresh-helmet-1", timeout=10).json()["title"] == item["title"]
     recs = post(app, "/v1/recommend", {"k": 10, "recent_events": recent})
@@ -221,7 +271,7 @@ def test_live_state_is_rebuilt_from_the_feedback_log_when_its_holder_restarts(ap
     ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
     deadline = time.time() + 90
     while time.time() < deadline:  # Serve starts a new replica, which rebuilds from storage
-        r = requests.get(f"{app['url']}/v1/users/{user}/history", timeout=30)
+        r = requests.get(f"{app['url']}/v1/users/{user}/history", headers=ADMIN, timeout=30)
         if r.status_code == 200:
             break
         time.sleep(0.5)
@@ -252,6 +302,11 @@ def test_demo_page_in_a_real_browser_click_changes_the_list(app, tmp_path, monke
     try:
         driver.get(app["url"] + "/")
         wait = WebDriverWait(driver, 30)
+        # The service has keys: without one the page says so; typed in, it works.
+        wait.until(lambda d: "API key" in d.find_element(By.ID, "status").text)
+        key = driver.find_element(By.ID, "key")
+        key.send_keys(ADMIN_KEY)
+        driver.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
         wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
         user = driver.find_element(By.ID, "user").get_attribute("value")
         ready = driver.find_element(By.TAG_NAME, "body").get_attribute("data-ready")

@@ -28,3 +28,15 @@ def test_every_ray_cluster_uses_token_auth(name):
     for key in path:
         props = props[key]["properties"]
     assert "token" in props["authOptions"]["properties"]["mode"]["enum"]
+
+
+def test_the_public_rayservice_gets_api_keys_on_every_node():
+    """The RayService binds Serve to 0.0.0.0, where the ingress refuses to run without keys."""
+    spec = yaml.safe_load((ROOT / "infra" / "rayservice.yaml").read_text())["spec"]
+    assert yaml.safe_load(spec["serveConfigV2"])["http_options"]["host"] == "0.0.0.0"
+    cluster = spec["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            refs = [e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e]
+            assert "llmrec-api-keys" in refs, container["name"]
