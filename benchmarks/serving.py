@@ -236,6 +236,86 @@ def swap(url: str, storage, pointer, users: List[str], rounds: int = 2) -> Dict[
             "failed_requests": sum(1 for c in results if c != 200)}
 
 
+# Serve variants measured side by side: (config, environment of the Ray processes). The
+# environment must be set before Ray starts (the Serve controller, proxy and replicas read it
+# at import), so each variant runs in its own process with its own local Ray.
+THROUGHPUT = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+HAPROXY = {**THROUGHPUT, "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+VARIANTS: Dict[str, Any] = {
+    "graph": (CONFIGS["graph"], {}),
+    "fused": (CONFIGS["fused"], {}),
+    "fused+throughput": (CONFIGS["fused"], THROUGHPUT),
+    "fused+throughput+haproxy": (CONFIGS["fused"], HAPROXY),
+    "graph+throughput+haproxy": (CONFIGS["graph"], HAPROXY),
+}
+
+
+def measure_serve(variant: str, storage_root: str, users: List[str], n: int, port: int, overhead: bool,
+                  pointer) -> Dict[str, Any]:
+    """One Serve variant on a fresh local Ray (run in a child process with the variant's env)."""
+    import ray
+    from ray import serve
+
+    from components.storage import Storage
+    from serve import runner
+
+    config, env = VARIANTS[variant]
+    storage = Storage(storage_root)
+    r: Dict[str, Any] = {"config": config, "env": env}
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        t0 = time.perf_counter()
+        url = runner.start(config, {"storage_root": storage_root}, port=port)
+        r["startup_s"] = round(time.perf_counter() - t0, 1)
+        r["serve"] = {}
+        for c in (1, 8, 32):
+            print(f"{variant}: concurrency {c} ...", flush=True)
+            r["serve"][f"c{c}"] = asyncio.run(load(url, users, n, c))
+        print(f"{variant}: event -> effect ...", flush=True)
+        r["event_to_effect"] = event_to_effect(url, users, 50)
+        print(f"{variant}: swap ...", flush=True)
+        r["swap"] = swap(url, storage, pointer, users)
+        if overhead:
+            print("hop cost ...", flush=True)
+            r["ray_serve_overhead"] = hop_cost(url)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return r
+
+
+def measure_bare(storage_root: str, users: List[str], n: int, port: int) -> Dict[str, Any]:
+    """benchmarks.bare_app (one uvicorn process, no Ray) under the same load."""
+    import subprocess
+    import sys
+
+    import requests
+
+    url = f"http://127.0.0.1:{port}"
+    p = subprocess.Popen([sys.executable, "-m", "benchmarks.bare_app", "--storage", storage_root,
+                          "--port", str(port)], cwd=ROOT)
+    try:
+        t0 = time.perf_counter()
+        while True:
+            try:
+                if requests.get(url + "/healthz", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if p.poll() is not None or time.perf_counter() - t0 > 300:
+                raise RuntimeError("bare uvicorn app did not start")
+            time.sleep(0.5)
+        r: Dict[str, Any] = {"startup_s": round(time.perf_counter() - t0, 1), "serve": {}}
+        for c in (1, 8, 32):
+            print(f"bare uvicorn: concurrency {c} ...", flush=True)
+            r["serve"][f"c{c}"] = asyncio.run(load(url, users, n, c))
+        r["event_to_effect"] = event_to_effect(url, users, 50)
+        return r
+    finally:
+        p.terminate()
+        p.wait(timeout=60)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/ml-latest-small"))
@@ -243,15 +323,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--port", type=int, default=8765)
-    ap.add_argument("--modes", default="graph,fused", help="serving modes to measure, side by side")
+    ap.add_argument("--variants", default="bare," + ",".join(VARIANTS),
+                    help="side by side: bare (uvicorn, no Ray) and Serve variants " + ", ".join(VARIANTS))
     ap.add_argument("--out", default=str(ROOT / "results/serving_ml-latest-small.json"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one Serve variant, JSON to --out
     args = ap.parse_args()
     if not Path(args.data).is_dir():
         raise SystemExit(f"dataset not found: {args.data} (see ../shared/data/README)")
-
-    import ray
-
-    from serve import runner
 
     model = build_model(args.storage, args.data, args.epochs)
     storage, pointer = model["storage"], model["pointer"]
@@ -259,57 +337,64 @@ def main() -> None:
     users = storage.read_parquet(f"datasets/{lin['dataset']}/{lin['dataset_version']}/test",
                                  columns=["user_id"])["user_id"].cast("string").to_pylist()
     random.Random(0).shuffle(users)
+    if args.child:
+        variant, overhead = args.child.split(":")
+        out = measure_serve(variant, storage.root, users, args.requests, args.port, overhead == "1", pointer)
+        Path(args.out).write_text(json.dumps(out))
+        return
+
+    import subprocess
+    import sys
+
     result: Dict[str, Any] = {"machine": f"{os.cpu_count()} CPU cores, no GPU", "model": pointer["run_id"],
                               "trained_in_process_s": model["trained_s"], "requests_per_level": args.requests}
     print("in-process floor ...", flush=True)
     result["in_process_floor"] = floor(storage, pointer, users, args.requests)
-
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    from ray import serve
-
-    result["modes"] = {}
-    try:
-        for mode in args.modes.split(","):
-            r: Dict[str, Any] = {"config": CONFIGS[mode]}
-            t0 = time.perf_counter()
-            url = runner.start(CONFIGS[mode], {"storage_root": storage.root}, port=args.port)
-            r["startup_s"] = round(time.perf_counter() - t0, 1)
-            r["serve"] = {}
-            for c in (1, 8, 32):
-                print(f"{mode}: concurrency {c} ...", flush=True)
-                r["serve"][f"c{c}"] = asyncio.run(load(url, users, args.requests, c))
-            r["ratio_p50_c1_vs_floor"] = round(r["serve"]["c1"]["p50_ms"] / result["in_process_floor"]["p50_ms"], 1)
-            print(f"{mode}: event -> effect ...", flush=True)
-            r["event_to_effect"] = event_to_effect(url, users, 50)
-            print(f"{mode}: swap ...", flush=True)
-            r["swap"] = swap(url, storage, pointer, users)
-            if "ray_serve_overhead" not in result:
-                print("hop cost ...", flush=True)
-                result["ray_serve_overhead"] = hop_cost(url)
-            result["modes"][mode] = r
-            serve.shutdown()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    result["variants"] = {}
+    for variant in args.variants.split(","):
+        if variant == "bare":
+            result["variants"]["bare uvicorn"] = measure_bare(storage.root, users, args.requests, args.port + 5)
+            continue
+        if variant not in VARIANTS:
+            raise SystemExit(f"unknown variant {variant!r}; known: bare, {', '.join(VARIANTS)}")
+        env = {**os.environ, **VARIANTS[variant][1]}
+        overhead = "1" if "ray_serve_overhead" not in result else "0"
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            subprocess.run([sys.executable, "-m", "benchmarks.serving", "--data", args.data, "--storage", args.storage,
+                            "--requests", str(args.requests), "--port", str(args.port), "--out", f.name,
+                            "--child", f"{variant}:{overhead}"], cwd=ROOT, env=env, check=True)
+            r = json.loads(Path(f.name).read_text())
+        if "ray_serve_overhead" in r:
+            result["ray_serve_overhead"] = r.pop("ray_serve_overhead")
+        result["variants"][variant] = r
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    f = result["in_process_floor"]
-    print(f"\n{'path':<26}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'req/s':>9}{'errors':>8}")
-    print(f"{'in-process floor':<26}{f['p50_ms']:>9}{f['p95_ms']:>9}{f['p99_ms']:>9}{f['throughput_rps']:>9}{0:>8}")
-    for mode, r in result["modes"].items():
-        for c, x in r["serve"].items():
-            print(f"{mode + ' HTTP ' + c:<26}{x['p50_ms']:>9}{x['p95_ms']:>9}{x['p99_ms']:>9}{x['throughput_rps']:>9}"
-                  f"{x['errors']:>8}")
-    o = result["ray_serve_overhead"]
-    print(f"\nRay Serve overhead: empty HTTP request p50 {o['hops_0']['p50_ms']} ms, "
-          f"+{o['per_hop_p50_ms']} ms per handle call (graph mode makes 5 per recommendation, fused 1)")
-    for mode, r in result["modes"].items():
-        e, w = r["event_to_effect"], r["swap"]
-        print(f"{mode}: event -> 202 p50 {e['ack_p50_ms']} / p99 {e['ack_p99_ms']} ms; event -> effect p50 "
-              f"{e['effect_p50_ms']} / p99 {e['effect_p99_ms']} ms (not reflected {e['not_reflected']}/{e['n']}); "
-              f"swap {w['promotion_to_all_replicas_s']} s, {w['failed_requests']} failed of {w['requests_during']}")
+    print_table(result)
     print(f"results: {args.out}")
+
+
+def print_table(result: Dict[str, Any]) -> None:
+    f = result["in_process_floor"]
+    print(f"\n{'path':<36}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'req/s':>9}{'errors':>8}")
+    print(f"{'in-process floor':<36}{f['p50_ms']:>9}{f['p95_ms']:>9}{f['p99_ms']:>9}{f['throughput_rps']:>9}{0:>8}")
+    for name, r in result["variants"].items():
+        for c, x in r["serve"].items():
+            print(f"{name + ' ' + c:<36}{x['p50_ms']:>9}{x['p95_ms']:>9}{x['p99_ms']:>9}{x['throughput_rps']:>9}"
+                  f"{x['errors']:>8}")
+    o = result.get("ray_serve_overhead")
+    if o:
+        print(f"\nRay Serve overhead: empty HTTP request p50 {o['hops_0']['p50_ms']} ms, "
+              f"+{o['per_hop_p50_ms']} ms per handle call (graph mode makes 5 per recommendation, fused 1)")
+    for name, r in result["variants"].items():
+        e = r["event_to_effect"]
+        line = (f"{name}: event -> 202 p50 {e['ack_p50_ms']} / p99 {e['ack_p99_ms']} ms; event -> effect p50 "
+                f"{e['effect_p50_ms']} / p99 {e['effect_p99_ms']} ms (not reflected {e['not_reflected']}/{e['n']})")
+        if "swap" in r:
+            w = r["swap"]
+            line += (f"; swap {w['promotion_to_all_replicas_s']} s, {w['failed_requests']} failed of "
+                     f"{w['requests_during']}")
+        print(line)
 
 
 if __name__ == "__main__":

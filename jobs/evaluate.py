@@ -22,7 +22,7 @@ import pyarrow as pa
 import torch
 
 from components import checkpoints as ck
-from components.datasets import load_training_data
+from components.datasets import load_text_embeddings, load_training_data
 from components.evaluation import (baseline_rankings, final_ranking, fit_retriever_local, new_item_histories,
                                    slice_masks, summarize, timed)
 from components.metrics import popularity_deciles, sliced_metrics
@@ -97,7 +97,22 @@ def evaluate_bundle(cfg: Any, storage: Storage, bundle: Path, run_id: str) -> Di
     results["slices"] = {name: sliced_metrics(rankings[(name, "test")][0], masks, ev.ks)
                          for name, split in rankings if split == "test"}
     if ev.new_item_variant and data.text is not None:
-        results["new_item_variant"] = new_item_variant(cfg, h, data.text, cats)
+        # The variant's new items must be unseen by every stage: the bundle's LLM was fine-tuned on
+        # (item, next item) pairs of all training histories, new items included, so the variant
+        # uses the embeddings of the encoder before that fine-tuning; its retriever is trained
+        # without the new items' interactions, and it has no co-visitation channel or ranker.
+        base = lineage.get("text_embeddings_base")
+        if base and base != lineage.get("text_embeddings"):
+            text = load_text_embeddings(storage, base, h.num_items)
+        elif base:
+            text = data.text  # no fine-tuning happened: the bundle's embeddings are the base ones
+        else:
+            text = None
+            results["new_item_variant"] = {"skipped": "the bundle records no pre-fine-tuning text embeddings "
+                                                      "(text_embeddings_base), so the variant would leak"}
+        if text is not None:
+            results["new_item_variant"] = new_item_variant(cfg, h, text, cats)
+            results["new_item_variant"]["text_embeddings"] = base
     results["main_model"] = main_name
     results["predictions"] = {"users": int(len(users)), "topk": int(top_main.shape[1])}
     return {"results": results, "top": top_main, "users": users, "targets": targets, "data": data}
@@ -207,9 +222,12 @@ def report_markdown(res: Dict[str, Any]) -> str:
         row = [f"{res['slices'][n][s].get('recall@10', 0):.3f} / {res['slices'][n][s].get('ndcg@10', 0):.3f} "
                f"({res['slices'][n][s]['n']})" for n in res["slices"]]
         lines.append(f"| {s} | " + " | ".join(row) + " |")
-    if "new_item_variant" in res:
+    if "new_item_variant" in res and "skipped" in res["new_item_variant"]:
+        lines += ["", f"New-item variant skipped: {res['new_item_variant']['skipped']}."]
+    elif "new_item_variant" in res:
         nv = res["new_item_variant"]
-        lines += ["", f"## New-item variant ({nv['new_items']} items lose all training interactions)", "",
+        lines += ["", f"## New-item variant (text embeddings of the encoder before fine-tuning: {nv['text_embeddings']})",
+                  "", f"{nv['new_items']} items lose all training interactions.", "",
                   "| model | Recall@10 all | Recall@10 new-item targets (n) |", "| --- | ---: | ---: |"]
         for name in ("hybrid", "id-only"):
             lines.append(f"| {name} | {nv[name]['all']['recall@10']:.4f} | "

@@ -89,6 +89,7 @@ def build(cfg: Any, run_id: str, epochs: int, ranker: bool = True, promote: bool
     storage.download_dir(text_prefix, bundle / "text")
     storage.download_dir(f"{ds.prefix}/items", bundle / "items")
     lineage = {"run_id": run_id, "dataset": ds.name, "dataset_version": ds.version, "text_embeddings": text_prefix,
+               "text_embeddings_base": text_prefix,  # no LLM fine-tuning here
                "parent_run": None, "config": to_dict(cfg), "fusion": fusion}
     (bundle / "lineage.json").write_text(json.dumps(lineage))
     manifest = ck.write_manifest(bundle)

@@ -53,6 +53,10 @@ def ray_session(ray_cfg: Any) -> Iterator[None]:
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS") or None
     # The dashboard stays on (127.0.0.1): Ray Train's controller is monitored through its state API.
     kwargs = {} if address else {"num_cpus": ray_cfg.num_cpus}
+    if not address:  # a Ray we start: with Serve's fast path (serve/runner.py, read at start)
+        from serve.runner import apply_serve_env
+
+        apply_serve_env()
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **kwargs)
     try:
         yield

@@ -112,6 +112,7 @@ def _resume(engine) -> Optional[Dict[str, Any]]:
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
+        ck.verify_state(d)  # before DeepSpeed unpickles anything in it
         engine.load_checkpoint(d, tag="state", load_module_strict=True)
         progress = json.loads((Path(d) / "progress.json").read_text())
         best = Path(d) / "best"
@@ -127,6 +128,7 @@ def _report(engine, metrics: Dict[str, Any], progress: Dict[str, Any], best_stat
     rank = ray.train.get_context().get_world_rank()
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(tmp, tag="state")
+        ck.write_state_manifest(tmp, rank)
         if rank == 0:
             (Path(tmp) / "progress.json").write_text(json.dumps({k: v for k, v in progress.items()
                                                                  if not k.startswith("_")}))
@@ -439,6 +441,7 @@ def train(cfg: Any, storage: Storage, ds: DatasetRef, run_id: str, text_prefix: 
     bundle = Path(tempfile.mkdtemp(prefix="bundle-"))
     timings: Dict[str, float] = {}
     llm_dir = None
+    base_text_prefix = text_prefix  # embeddings of the encoder before any fine-tuning on this data
     if "llm" in cfg.train.stages and cfg.train.llm.steps > 0:
         t0 = time.perf_counter()
         llm_dir = run_stage("llm", llm_worker, {**base, "text": to_dict(cfg.text), "llm": to_dict(cfg.train.llm)},
@@ -478,7 +481,7 @@ def train(cfg: Any, storage: Storage, ds: DatasetRef, run_id: str, text_prefix: 
         storage.download_dir(text_prefix, bundle / "text")
     storage.download_dir(f"{ds.prefix}/items", bundle / "items")
     lineage = {"run_id": run_id, "dataset": ds.name, "dataset_version": ds.version, "text_embeddings": text_prefix,
-               "parent_run": (parent or {}).get("run_id"), "warm_start": warm_start_prefix, "config": to_dict(cfg),
+               "text_embeddings_base": base_text_prefix, "parent_run": (parent or {}).get("run_id"), "warm_start": warm_start_prefix, "config": to_dict(cfg),
                "timings": timings, "fusion": fusion, **(extra_lineage or {})}
     (bundle / "lineage.json").write_text(json.dumps(lineage, indent=2, default=str))
     manifest = ck.write_manifest(bundle)

@@ -71,6 +71,9 @@ def ray_local(s3_server):
     its environment."""
     import ray
 
+    from serve.runner import apply_serve_env
+
+    apply_serve_env()  # what jobs ship: Serve's throughput-optimized path with HAProxy
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield ray
     ray.shutdown()

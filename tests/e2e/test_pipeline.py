@@ -38,6 +38,7 @@ def test_pipeline_trains_evaluates_promotes_and_serves(tmp_path):
             "data.synthetic.num_events=12000", "data.synthetic.num_items=1500", "data.synthetic.num_shards=3",
             "retriever.dim=32", "retriever.max_len=50", "train.retriever.epochs=12", "train.retriever.eval_every=4",
             "train.llm.steps=2", "train.llm.batch_size=8", "ranker.epochs=5", "ray.num_cpus=2", "evaluate.baselines=true",
+            "evaluate.new_item_variant=true",
             "serve.enabled=true", f"serve.port={port}"]
     log = open(tmp_path / "pipeline.log", "w+")
     p = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -81,3 +82,8 @@ def test_pipeline_trains_evaluates_promotes_and_serves(tmp_path):
     for other in ("id-only", "ItemKNN", "MostPopular"):
         assert main["recall@10"] > test[other]["recall@10"], other
     assert metrics["promotion"]["promoted"] is True
+    # The new-item variant uses the encoder before fine-tuning: the fine-tuned LLM saw the "new"
+    # items in its (item, next item) pairs, so its embeddings would leak them.
+    variant = metrics["new_item_variant"]
+    assert variant["text_embeddings"] == lineage["text_embeddings_base"] and variant["text_embeddings"].endswith("-base")
+    assert variant["hybrid"]["new_item_targets"]["n"] > 0

@@ -130,28 +130,52 @@ def test_amazon_gift_cards(ray_local, tmp_path):
 
 @pytest.mark.s3
 def test_registry_compare_and_swap_on_s3(s3_bucket):
-    """Conditional PUTs (If-None-Match / If-Match) against the S3 server: a stale promotion fails."""
+    """Conditional PUTs (If-None-Match / If-Match) against the S3 server: of racing promotions
+    from the same pointer exactly one wins, and every stale one is refused."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
     from components import checkpoints as ck
+    from tests.conftest import free_port
+
+    class SerialMotoServer(ThreadedMotoServer):
+        """The same moto backend answering one request at a time. S3 applies a conditional PUT
+        atomically; the threaded emulator checks and then writes, so two racers can both pass
+        its check. Serving requests one by one gives S3's atomicity (and nothing more)."""
+
+        def _server_entry(self) -> None:
+            app = DomainDispatcherApplication(create_backend_app)
+            self._server = make_server(self._ip_address, self._port, app, False, request_handler=MotoRequestHandler)
+            self._server_ready_event.set()
+            self._server.serve_forever()
 
     storage = Storage(f"{s3_bucket}/root")
     ck.promote(storage, "m", "a", "checkpoints/m/a", {}, {}, expected=None)
     with pytest.raises(ck.PromotionConflict):
         ck.promote(storage, "m", "b", "checkpoints/m/b", {}, {}, expected=None)
-    _, token = ck.read_pointer_versioned(storage, "m")
+    port = free_port()
+    serial = SerialMotoServer("127.0.0.1", port, verbose=False)
+    serial.start()
+    try:
+        racers = Storage(f"{s3_bucket}/root", endpoint_url=f"http://127.0.0.1:{port}")
+        for round_ in range(3):
+            _, token = ck.read_pointer_versioned(storage, "m")
 
-    def attempt(k):
-        try:
-            ck.promote(storage, "m", f"r{k}", f"checkpoints/m/r{k}", {}, {}, expected=token)
-            return k
-        except ck.PromotionConflict:
-            return None
+            def attempt(k):
+                try:
+                    ck.promote(racers, "m", f"r{round_}-{k}", f"checkpoints/m/r{k}", {}, {}, expected=token)
+                    return k
+                except ck.PromotionConflict:
+                    return None
 
-    with ThreadPoolExecutor(4) as ex:
-        winners = [k for k in ex.map(attempt, range(4)) if k is not None]
-    # S3 makes a conditional PUT atomic; the emulator checks then writes, so it may let two
-    # through under a true race, but every later stale writer is refused either way:
-    assert winners and ck.read_pointer(storage, "m")["run_id"] in {f"r{k}" for k in winners}
-    with pytest.raises(ck.PromotionConflict):
-        ck.promote(storage, "m", "late", "checkpoints/m/late", {}, {}, expected=token)
+            with ThreadPoolExecutor(8) as ex:
+                winners = [k for k in ex.map(attempt, range(8)) if k is not None]
+            assert len(winners) == 1, winners
+            assert ck.read_pointer(storage, "m")["run_id"] == f"r{round_}-{winners[0]}"
+            with pytest.raises(ck.PromotionConflict):
+                ck.promote(storage, "m", "late", "checkpoints/m/late", {}, {}, expected=token)
+    finally:
+        serial.stop()

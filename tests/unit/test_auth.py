@@ -5,7 +5,6 @@ import asyncio
 import json
 
 import pytest
-from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from serve import auth
@@ -77,43 +76,52 @@ def test_runner_refuses_an_open_public_bind_before_deploying(monkeypatch):
         runner.start("configs/serve.yaml", {"storage_root": "/nonexistent"}, host="0.0.0.0", port=1)
 
 
-def _request(method, path, headers=(), client=("10.0.0.1", 5000)):
-    scope = {"type": "http", "method": method, "path": path, "headers": [(k.encode(), v.encode()) for k, v in headers],
-             "query_string": b"", "client": client, "server": ("127.0.0.1", 8000), "scheme": "http",
-             "root_path": ""}
+def _call(method, path, key=None, client=("10.0.0.1", 5000), body=b"{}"):
+    """One request through the real ASGI guard in front of a route that records it; returns
+    (status, headers) as the client would see them."""
+    from serve.app import Guard
+
+    reached.clear()
+
+    async def route(scope, receive, send):
+        reached.append(scope["path"])
+        await JSONResponse({"ok": True})(scope, receive, send)
+
+    headers = [(b"content-length", str(len(body)).encode())]
+    if key:
+        headers.append((b"authorization", f"Bearer {key}".encode()))
+    scope = {"type": "http", "method": method, "path": path, "headers": headers, "query_string": b"",
+             "client": client, "server": ("127.0.0.1", 8000), "scheme": "http", "root_path": ""}
+    sent = []
 
     async def receive():
-        return {"type": "http.request", "body": b"{}", "more_body": False}
-    return Request(scope, receive)
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(Guard(route)(scope, receive, send))
+    start = sent[0]
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}
+
+
+reached = []
 
 
 def test_guard_answers_401_403_429_before_any_route_runs():
-    from serve.app import _guard
-
-    reached = []
-
-    async def route(request):
-        reached.append(request.url.path)
-        return JSONResponse({"ok": True})
-
-    def run(method, path, key=None, client=("10.0.0.1", 5000)):
-        headers = [("authorization", f"Bearer {key}")] if key else []
-        headers.append(("content-length", "2"))
-        return asyncio.run(_guard(_request(method, path, headers, client), route))
-
     before = auth.current()
     try:
         auth.configure(policy(LLMREC_WRITE_KEY=WRITE, LLMREC_ADMIN_KEY=ADMIN), auth.RateLimiter("3/minute"))
-        r = run("POST", "/v1/events")
-        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
-        assert run("PUT", "/v1/items", WRITE).status_code == 403
-        assert reached == []
-        assert [run("POST", "/v1/events", WRITE).status_code for _ in range(4)] == [200, 200, 200, 429]
-        limited = run("POST", "/v1/events", WRITE)
-        assert limited.status_code == 429 and 1 <= int(limited.headers["retry-after"]) <= 61
-        assert run("POST", "/v1/events", ADMIN).status_code == 200  # counted per key
-        assert run("GET", "/healthz", client=("10.0.0.2", 1)).status_code == 200  # probes never throttled
-        assert [run("POST", "/v1/recommend", client=("10.0.0.3", 1)).status_code for _ in range(4)][-1] == 429
-        assert run("POST", "/v1/recommend", client=("10.0.0.4", 1)).status_code == 200  # per address
+        status, headers = _call("POST", "/v1/events")
+        assert status == 401 and headers["www-authenticate"] == "Bearer" and reached == []
+        assert _call("PUT", "/v1/items", WRITE)[0] == 403 and reached == []
+        assert [_call("POST", "/v1/events", WRITE)[0] for _ in range(4)] == [200, 200, 200, 429]
+        status, headers = _call("POST", "/v1/events", WRITE)
+        assert status == 429 and 1 <= int(headers["retry-after"]) <= 61 and reached == []
+        assert _call("POST", "/v1/events", ADMIN)[0] == 200  # counted per key
+        assert _call("GET", "/healthz", client=("10.0.0.2", 1))[0] == 200  # probes never throttled
+        assert [_call("POST", "/v1/recommend", client=("10.0.0.3", 1))[0] for _ in range(4)][-1] == 429
+        assert _call("POST", "/v1/recommend", client=("10.0.0.4", 1))[0] == 200  # per address
+        assert _call("POST", "/v1/recommend", client=("10.0.0.5", 1), body=b"x" * (2 << 20))[0] == 413
     finally:
         auth.configure(*before)

@@ -26,3 +26,50 @@ def test_corrupt_or_partial_checkpoints_are_refused(tmp_path):
     (folder / "config.json").unlink()
     with pytest.raises(ck.CheckpointError, match="config.json listed in the manifest is missing"):
         ck.verify_local(folder)
+
+
+def _ranks(tmp_path, key=None):
+    """Two ranks' parts of a training checkpoint, merged into one folder as Ray Train does."""
+    merged = tmp_path / "merged"
+    for rank in (0, 1):
+        part = tmp_path / f"rank{rank}"
+        (part / "state").mkdir(parents=True)
+        torch.save({"w": torch.ones(2) * rank}, part / "state" / f"zero_pp_rank_{rank}_optim_states.pt")
+        if rank == 0:
+            (part / "latest").write_text("state")
+        ck.write_state_manifest(part, rank, key=key)
+        for f in part.rglob("*"):
+            if f.is_file():
+                (merged / f.relative_to(part)).parent.mkdir(parents=True, exist_ok=True)
+                (merged / f.relative_to(part)).write_bytes(f.read_bytes())
+    return merged
+
+
+def test_training_state_is_verified_before_anything_is_unpickled(tmp_path):
+    merged = _ranks(tmp_path)
+    assert ck.verify_state(merged, key="") == 3
+    shard = merged / "state" / "zero_pp_rank_1_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:-8])  # half-uploaded
+    with pytest.raises(ck.CheckpointError, match="zero_pp_rank_1_optim_states.pt does not match"):
+        ck.verify_state(merged, key="")
+    merged = _ranks(tmp_path / "b")
+    (merged / "state" / "extra.pt").write_bytes(b"not listed anywhere")
+    with pytest.raises(ck.CheckpointError, match="extra.pt is in no state manifest"):
+        ck.verify_state(merged, key="")
+    for m in (_ranks(tmp_path / "c")).glob("state-manifest-*"):
+        m.unlink()
+    with pytest.raises(ck.CheckpointError, match="no state manifest"):
+        ck.verify_state(tmp_path / "c" / "merged", key="")
+
+
+def test_keyed_state_manifest_cannot_be_forged_without_the_key(tmp_path):
+    merged = _ranks(tmp_path, key="k" * 32)
+    assert ck.verify_state(merged, key="k" * 32) == 3
+    # someone with storage access rewrites a shard and its manifest, but without the key
+    shard = merged / "state" / "zero_pp_rank_0_optim_states.pt"
+    torch.save({"w": torch.zeros(2)}, shard)
+    ck.write_state_manifest(merged, 0, key="guess" * 8)
+    with pytest.raises(ck.CheckpointError, match="does not match"):
+        ck.verify_state(merged, key="k" * 32)
+    with pytest.raises(ck.CheckpointError, match="written with LLMREC_CHECKPOINT_KEY"):
+        ck.verify_state(_ranks(tmp_path / "d", key="k" * 32), key="")
