@@ -66,6 +66,9 @@ class ServeSettings:
     candidates: int = 100
     # Events per user kept in the live state (and fed to the user encoder).
     history_len: int = 200
+    # Users whose live state stays in the event store's memory; the least recently active beyond
+    # that are spilled to a local SQLite file and read back on their next request or event.
+    live_users_max: int = 100_000
     # Group commit of /v1/events: events arriving during a write form the next shard (at most
     # feedback_max_events); linger > 0 waits that long to gather more (fewer S3 objects). A write
     # starts within linger + one write time of an event (well under 200 ms on local disk or S3).
@@ -314,7 +317,7 @@ class EventStore:
     def __init__(self, args: Dict[str, Any]):
         s = ServeSettings.from_args(args)
         self.storage = s.storage()
-        self.state = SessionState(s.history_len)
+        self.state = SessionState(s.history_len, s.live_users_max)
         self.log = GroupCommitLog(self.storage, s.feedback_linger_ms / 1000.0, s.feedback_max_events)
         t0 = time.perf_counter()
         self.rebuilt = self._rebuild(s.model)
@@ -361,7 +364,8 @@ class EventStore:
         return {**record, "live_events_removed": live}
 
     async def status(self) -> Dict[str, Any]:
-        return {"users": len(self.state), "rebuilt": self.rebuilt, "shards_written": self.log.shards_written,
+        return {"users": len(self.state), "users_spilled": self.state.spilled, "users_reloaded": self.state.reloaded,
+                "rebuilt": self.rebuilt, "shards_written": self.log.shards_written,
                 "events_written": self.log.events_written, "write_failures": self.log.write_failures,
                 "last_write_ms": round(self.log.last_write_s * 1000, 2)}
 

@@ -16,10 +16,12 @@ import asyncio
 import io
 import json
 import logging
+import sqlite3
+import tempfile
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -189,21 +191,73 @@ Entry = Tuple[str, int, int]  # (item_id, event code, ts ms)
 
 
 class SessionState:
-    """Recent events per user, newest last, at most ``max_len`` each. Thread-safe."""
+    """Recent events per user, newest last, at most ``max_len`` each. Thread-safe.
 
-    def __init__(self, max_len: int = 200):
+    At most ``max_users`` users are held in memory (least recently used first out); the others
+    are spilled to a SQLite file on the replica's local disk and read back, in full, on their next
+    event or request. Memory stays bounded however many users the log has, and no history is lost
+    (the durable feedback log stays the source of truth: the file is rebuilt with the state).
+    """
+
+    def __init__(self, max_len: int = 200, max_users: int = 100_000, spill_dir: Optional[str] = None):
         self.max_len = max_len
-        self._users: Dict[str, Deque[Entry]] = {}
+        self.max_users = max_users
+        self._users: "OrderedDict[str, Deque[Entry]]" = OrderedDict()
         self._lock = threading.Lock()
+        self._spill: Optional[sqlite3.Connection] = None
+        self._spill_dir = spill_dir
+        self.spilled = 0  # users written out so far
+        self.reloaded = 0  # users read back
 
     def __len__(self) -> int:
-        return len(self._users)
+        with self._lock:
+            return len(self._users) + self._spilled_count()
+
+    # -- spill (callers hold the lock) -----------------------------------------------------------
+    def _db(self) -> sqlite3.Connection:
+        if self._spill is None:
+            d = tempfile.mkdtemp(prefix="live-state-", dir=self._spill_dir)
+            self._spill = sqlite3.connect(f"{d}/users.sqlite", check_same_thread=False, isolation_level=None)
+            self._spill.execute("PRAGMA journal_mode=OFF")
+            self._spill.execute("PRAGMA synchronous=OFF")  # a cache: the feedback log is durable
+            self._spill.execute("CREATE TABLE users (user_id TEXT PRIMARY KEY, entries TEXT NOT NULL)")
+        return self._spill
+
+    def _spilled_count(self) -> int:
+        return 0 if self._spill is None else self._spill.execute("SELECT COUNT(*) FROM users").fetchone()[0]
+
+    def _evict(self) -> None:
+        if len(self._users) <= self.max_users:
+            return
+        out = []
+        while len(self._users) > self.max_users:
+            u, d = self._users.popitem(last=False)
+            out.append((u, json.dumps(list(d))))
+        self._db().executemany("INSERT OR REPLACE INTO users VALUES (?, ?)", out)
+        self.spilled += len(out)
+
+    def _get(self, user_id: str, create: bool) -> Optional[Deque[Entry]]:
+        d = self._users.get(user_id)
+        if d is not None:
+            self._users.move_to_end(user_id)
+            return d
+        if self._spill is not None:
+            row = self._spill.execute("SELECT entries FROM users WHERE user_id = ?", (user_id,)).fetchone()
+            if row is not None:
+                self._spill.execute("DELETE FROM users WHERE user_id = ?", (user_id,))
+                d = self._users[user_id] = deque((tuple(e) for e in json.loads(row[0])), maxlen=self.max_len)
+                self.reloaded += 1
+                self._evict()
+                return d
+        if not create:
+            return None
+        d = self._users[user_id] = deque(maxlen=self.max_len)
+        self._evict()
+        return d
 
     def add(self, user_id: str, item_id: str, event: str, ts: int) -> None:
         with self._lock:
-            d = self._users.get(user_id)
-            if d is None:
-                d = self._users[user_id] = deque(maxlen=self.max_len)
+            d = self._get(user_id, create=True)
             entry = (item_id, EVENT_CODE.get(event, 0), int(ts))
             if d and ts < d[-1][2]:  # late event: keep the deque in time order
                 items = sorted([*d, entry], key=lambda e: e[2])
@@ -223,22 +277,24 @@ class SessionState:
         items = t["item_id"].to_pylist()
         events = t["event"].to_pylist()
         with self._lock:
+            d, last = None, None
             for k in range(t.num_rows):
                 u = users[k]
-                d = self._users.get(u)
-                if d is None:
-                    d = self._users[u] = deque(maxlen=self.max_len)
+                if u != last:
+                    d, last = self._get(u, create=True), u
                 d.append((items[k], EVENT_CODE.get(events[k], 0), int(ts[k])))
         return t.num_rows
 
     def history(self, user_id: str) -> List[Entry]:
         with self._lock:
-            return list(self._users.get(user_id, ()))
+            return list(self._get(user_id, create=False) or ())
 
     def forget(self, user_id: str) -> int:
-        """Drop the user's live state; returns how many events it held."""
+        """Drop the user's live state (memory and spill file); returns how many events it held."""
         with self._lock:
-            return len(self._users.pop(user_id, ()))
+            n = len(self._get(user_id, create=False) or ())
+            self._users.pop(user_id, None)
+            return n
 
     def users(self, limit: int = 50) -> List[str]:
         with self._lock:

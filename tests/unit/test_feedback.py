@@ -85,3 +85,21 @@ def test_session_state_bulk_load_sorts_per_user():
 def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(ValueError):
         GroupCommitLog(Storage(str(tmp_path)), max_events=0)
+
+
+def test_live_state_is_bounded_in_memory_and_loses_no_history(tmp_path):
+    s = SessionState(max_len=5, max_users=3, spill_dir=str(tmp_path))
+    for u in range(10):
+        for k in range(7):
+            s.add(f"u{u}", f"i{u}-{k}", "click", 1000 * u + k)
+    assert len(s._users) == 3 and len(s) == 10 and s.spilled >= 7
+    # a spilled user comes back whole (last max_len events, in order) and becomes recent again
+    assert [e[0] for e in s.history("u0")] == [f"i0-{k}" for k in range(2, 7)]
+    assert "u0" in s._users and len(s._users) == 3 and s.reloaded == 1
+    s.add("u1", "late", "view", 1500)  # a spilled user's new event joins its stored history
+    assert [e[0] for e in s.history("u1")][-1] == "late" and len(s.history("u1")) == 5
+    assert s.forget("u2") == 5 and s.history("u2") == [] and len(s) == 9
+    table = pa.table({"user_id": [f"v{k % 6}" for k in range(30)], "item_id": [f"j{k}" for k in range(30)],
+                      "ts": pa.array(range(30), pa.int64()), "event": ["click"] * 30})
+    assert s.add_table(table) == 30 and len(s._users) == 3 and len(s) == 15
+    assert [e[0] for e in s.history("v0")] == ["j0", "j6", "j12", "j18", "j24"]
