@@ -23,7 +23,7 @@ class UserHistories:
     items: List[np.ndarray]
     events: List[np.ndarray]
     ts: List[np.ndarray]
-    valid: Dict[str, np.ndarray]  # user_idx, item_idx, ts, event (one row per user with a target)
+    valid: Dict[str, np.ndarray]  # user_idx, item_idx, ts, event: a row per target, (user, time) order
     test: Dict[str, np.ndarray]
     num_items: int
 
@@ -104,18 +104,27 @@ def inference_inputs(items: Sequence[np.ndarray], events: Sequence[np.ndarray], 
 
 
 def history_for(h: UserHistories, split: str):
-    """Histories used to predict ``split`` targets: train part for valid, train + valid for test."""
+    """Histories used to predict ``split`` targets: each target sees the user's train part, then
+    (for test) all of its valid events, then its own split's events before it. Under ``loo`` a
+    user has one valid and one test target; under ``temporal`` a user can have several, and each
+    sees the ones before it (in history, hence also excluded from its ranking)."""
     tgt = h.valid if split == "valid" else h.test
     users = tgt["user_idx"]
+    valid_rows: Dict[int, List[int]] = {}
+    if split == "test":
+        for k, u in enumerate(h.valid["user_idx"]):
+            valid_rows.setdefault(int(u), []).append(k)
     items, events, ts = [], [], []
-    vpos = {u: k for k, u in enumerate(h.valid["user_idx"])}
-    for u in users:
+    start = 0  # first row of the current user in ``tgt`` (rows are in (user, time) order)
+    for k, u in enumerate(users):
+        if k == 0 or users[k - 1] != u:
+            start = k
+        rows = [(h.valid, r) for r in valid_rows.get(int(u), [])] + [(tgt, r) for r in range(start, k)]
         it, ev, t = h.items[u], h.events[u], h.ts[u]
-        if split == "test" and u in vpos:
-            k = vpos[u]
-            it = np.append(it, h.valid["item_idx"][k])
-            ev = np.append(ev, EVENT_CODE.get(h.valid["event"][k], 0))
-            t = np.append(t, h.valid["ts"][k])
+        if rows:
+            it = np.concatenate([it, [src["item_idx"][r] for src, r in rows]]).astype(it.dtype)
+            ev = np.concatenate([ev, [EVENT_CODE.get(src["event"][r], 0) for src, r in rows]]).astype(ev.dtype)
+            t = np.concatenate([t, [src["ts"][r] for src, r in rows]]).astype(t.dtype)
         items.append(it)
         events.append(ev)
         ts.append(t)

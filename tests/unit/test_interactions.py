@@ -82,3 +82,24 @@ def test_bots_dropped():
     x, users, events = ix.drop_bots(_log(rows), 10)
     assert (users, events) == (1, 20)
     assert _named(x) == [("u", "a", 1)]
+
+
+def test_each_target_sees_everything_of_its_user_before_it():
+    """Temporal split: several valid and test targets per user. Each sees the train part, (for
+    test) every valid event, and its own split's earlier events; under loo this is the old rule."""
+    import numpy as np
+
+    from components.sequences import UserHistories, history_for
+
+    def t(users, items, ts):
+        return {"user_idx": np.array(users), "item_idx": np.array(items), "ts": np.array(ts),
+                "event": ["click"] * len(users)}
+
+    h = UserHistories(items=[np.array([1, 2]), np.array([7])], events=[np.zeros(2, np.int64), np.zeros(1, np.int64)],
+                      ts=[np.array([1, 2]), np.array([1])], valid=t([0, 0, 1], [3, 4, 8], [3, 4, 2]),
+                      test=t([0, 0], [5, 6], [5, 6]), num_items=10)
+    users, items, _, ts, targets = history_for(h, "valid")
+    assert [x.tolist() for x in items] == [[1, 2], [1, 2, 3], [7]] and targets.tolist() == [3, 4, 8]
+    users, items, _, ts, targets = history_for(h, "test")
+    assert [x.tolist() for x in items] == [[1, 2, 3, 4], [1, 2, 3, 4, 5]] and targets.tolist() == [5, 6]
+    assert ts[1].tolist() == [1, 2, 3, 4, 5]
