@@ -21,6 +21,8 @@ EVENT_SCHEMA = pa.schema(
     ]
 )
 EVENT_REQUIRED = ("user_id", "item_id", "ts")
+# Feedback shards (serve/feedback.py) add the client's optional idempotency key.
+FEEDBACK_SCHEMA = EVENT_SCHEMA.append(pa.field("event_id", pa.string()))
 
 ITEM_SCHEMA = pa.schema(
     [

@@ -62,6 +62,7 @@ class Storage:
         self.endpoint_url = endpoint_url or (_endpoint_from_env() if self.is_s3 else None)
         self.region = region
         self._fs: Optional[pafs.FileSystem] = None
+        self._client = None  # boto3 S3 client (thread-safe), made on first use
 
     @classmethod
     def from_config(cls, cfg: Any, root: Optional[str] = None) -> "Storage":
@@ -97,6 +98,7 @@ class Storage:
     def __getstate__(self):  # filesystems are rebuilt in each process (Ray workers)
         state = dict(self.__dict__)
         state["_fs"] = None
+        state["_client"] = None
         return state
 
     def __repr__(self) -> str:
@@ -195,8 +197,12 @@ class Storage:
         Local: write a temporary sibling, fsync, then rename over the target (atomic on POSIX).
         S3: a single PUT is atomic per object (readers get the old or new object).
         """
-        if self.is_s3:
-            self.write_bytes(rel, data)
+        if self.is_s3:  # one PutObject: one round trip, where a stream would do a multipart upload
+            bucket, key = split_uri(self.uri(rel))
+            try:
+                self._s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+            except Exception as exc:  # botocore's connection and client errors alike
+                raise self._wrap("atomic write", rel, exc) from exc
             return
         path = self.path(rel)
         tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
@@ -267,9 +273,19 @@ class Storage:
                 fcntl.flock(lf, fcntl.LOCK_UN)
 
     def _s3_client(self):
-        import boto3
+        if self._client is None:
+            self._client = self._new_s3_client()
+        return self._client
 
-        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region)
+    def _new_s3_client(self):
+        import boto3
+        from botocore.config import Config
+
+        # Bounded: an unreachable endpoint fails in seconds (the caller answers 503 / retries)
+        # instead of botocore's 60 s connect timeout times its legacy retries.
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
+                            config=Config(connect_timeout=5, read_timeout=60,
+                                          retries={"mode": "standard", "max_attempts": 3}))
 
     def read_parquet(self, rel: str, columns: Optional[Sequence[str]] = None) -> pa.Table:
         """Read one Parquet file, or every Parquet file below a folder, as one table."""

@@ -125,6 +125,9 @@ class Event(_EventFields):
     value: Optional[float] = None
     session_id: Optional[str] = Field(default=None, max_length=MAX_ID)
     context: Optional[Dict[str, Any]] = None
+    event_id: Optional[str] = Field(default=None, min_length=1, max_length=MAX_ID, description=(
+        "client-chosen idempotency key: an event retried with the same id (after a 503, a timeout) "
+        "counts once in live state, retraining and every read of the feedback log"))
 
     @field_validator("ts")
     @classmethod

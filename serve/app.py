@@ -23,9 +23,11 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import pyarrow as pa
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -36,7 +38,7 @@ from components.storage import Storage
 from serve import api, auth
 from serve.bundle import ModelWatcher
 from serve.flow import HandleBackend, recommend
-from serve.feedback import (GroupCommitLog, SessionState, list_feedback_shards, read_feedback, shard_key,
+from serve.feedback import (GroupCommitLog, RecentIds, SessionState, list_feedback_shards, read_feedback, shard_key,
                             table_bytes)
 from serve.models import (ENCODER_PARTS, RANKER_PARTS, RETRIEVER_PARTS, TEXT_PARTS, RankerModel, RetrievalModel,
                           TextModel, UserEncoderModel)
@@ -115,6 +117,9 @@ class StaleVersion(RuntimeError):
 # Replicas poll the registry on their own clocks, so one can be a poll interval plus a load behind
 # another (seen: ~0.8 s on 2 busy cores); the retries wait it out instead of failing the request.
 STALE_WAIT_S = 10.0
+# A 503 (storage or a backend replica down) tells the client when to retry; every 503 route is
+# safe to retry (events carry an optional event_id that makes a retry count once).
+RETRY_AFTER = {"Retry-After": "1"}
 
 
 def _watcher(settings: ServeSettings, parts, loader, prepare=None) -> ModelWatcher:
@@ -319,6 +324,7 @@ class EventStore:
         self.storage = s.storage()
         self.state = SessionState(s.history_len, s.live_users_max)
         self.log = GroupCommitLog(self.storage, s.feedback_linger_ms / 1000.0, s.feedback_max_events)
+        self.acked_ids = RecentIds()
         t0 = time.perf_counter()
         self.rebuilt = self._rebuild(s.model)
         self.rebuilt["seconds"] = round(time.perf_counter() - t0, 2)
@@ -345,6 +351,8 @@ class EventStore:
     async def append(self, rows: List[Dict[str, Any]]) -> str:
         path = await self.log.append(rows)  # returns once durable
         for r in rows:
+            if r.get("event_id") is not None and self.acked_ids.seen(r["event_id"]):
+                continue  # a retry of an acknowledged event: stored again, counted once
             self.state.add(r["user_id"], r["item_id"], r.get("event") or "click", r["ts"])
         return path
 
@@ -393,6 +401,12 @@ class LocalHandle:
 
 # -- ingress -----------------------------------------------------------------------------------
 app = FastAPI(title="llmrec", version="1", description="LLM-enhanced real-time recommendations on Ray Serve.")
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    """Every error answers {"error": "..."} (the field first where one is at fault), like 422s."""
+    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)}, headers=exc.headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -564,7 +578,7 @@ class Ingress:
         except Exception as exc:
             self._observe("recommend", t0, 503)
             log.exception("recommend failed")
-            raise HTTPException(503, f"recommendation backend unavailable: {exc}") from None
+            raise HTTPException(503, f"recommendation backend unavailable: {exc}", headers=RETRY_AFTER) from None
         self._observe("recommend", t0, 200)
         self.m["served"].inc(len(out.items))
         return out
@@ -577,7 +591,7 @@ class Ingress:
             shard = await self.events.append.remote(rows)
         except Exception as exc:
             self._observe("events", t0, 503)
-            raise HTTPException(503, f"events not stored, retry: {exc}") from None
+            raise HTTPException(503, f"events not stored, retry: {exc}", headers=RETRY_AFTER) from None
         self.m["events"].inc(len(rows))
         try:  # informational: the events are stored already, so this must not fail the request
             unknown = await self.retriever.known.remote(sorted({r["item_id"] for r in rows}))
@@ -597,14 +611,12 @@ class Ingress:
             out = await self.retriever.upsert.remote(items, emb["embeddings"])
         except Exception as exc:
             self._observe("items", t0, 503)
-            raise HTTPException(503, f"items not indexed, retry: {exc}") from None
+            raise HTTPException(503, f"items not indexed, retry: {exc}", headers=RETRY_AFTER) from None
         self._observe("items", t0, 200)
         return api.ItemsResponse(upserted=len(items), new=out["new"], model_version=out["version"])
 
     @app.get("/v1/items/{item_id}")
-    async def get_item(self, item_id: str) -> Dict[str, Any]:
-        if not 0 < len(item_id) <= api.MAX_ID:
-            raise HTTPException(422, f"item_id: must be 1..{api.MAX_ID} characters")
+    async def get_item(self, item_id: str = PathParam(min_length=1, max_length=api.MAX_ID)) -> Dict[str, Any]:
         (item,) = await self.retriever.items.remote([item_id])
         if item is None:
             raise HTTPException(404, f"item_id: {item_id!r} is not in the catalog")
@@ -612,15 +624,12 @@ class Ingress:
 
     # -- for the demo page ---------------------------------------------------------------------
     @app.get("/v1/users")
-    async def users(self, limit: int = 20) -> Dict[str, Any]:
-        if not 1 <= limit <= 1000:
-            raise HTTPException(422, "limit: must be between 1 and 1000")
+    async def users(self, limit: int = Query(20, ge=1, le=1000)) -> Dict[str, Any]:
         return {"users": await self.events.users.remote(limit)}
 
     @app.get("/v1/users/{user_id}/history")
-    async def user_history(self, user_id: str, limit: int = 20) -> Dict[str, Any]:
-        if not 1 <= limit <= 200:
-            raise HTTPException(422, "limit: must be between 1 and 200")
+    async def user_history(self, user_id: str = PathParam(min_length=1, max_length=api.MAX_ID),
+                           limit: int = Query(20, ge=1, le=200)) -> Dict[str, Any]:
         hist = (await self.events.history.remote(user_id))[-limit:][::-1]
         items = await self.retriever.items.remote([h[0] for h in hist])
         return {"user_id": user_id, "events": [
@@ -629,18 +638,16 @@ class Ingress:
 
 
     @app.delete("/v1/users/{user_id}")
-    async def forget_user(self, user_id: str) -> Dict[str, Any]:
+    async def forget_user(self, user_id: str = PathParam(min_length=1, max_length=api.MAX_ID)) -> Dict[str, Any]:
         """Forget the user: live state, feedback, datasets, reports (admin key). The answer is
         the audit record, which names the user only by a digest."""
-        if not 0 < len(user_id) <= api.MAX_ID:
-            raise HTTPException(422, f"user_id: must be 1..{api.MAX_ID} characters")
         t0 = time.perf_counter()
         try:
             out = await self.events.forget.remote(user_id)
         except Exception as exc:
             self._observe("forget", t0, 503)
             log.error("forget failed: %s", type(exc).__name__)  # the id is not logged
-            raise HTTPException(503, "forget not completed, retry (it is idempotent)") from None
+            raise HTTPException(503, "forget not completed, retry (it is idempotent)", headers=RETRY_AFTER) from None
         self._observe("forget", t0, 200)
         return {"forgotten": True, **out}
 

@@ -28,7 +28,7 @@ from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components.schemas import EVENT_CODE, EVENT_SCHEMA
+from components.schemas import EVENT_CODE, EVENT_SCHEMA, FEEDBACK_SCHEMA
 from components.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,9 @@ def events_table(rows: Sequence[Dict[str, Any]]) -> pa.Table:
         "value": [r.get("value") for r in rows],
         "session_id": [r.get("session_id") for r in rows],
         "context": [json.dumps(r["context"], sort_keys=True) if r.get("context") is not None else None for r in rows],
+        "event_id": [r.get("event_id") for r in rows],
     }
-    return pa.table(cols, schema=EVENT_SCHEMA)
+    return pa.table(cols, schema=FEEDBACK_SCHEMA)
 
 
 def table_bytes(table: pa.Table) -> bytes:
@@ -175,16 +176,57 @@ def shard_key(path: str) -> str:
 
 
 def read_feedback(storage: Storage, shards: Iterable[str]) -> pa.Table:
+    """The events of ``shards`` (user_id, item_id, ts, event), in shard order, each event once:
+    a row whose ``event_id`` was seen in an earlier row is a client's retry and is dropped."""
     tables = []
     for f in shards:
         try:
-            tables.append(storage.read_parquet(f, columns=["user_id", "item_id", "ts", "event"]))
+            t = storage.read_parquet(f)
         except Exception as exc:  # an unreadable shard must not stop serving; it is reported
             log.error("skipping unreadable feedback shard %s: %s", f, exc)
+            continue
+        if "event_id" not in t.column_names:  # shards written before event ids existed
+            t = t.append_column("event_id", pa.nulls(t.num_rows, pa.string()))
+        tables.append(t.select(list(FEEDBACK_COLUMNS)))
     if not tables:
         return pa.table({"user_id": pa.array([], pa.string()), "item_id": pa.array([], pa.string()),
                          "ts": pa.array([], EVENT_SCHEMA.field("ts").type), "event": pa.array([], pa.string())})
-    return pa.concat_tables(tables, promote_options="default")
+    table = pa.concat_tables(tables, promote_options="default")
+    return drop_retried(table).drop_columns(["event_id"])
+
+
+FEEDBACK_COLUMNS = ("user_id", "item_id", "ts", "event", "event_id")
+
+
+def drop_retried(table: pa.Table) -> pa.Table:
+    """Keep the first row of every non-null ``event_id`` (rows without one are all kept)."""
+    ids = table["event_id"]
+    if ids.null_count == table.num_rows:
+        return table
+    seen, keep = set(), []
+    for i in ids.to_pylist():
+        keep.append(i is None or i not in seen)
+        if i is not None:
+            seen.add(i)
+    return table.filter(pa.array(keep))
+
+
+class RecentIds:
+    """The last ``cap`` event ids acknowledged, to count a client's retry once in live state."""
+
+    def __init__(self, cap: int = 100_000):
+        self.cap = cap
+        self._ids: "OrderedDict[str, None]" = OrderedDict()
+
+    def seen(self, event_id: str) -> bool:
+        """True if ``event_id`` was seen before; remembers it either way."""
+        if event_id in self._ids:
+            self._ids.move_to_end(event_id)
+            return True
+        self._ids[event_id] = None
+        if len(self._ids) > self.cap:
+            self._ids.popitem(last=False)
+        return False
 
 
 Entry = Tuple[str, int, int]  # (item_id, event code, ts ms)

@@ -40,8 +40,16 @@ def serve_env() -> Dict[str, str]:
     return env
 
 
+# Only for a Ray this process starts on one machine: direct ingress (which HAProxy needs) keeps a
+# stopping ingress replica draining for 30 s so that an external load balancer (an ALB, a
+# Kubernetes Service) can deregister it; locally nothing sits in front of Serve's own HAProxy, and
+# the 30 s made every `serve.shutdown()` (Ctrl-C, tests) hang for 30 s. Clusters keep Ray's default.
+LOCAL_SERVE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+
+
 def apply_serve_env(environ=os.environ) -> None:
-    for k, v in serve_env().items():
+    """Serve's environment for a local Ray started by this process (SERVE_ENV + LOCAL_SERVE_ENV)."""
+    for k, v in {**serve_env(), **LOCAL_SERVE_ENV}.items():
         environ.setdefault(k, v)
 
 
@@ -99,3 +107,27 @@ def serve_until_signal(url: str) -> None:
         serve.shutdown()
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+# What a cluster changes in the shipped Serve config (infra/rayservice.yaml's serveConfigV2 is
+# tested equal to kuberay_serve_config()): listen on the pod network (keys then required: the
+# llmrec-api-keys Secret), and keep state in the bucket every node reads.
+CLUSTER_STORAGE = "s3://my-bucket/recsys"
+
+
+def kuberay_serve_config(config_path: str | Path = "configs/serve-fused.yaml",
+                         storage_root: str = CLUSTER_STORAGE) -> Dict[str, Any]:
+    """The Serve config for a RayService's ``serveConfigV2``: ``config_path`` with host 0.0.0.0
+    and ``storage_root`` (print it with ``python -m serve.runner``)."""
+    p = Path(config_path)
+    doc = yaml.safe_load((p if p.is_absolute() or p.is_file() else ROOT / p).read_text())
+    doc["http_options"]["host"] = "0.0.0.0"
+    for app in doc["applications"]:
+        app["args"]["storage_root"] = storage_root
+    return doc
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(yaml.safe_dump(kuberay_serve_config(*sys.argv[1:3]), sort_keys=False), end="")

@@ -116,3 +116,29 @@ def test_ray_job_submit_runs_the_same_command(ray_head, tmp_path):
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     assert "succeeded" in p.stdout.lower()
     assert (root / "datasets/synthetic/latest.json").is_file()
+    # The same job through the `llmrec` entry point: --address submits it with `ray job submit`.
+    import pyarrow.parquet as pq
+
+    version = json.loads((root / "datasets/synthetic/latest.json").read_text())["version"]
+    user = pq.read_table(root / "datasets/synthetic" / version / "test", columns=["user_id"])["user_id"][0].as_py()
+    llmrec = str(Path(sys.executable).parent / "llmrec")
+    p = subprocess.run([llmrec, "forget-user", "--address", ray_head, f"storage.root={root}", f"forget.user_id={user}"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert "ray job submit --address" in p.stdout and "succeeded" in p.stdout.lower()
+    assert len(list((root / "privacy/forgotten").glob("*.json"))) == 1
+
+
+def test_llmrec_lists_its_commands_and_each_command_its_settings():
+    llmrec = str(Path(sys.executable).parent / "llmrec")
+    p = subprocess.run([llmrec, "--help"], env=ENV, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0
+    for command in ("run", "preprocess", "train", "evaluate", "serve", "retrain", "forget-user"):
+        assert f"\n  {command} " in p.stdout
+    p = subprocess.run([llmrec, "train", "--help"], env=ENV, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "retriever:" in p.stdout and "storage:" in p.stdout
+    p = subprocess.run([llmrec, "trian"], env=ENV, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "unknown command 'trian'" in p.stderr
+    p = subprocess.run([llmrec, "serve", "storage.root=/nonexistent/store"], env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 1 and "nothing to serve" in p.stderr and "Traceback" not in p.stderr

@@ -6,7 +6,9 @@ import pyarrow as pa
 import pytest
 
 from components.storage import Storage
-from serve.feedback import GroupCommitLog, SessionState, list_feedback_shards, read_feedback
+from components.schemas import EVENT_SCHEMA
+from serve.feedback import (GroupCommitLog, RecentIds, SessionState, list_feedback_shards,
+                            read_feedback, shard_path, table_bytes)
 
 
 def _ev(user, item, ts, event="click"):
@@ -60,6 +62,36 @@ def test_a_failed_write_acknowledges_nothing(tmp_path):
     results = asyncio.run(run())
     assert all(isinstance(r, RuntimeError) and "disk full" in str(r) for r in results)
     assert list_feedback_shards(Storage(str(tmp_path))) == []
+
+
+def test_a_retried_event_id_counts_once_and_old_shards_without_ids_still_read(tmp_path):
+    storage = Storage(str(tmp_path))
+    # a shard from before event ids existed: the plain event schema
+    old = pa.table({"user_id": ["o"], "item_id": ["x"], "ts": pa.array([1], pa.int64()).cast(EVENT_SCHEMA.field("ts").type),
+                    "event": ["click"], "value": [None], "session_id": [None], "context": [None]}, schema=EVENT_SCHEMA)
+    storage.write_bytes(shard_path(1_700_000_000_000), table_bytes(old))
+
+    async def run():
+        log = GroupCommitLog(storage)
+        first = await log.append([{**_ev("u", "i1", 1_700_000_000_001), "event_id": "e1"},
+                                  {**_ev("u", "i2", 1_700_000_000_002), "event_id": "e2"}, _ev("u", "i3", 1_700_000_000_003)])
+        # the client did not get the 202 (a timeout) and retries the same batch: stored a second time
+        await asyncio.sleep(0.002)
+        again = await log.append([{**_ev("u", "i1", 1_700_000_000_001), "event_id": "e1"},
+                                  {**_ev("u", "i2", 1_700_000_000_002), "event_id": "e2"}, _ev("u", "i3", 1_700_000_000_003)])
+        return first, again
+
+    first, again = asyncio.run(run())
+    assert first != again and storage.read_parquet(again).column("event_id").to_pylist() == ["e1", "e2", None]
+    table = read_feedback(storage, list_feedback_shards(storage))
+    # e1 and e2 once; the id-less event twice (nothing says it is a retry); the old shard's event kept
+    assert sorted(table["item_id"].to_pylist()) == ["i1", "i2", "i3", "i3", "x"]
+    assert table.column_names == ["user_id", "item_id", "ts", "event"]
+
+
+def test_recent_ids_remember_a_bounded_number():
+    ids = RecentIds(cap=2)
+    assert [ids.seen(x) for x in ("a", "b", "a", "c", "b", "a")] == [False, False, True, False, False, False]
 
 
 def test_session_state_keeps_recent_events_in_time_order():

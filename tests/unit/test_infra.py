@@ -1,8 +1,12 @@
 """infra/ manifests: every Ray cluster they create runs with token auth (the dashboard and jobs
 API listen on 0.0.0.0 inside the cluster network), where the KubeRay CRD schema allows it."""
 
+import copy
+import functools
+import re
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -44,3 +48,112 @@ def test_the_public_rayservice_gets_api_keys_on_every_node():
             from serve.runner import SERVE_ENV
 
             assert env == SERVE_ENV, container["name"]  # the fast path the benchmark measured
+
+
+# --- offline validation against the KubeRay CRD schemas (what `kubectl apply` would check) -------
+def _crd_schema(kind: str) -> dict:
+    if not CRDS.is_dir():
+        pytest.skip(f"{CRDS} not found: the KubeRay CRD schemas are needed to validate manifests")
+    return _load_crd_schema(kind)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_crd_schema(kind: str) -> dict:
+    crd = yaml.load((CRDS / f"ray.io_{kind}.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return version["schema"]["openAPIV3Schema"]
+
+
+def _strict(schema):
+    """A Kubernetes structural schema as JSON Schema: unknown fields are errors (kubectl's default
+    strict field validation) unless the schema preserves them; int-or-string accepts both."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if out.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
+    if (out.get("type") == "object" and "properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+def _apply_defaults(obj, schema):
+    """Fill the schema's defaults into ``obj`` where absent, as the API server does on admission."""
+    if isinstance(obj, dict) and isinstance(schema.get("properties"), dict):
+        for key, sub in schema["properties"].items():
+            if key not in obj and "default" in sub:
+                obj[key] = copy.deepcopy(sub["default"])
+            if key in obj:
+                _apply_defaults(obj[key], sub)
+    elif isinstance(obj, list) and isinstance(schema.get("items"), dict):
+        for item in obj:
+            _apply_defaults(item, schema["items"])
+    return obj
+
+
+def validate_manifest(doc: dict) -> list:
+    kind = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayService": "rayservices"}[doc["kind"]]
+    schema = copy.deepcopy(_crd_schema(kind))
+    doc = _apply_defaults(copy.deepcopy(doc), schema)
+    validator = jsonschema.Draft7Validator(_strict(schema))
+    return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+@pytest.mark.parametrize("name", sorted(MANIFESTS))
+def test_manifest_is_valid_against_the_kuberay_crd(name):
+    doc = yaml.safe_load((ROOT / "infra" / name).read_text())
+    assert doc["apiVersion"] == "ray.io/v1"
+    assert validate_manifest(doc) == []
+
+
+def test_the_validator_catches_typos_wrong_types_and_missing_fields():
+    doc = yaml.safe_load((ROOT / "infra" / "raycluster.yaml").read_text())
+    bad = copy.deepcopy(doc)
+    bad["spec"]["headGroupSpec"]["rayStartParam"] = {}  # typo of rayStartParams
+    bad["spec"]["workerGroupSpecs"][0]["replicas"] = "two"
+    del bad["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["name"]
+    errors = "\n".join(validate_manifest(bad))
+    assert "rayStartParam'" in errors and "'two' is not of type 'integer'" in errors
+    assert "'name' is a required property" in errors
+
+
+@pytest.mark.parametrize("name", ["rayjob-preprocess.yaml", "rayjob-retrain.yaml"])
+def test_rayjob_entrypoints_run_real_jobs_with_real_settings(name):
+    """The entrypoint's module exists and its settings load through the job's config schema."""
+    import importlib
+    import shlex
+
+    from components.config import parse_cli
+
+    argv = shlex.split(yaml.safe_load((ROOT / "infra" / name).read_text())["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "-m"] and argv[2].startswith("jobs.")
+    module = importlib.import_module(argv[2])
+    assert callable(getattr(module, "main", None))
+    args = argv[3:]
+    if args[:1] == ["--config"]:
+        assert (ROOT / args[1]).is_file(), args[1]
+        args = ["--config", str(ROOT / args[1]), *args[2:]]
+    cfg = parse_cli(args)  # unknown or ill-typed settings raise ConfigError
+    assert cfg.storage.root.startswith("s3://")
+
+
+def test_rayservice_serves_the_shipped_config_with_cluster_overrides():
+    """serveConfigV2 is configs/serve-fused.yaml (what `make run` and the benchmark serve) with only
+    the settings a cluster must change."""
+    from serve.runner import kuberay_serve_config
+
+    spec = yaml.safe_load((ROOT / "infra" / "rayservice.yaml").read_text())["spec"]
+    assert yaml.safe_load(spec["serveConfigV2"]) == kuberay_serve_config()
+
+
+def test_the_image_installs_what_make_setup_installs():
+    docker = (ROOT / "infra" / "Dockerfile").read_text()
+    make = (ROOT / "Makefile").read_text()
+    torch_pin = re.search(r"torch==[\d.]+", make).group(0)
+    assert torch_pin in docker and "pip install --no-cache-dir /app" in docker
+    ray_pin = re.search(r'"ray\[[^\]]+\]==([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert f"rayproject/ray:{ray_pin}-" in docker
