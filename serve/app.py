@@ -345,7 +345,10 @@ class EventStore:
                 out["dataset_events"] += self.state.add_table(t)
         shards = list_feedback_shards(self.storage, after=lin.get("feedback_watermark", ""))
         out["feedback_shards"] = len(shards)
-        out["feedback_events"] = self.state.add_table(read_feedback(self.storage, shards))
+        feedback = read_feedback(self.storage, shards, event_ids=True)
+        for eid in feedback["event_id"].drop_null().to_pylist():  # a retry after the restart counts once too
+            self.acked_ids.seen(eid)
+        out["feedback_events"] = self.state.add_table(feedback.drop_columns(["event_id"]))
         return out
 
     async def append(self, rows: List[Dict[str, Any]]) -> str:

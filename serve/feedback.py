@@ -175,9 +175,10 @@ def shard_key(path: str) -> str:
     return path.rsplit("/", 1)[-1]
 
 
-def read_feedback(storage: Storage, shards: Iterable[str]) -> pa.Table:
-    """The events of ``shards`` (user_id, item_id, ts, event), in shard order, each event once:
-    a row whose ``event_id`` was seen in an earlier row is a client's retry and is dropped."""
+def read_feedback(storage: Storage, shards: Iterable[str], event_ids: bool = False) -> pa.Table:
+    """The events of ``shards`` (user_id, item_id, ts, event[, event_id]), in shard order, each
+    event once: a row whose ``event_id`` was seen in an earlier row is a client's retry and is
+    dropped."""
     tables = []
     for f in shards:
         try:
@@ -189,10 +190,11 @@ def read_feedback(storage: Storage, shards: Iterable[str]) -> pa.Table:
             t = t.append_column("event_id", pa.nulls(t.num_rows, pa.string()))
         tables.append(t.select(list(FEEDBACK_COLUMNS)))
     if not tables:
-        return pa.table({"user_id": pa.array([], pa.string()), "item_id": pa.array([], pa.string()),
-                         "ts": pa.array([], EVENT_SCHEMA.field("ts").type), "event": pa.array([], pa.string())})
-    table = pa.concat_tables(tables, promote_options="default")
-    return drop_retried(table).drop_columns(["event_id"])
+        empty = {"user_id": pa.array([], pa.string()), "item_id": pa.array([], pa.string()),
+                 "ts": pa.array([], EVENT_SCHEMA.field("ts").type), "event": pa.array([], pa.string())}
+        return pa.table({**empty, **({"event_id": pa.array([], pa.string())} if event_ids else {})})
+    table = drop_retried(pa.concat_tables(tables, promote_options="default"))
+    return table if event_ids else table.drop_columns(["event_id"])
 
 
 FEEDBACK_COLUMNS = ("user_id", "item_id", "ts", "event", "event_id")
