@@ -27,6 +27,7 @@ from typing import Any, Dict, List
 import numpy as np
 
 from serve.auth import client_headers
+from serve.runner import LOCAL_SERVE_ENV
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -239,7 +240,8 @@ def swap(url: str, storage, pointer, users: List[str], rounds: int = 2) -> Dict[
 # Serve variants measured side by side: (config, environment of the Ray processes). The
 # environment must be set before Ray starts (the Serve controller, proxy and replicas read it
 # at import), so each variant runs in its own process with its own local Ray.
-THROUGHPUT = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# (+ LOCAL_SERVE_ENV: a short direct-ingress drain, or each variant's serve.shutdown() waits 30 s)
+THROUGHPUT = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", **LOCAL_SERVE_ENV}
 HAPROXY = {**THROUGHPUT, "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 VARIANTS: Dict[str, Any] = {
     "graph": (CONFIGS["graph"], {}),

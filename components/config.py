@@ -111,6 +111,9 @@ class PreprocessConfig:
     # Dataset version; empty: a fingerprint of the input files and these settings, so the
     # same input gives the same version (and identical content).
     version: Optional[str] = None
+    # Store keyed pseudonyms (HMAC-SHA256 under $LLMREC_PRIVACY_KEY) instead of user ids in the
+    # dataset; serve with the app arg pseudonymize_users: true so feedback matches them.
+    pseudonymize_users: bool = False
     # Rows per Ray Data batch when normalising.
     batch_size: int = 200_000
     # Event weights used by training (a rating's weight is scaled by its value when given).

@@ -13,7 +13,7 @@ import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -137,6 +137,9 @@ class ValidatedStream:
     # digest -> forgotten_at_ms (components.privacy): those users' events up to then are dropped
     forgotten: Dict[str, int] = field(default_factory=dict)
     forgotten_rows: int = 0
+    # components.privacy.Pseudonymizer: stored user ids become keyed pseudonyms, and quarantined
+    # raw records (which would name users) keep only their shard and reason.
+    pseudonymize: Optional[Callable] = None
 
     def add_events(self, table: pa.Table) -> None:
         good, rej = split_validated(table)
@@ -146,6 +149,10 @@ class ValidatedStream:
         # Forgotten rows count as never read (valid + quarantined = raw rows still holds).
         self.rows_in -= dropped + dropped_raw
         self.forgotten_rows += dropped + dropped_raw
+        if self.pseudonymize is not None:
+            good = self.pseudonymize.table(good)
+            rej = rej.set_column(rej.column_names.index("record"), rej.schema.field("record"),
+                                 pa.nulls(rej.num_rows, rej.schema.field("record").type))
         self.log.add(good)
         self.quarantine.add(rej)
 

@@ -45,6 +45,54 @@ def user_digest(user_id: str, env: Mapping[str, str] = os.environ) -> str:
     return hashlib.sha256(b"llmrec-user:" + user_id.encode()).hexdigest()
 
 
+# -- keyed pseudonyms ----------------------------------------------------------------------------
+PSEUDONYM = re.compile(r"^pz[0-9a-f]{32}$")
+MIN_KEY_CHARS = 16
+
+
+def privacy_key(env: Mapping[str, str] = os.environ) -> str:
+    key = env.get(KEY_ENV) or ""
+    if len(key) < MIN_KEY_CHARS:
+        raise ValueError(f"pseudonymize_users needs the secret {KEY_ENV} (at least {MIN_KEY_CHARS} characters; "
+                         f"{'too short' if key else 'not set'})")
+    return key
+
+
+class Pseudonymizer:
+    """user id -> ``pz`` + 32 hex characters of HMAC-SHA256(key, id): stable under one key, not
+    reversible, and not matchable against guessed ids without the key. An id that already is a
+    pseudonym passes through (what an admin sees in GET /v1/users works as a user id)."""
+
+    def __init__(self, key: str):
+        self._key = key.encode()
+        # names the key (in dataset fingerprints, so a new key makes a new dataset version) without revealing it
+        self.key_id = hashlib.sha256(b"llmrec-key-id:" + self._key).hexdigest()[:16]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "Pseudonymizer":
+        return cls(privacy_key(env))
+
+    def __call__(self, user_id: str) -> str:
+        if PSEUDONYM.match(user_id):
+            return user_id
+        return "pz" + hmac.new(self._key, b"user:" + user_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def table(self, t: pa.Table, column: str = "user_id") -> pa.Table:
+        """``t`` with ``column`` replaced by pseudonyms (each distinct id hashed once)."""
+        if column not in t.column_names or t.num_rows == 0:
+            return t
+        field = t.schema.field(column)
+        ids = t[column].combine_chunks()
+        if pa.types.is_dictionary(ids.type):  # dictionary-encoded ids (validated shards): map the dictionary
+            ids = ids.dictionary_decode()
+        uniq = pc.unique(ids)
+        mapped = pa.array([None if u is None else self(u) for u in uniq.to_pylist()], ids.type)
+        out = pc.take(mapped, pc.index_in(ids, uniq))
+        if pa.types.is_dictionary(field.type):
+            out = out.dictionary_encode().cast(field.type)
+        return t.set_column(t.column_names.index(column), field, out)
+
+
 def _mentions(user_id: str) -> re.Pattern:
     """The id as a whole token in a raw record (``u1`` does not match ``u10``)."""
     return re.compile(r"(?<![\w.-])" + re.escape(user_id) + r"(?![\w.-])")
@@ -87,6 +135,9 @@ def forget_user(storage: Storage, user_id: str, now_ms: Optional[int] = None) ->
         raise ValueError("user_id: must not be empty")
     digest = user_digest(user_id)
     pseudonym = "forgotten-" + digest[:16]
+    # With a key, stored tables may hold the user's keyed pseudonym instead of the raw id.
+    ids = [user_id] + ([Pseudonymizer.from_env()(user_id)] if len(os.environ.get(KEY_ENV, "")) >= MIN_KEY_CHARS
+                       else [])
     rewritten: List[str] = []
     rows = 0
     for path in storage.list_files("", suffixes=[".parquet"]):
@@ -98,7 +149,11 @@ def forget_user(storage: Storage, user_id: str, now_ms: Optional[int] = None) ->
         if not names & {"user_id", "record"}:
             continue
         t = f.read()
-        new, n = _without_user(path, t, user_id, pseudonym)
+        new, n = None, 0
+        for uid in ids:
+            out, k = _without_user(path, t if new is None else new, uid, pseudonym)
+            if out is not None:
+                new, n = out, n + k
         if new is None:
             continue
         buf = io.BytesIO()

@@ -65,6 +65,8 @@ def serve_promoted(cfg: Any, storage: Storage) -> None:
     if ck.read_pointer(storage, train.BUNDLE) is None:
         raise FileNotFoundError(f"nothing to serve: no promoted model under {storage.uri('registry')}")
     overrides = {"storage_root": storage.root, "storage_endpoint": cfg.storage.endpoint_url}
+    if cfg.preprocess.pseudonymize_users:  # the service must store feedback under the dataset's pseudonyms
+        overrides["pseudonymize_users"] = True
     if cfg.serve.watch_interval_s:
         overrides["watch_interval_s"] = cfg.serve.watch_interval_s
     with ray_session(cfg.ray):

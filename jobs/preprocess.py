@@ -65,12 +65,14 @@ def run(cfg: Any, engine: str = "ray") -> Dict[str, Any]:
     item_shards = list_shards(source.items, source.items_prefix) if source.items else []
 
     tombstones = privacy.forgotten(storage)  # users forgotten through DELETE /v1/users or jobs.forget_user
-    settings = {**_settings(cfg), **({"forgotten": sorted(tombstones.items())} if tombstones else {})}
+    pseudo = privacy.Pseudonymizer.from_env() if cfg.preprocess.pseudonymize_users else None
+    settings = {**_settings(cfg), **({"forgotten": sorted(tombstones.items())} if tombstones else {}),
+                **({"pseudonym_key": pseudo.key_id} if pseudo else {})}
     version = cfg.preprocess.version or fingerprint(_listing(source, shards, item_shards), settings)
     prefix = f"datasets/{source.name}/{version}"
     storage.delete(prefix)
     sink = QuarantineSink(storage, f"{prefix}/quarantine/part-00000.parquet")
-    stream = ValidatedStream(sink, forgotten=tombstones)
+    stream = ValidatedStream(sink, forgotten=tombstones, pseudonymize=pseudo)
     now_ms = int(time.time() * 1000)
     events = ShardValidator(ShardReader(source.events, source.columns, cfg.preprocess.batch_size), "events",
                             cfg.data.ts_unit, cfg.data.default_event, now_ms)
@@ -98,6 +100,7 @@ def run(cfg: Any, engine: str = "ray") -> Dict[str, Any]:
         "dataset": source.name, "version": version, "engine": engine,
         "raw_rows": stream.rows_in, "event_shards": len(shards), "item_shards": len(item_shards),
         "quarantined": sink.total, "quarantined_by_reason": dict(sink.reasons),
+        "pseudonymized_users": pseudo is not None,
         "forgotten_users": len(tombstones), "forgotten_events_dropped": stream.forgotten_rows,
         "read_validate_s": round(read_s, 3), "created_at": datetime.now(timezone.utc).isoformat(),
         "source": {k: v for k, v in source.info.items() if k != "key"},

@@ -84,6 +84,9 @@ class ServeSettings:
     # null turns it off. rate_limit_storage "redis://host:port" shares the count across replicas.
     rate_limit: Optional[str] = "300/second"
     rate_limit_storage: str = "memory://"
+    # Store and look up users by keyed pseudonym (HMAC under $LLMREC_PRIVACY_KEY): must match
+    # the dataset's preprocess.pseudonymize_users (a mismatch is logged at rebuild).
+    pseudonymize_users: bool = False
 
     @classmethod
     def from_args(cls, args: Optional[Dict[str, Any]]) -> "ServeSettings":
@@ -325,6 +328,10 @@ class EventStore:
         self.state = SessionState(s.history_len, s.live_users_max)
         self.log = GroupCommitLog(self.storage, s.feedback_linger_ms / 1000.0, s.feedback_max_events)
         self.acked_ids = RecentIds()
+        # Keyed pseudonyms: every user id is mapped here, the one place that stores and looks up
+        # users, so no raw id reaches the feedback log or live state (matches a dataset
+        # preprocessed with preprocess.pseudonymize_users under the same LLMREC_PRIVACY_KEY).
+        self.pseudo = privacy.Pseudonymizer.from_env() if s.pseudonymize_users else None
         t0 = time.perf_counter()
         self.rebuilt = self._rebuild(s.model)
         self.rebuilt["seconds"] = round(time.perf_counter() - t0, 2)
@@ -336,6 +343,15 @@ class EventStore:
         lin = (pointer or {}).get("lineage", {})
         if lin.get("dataset") and lin.get("dataset_version"):
             prefix = f"datasets/{lin['dataset']}/{lin['dataset_version']}"
+            try:
+                out["dataset_pseudonymized"] = bool(self.storage.read_json(f"{prefix}/stats.json")
+                                                    .get("pseudonymized_users"))
+            except Exception:
+                out["dataset_pseudonymized"] = None
+            if out["dataset_pseudonymized"] is not None and out["dataset_pseudonymized"] != (self.pseudo is not None):
+                log.error("dataset %s has %s user ids but this service has pseudonymize_users=%s: histories "
+                          "will not match (set both the same)", prefix,
+                          "pseudonymized" if out["dataset_pseudonymized"] else "raw", self.pseudo is not None)
             for split in ("train", "valid", "test"):
                 try:
                     t = self.storage.read_parquet(f"{prefix}/{split}", columns=["user_id", "item_id", "ts", "event"])
@@ -351,7 +367,12 @@ class EventStore:
         out["feedback_events"] = self.state.add_table(feedback.drop_columns(["event_id"]))
         return out
 
+    def _uid(self, user_id: str) -> str:
+        return self.pseudo(user_id) if self.pseudo is not None else user_id
+
     async def append(self, rows: List[Dict[str, Any]]) -> str:
+        if self.pseudo is not None:
+            rows = [{**r, "user_id": self.pseudo(r["user_id"])} for r in rows]
         path = await self.log.append(rows)  # returns once durable
         for r in rows:
             if r.get("event_id") is not None and self.acked_ids.seen(r["event_id"]):
@@ -360,7 +381,7 @@ class EventStore:
         return path
 
     async def history(self, user_id: str) -> List[tuple]:
-        return self.state.history(user_id)
+        return self.state.history(self._uid(user_id))
 
     async def users(self, limit: int) -> List[str]:
         return self.state.users(limit)
@@ -368,10 +389,11 @@ class EventStore:
     async def forget(self, user_id: str) -> Dict[str, Any]:
         """Forget the user everywhere: live state now, then every stored table (privacy.forget_user)
         once the events queued before this call are stored, so none of them escapes the rewrite."""
-        live = self.state.forget(user_id)
+        uid = self._uid(user_id)
+        live = self.state.forget(uid)
         await self.log.drain()
         record = await asyncio.to_thread(privacy.forget_user, self.storage, user_id)
-        self.state.forget(user_id)
+        self.state.forget(uid)
         return {**record, "live_events_removed": live}
 
     async def status(self) -> Dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional
 
 import yaml
 
+from components.privacy import privacy_key
 from serve.auth import AccessPolicy, check_bind
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ def start(config_path: str | Path, overrides: Optional[Dict[str, Any]] = None, h
     # Fail here, before anything is deployed, when an open API would face the network.
     check_bind(AccessPolicy.load(keys_file=args.get("keys_file"), require_read_key=bool(args.get("require_read_key"))),
                http["host"])
+    if args.get("pseudonymize_users"):
+        privacy_key()  # the key must be there before anything is deployed
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments") or []}
     opts = {k: http[k] for k in ("host", "port", "request_timeout_s", "keep_alive_timeout_s") if k in http}
     serve.start(http_options={**opts, "port": int(opts["port"])})

@@ -5,6 +5,8 @@ The outage is a TCP proxy between the service and the S3 server that closes its 
 and every open connection (pooled keep-alive connections included), as a network partition or a
 dead S3 endpoint would; stopping moto's own server would leave established connections served."""
 
+import json
+import os
 import socket
 import threading
 import time
@@ -22,6 +24,16 @@ from tests.conftest import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.s3]
 OUTAGE_S = 10.0
+
+
+def record(scenario: str, figures: dict) -> None:
+    """Keep a scenario's figures in $LLMREC_RELIABILITY_OUT (benchmarks/reliability.py sets it)."""
+    out = os.environ.get("LLMREC_RELIABILITY_OUT")
+    if out:
+        data = json.loads(open(out).read()) if os.path.exists(out) else {}
+        data[scenario] = figures
+        with open(out, "w") as f:
+            json.dump(data, f, indent=1)
 
 
 class TcpProxy:
@@ -200,6 +212,10 @@ def test_s3_outage_answers_503_with_retry_after_and_stores_every_acknowledged_ev
     # Recommendations come from memory: they keep answering while the store is down.
     assert recs and all(s == 200 for _, s in recs), Counter(s for _, s in recs)
     print(f"acknowledged {len(acked)} events, stored copies {sum(raw.values())}, counted once: {len(acked)}")
+    record("s3_outage", {"outage_s": OUTAGE_S, "event_requests": {str(k): v for k, v in statuses.items()},
+                         "slowest_503_s": round(slowest_503, 2), "answered_while_down": len(during),
+                         "acknowledged": len(acked), "stored_copies": sum(raw.values()),
+                         "recommend": {str(k): v for k, v in Counter(s for _, s in recs).items()}})
 
 
 def _kill(fragment: str) -> int:
@@ -240,6 +256,10 @@ def test_killed_replicas_under_load_are_replaced_and_lose_no_acknowledged_event(
           f"{dict(Counter(e[2] for e in failed_events))}; recommend {len(recs) - len(failed_recs)} ok, "
           f"{len(failed_recs)} failed {dict(Counter(r[1] for r in failed_recs))}; events again "
           f"{recovered:.1f} s after the holder was killed")
+    record("replica_kills", {"killed": killed, "acknowledged": len(acked), "failed_event_attempts": len(failed_events),
+                             "recommend_ok": len(recs) - len(failed_recs), "recommend_failed": len(failed_recs),
+                             "failures": {str(k): v for k, v in Counter(e[2] for e in failed_events + failed_recs).items()},
+                             "events_again_after_holder_kill_s": round(recovered, 1)})
     assert recovered < 90
     assert all(e[2] in (500, 502, 503, 504) or isinstance(e[2], str) for e in failed_events)
     assert any(t > t_ingress and s == 200 for t, s in recs) and any(t > t_store and s == 200 for t, s in recs)

@@ -81,3 +81,57 @@ def test_the_job_refuses_without_a_user_and_keyed_digests_differ(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and json.loads(p.stdout)["rows_removed"] == 0, p.stderr
     assert privacy.user_digest("zz", {"LLMREC_PRIVACY_KEY": "k" * 32}) != privacy.user_digest("zz", {})
+
+
+KEY = "k" * 24
+
+
+def test_pseudonyms_are_keyed_stable_and_refuse_a_missing_or_short_key():
+    p, q = privacy.Pseudonymizer(KEY), privacy.Pseudonymizer("another-key-0123456789")
+    assert p("u1") == p("u1") != p("u2") and p("u1") != q("u1")
+    assert privacy.PSEUDONYM.match(p("u1")) and p(p("u1")) == p("u1")  # a pseudonym passes through
+    t = p.table(pa.table({"user_id": ["a", "b", "a", None], "x": [1, 2, 3, 4]}))
+    assert t["user_id"].to_pylist() == [p("a"), p("b"), p("a"), None] and t["x"].to_pylist() == [1, 2, 3, 4]
+    for env in ({}, {privacy.KEY_ENV: "short"}):
+        try:
+            privacy.Pseudonymizer.from_env(env)
+            raise AssertionError("a missing or short key must be refused")
+        except ValueError as exc:
+            assert privacy.KEY_ENV in str(exc)
+
+
+def test_a_pseudonymized_dataset_stores_no_user_id_and_forget_still_finds_the_user(tmp_path, monkeypatch):
+    import asyncio
+
+    from serve.app import EventStore
+
+    monkeypatch.setenv(privacy.KEY_ENV, KEY)
+    p = privacy.Pseudonymizer(KEY)
+    _raw_logs(tmp_path / "in")
+    args = [f"storage.root={tmp_path / 'store'}", "data.source=files", f"data.path={tmp_path / 'in'}",
+            "preprocess.kcore=2"]
+    plain = preprocess.run(load_config(args), engine="local")
+    out = preprocess.run(load_config(args + ["preprocess.pseudonymize_users=true"]), engine="local")
+    assert out["version"] != plain["version"] and out["stats"]["pseudonymized_users"]
+    st = Storage(str(tmp_path / "store"))
+    for table in ("train", "valid", "test", "sequences", "vocab/users.parquet"):
+        ids = st.read_parquet(f"{out['prefix']}/{table}")["user_id"].to_pylist()
+        assert ids and all(privacy.PSEUDONYM.match(u) for u in ids), table
+    assert p("u2") in st.read_parquet(f"{out['prefix']}/train")["user_id"].to_pylist()
+    assert set(st.read_parquet(f"{out['prefix']}/quarantine")["record"].to_pylist()) == {None}  # raw rows name users
+    assert privacy.mentions(st, "u2", [out["prefix"]]) == []
+    monkeypatch.setenv(privacy.KEY_ENV, "another-key-0123456789")  # a new key: a new dataset version
+    assert preprocess.run(load_config(args + ["preprocess.pseudonymize_users=true"]), engine="local")["version"] \
+        != out["version"]
+    monkeypatch.setenv(privacy.KEY_ENV, KEY)
+
+    # The live-state holder maps ids itself: feedback is stored under the pseudonym, looked up by the raw id.
+    store_cls = getattr(EventStore, "func_or_class", EventStore)
+    holder = store_cls({"storage_root": str(tmp_path / "store"), "pseudonymize_users": True})
+    asyncio.run(holder.append([{"user_id": "u2", "item_id": "i9", "event": "click", "ts": 1_700_000_000_000}]))
+    assert st.read_parquet("feedback")["user_id"].to_pylist() == [p("u2")]
+    assert [h[0] for h in asyncio.run(holder.history("u2"))] == ["i9"]
+    record = asyncio.run(holder.forget("u2"))
+    assert record["rows_removed"] >= 10 + 1 and asyncio.run(holder.history("u2")) == []
+    assert p("u2") not in st.read_parquet(f"{out['prefix']}/train")["user_id"].to_pylist()
+    assert st.read_parquet("feedback").num_rows == 0 or p("u2") not in st.read_parquet("feedback")["user_id"].to_pylist()
