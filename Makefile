@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-all bench bench-serving clean
+.PHONY: setup run test test-all bench bench-serving bench-reliability clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,9 @@ bench: $(STAMP)
 
 bench-serving: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/python -m benchmarks.serving $(ARGS)
+
+bench-reliability: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/python -m benchmarks.reliability $(ARGS)
 
 clean:
 	rm -rf storage .pytest_cache

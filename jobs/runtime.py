@@ -41,6 +41,13 @@ def run_cli(main: Callable[[Any], Any], schema: type = AppConfig, argv: Optional
         sys.exit(1)
 
 
+def ray_log_level() -> str:
+    """Level of Ray's own logs (progress, per-step training reports, worker INFO): WARNING unless
+    LLMREC_RAY_LOGS=1 or LOG_LEVEL=DEBUG brings them back. The jobs' own progress lines stay."""
+    verbose = os.environ.get("LLMREC_RAY_LOGS") == "1" or os.environ.get("LOG_LEVEL", "").upper() == "DEBUG"
+    return "INFO" if verbose else "WARNING"
+
+
 @contextmanager
 def ray_session(ray_cfg: Any) -> Iterator[None]:
     """Connect to the configured cluster ($RAY_ADDRESS under ``ray job submit``) or start a local
@@ -57,7 +64,14 @@ def ray_session(ray_cfg: Any) -> Iterator[None]:
         from serve.runner import apply_serve_env
 
         apply_serve_env()
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **kwargs)
+    level = ray_log_level()
+    if level != "INFO":  # Ray Data's progress lines and INFO logs; worker processes' root loggers below
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
+             logging_config=ray.LoggingConfig(log_level=level), **kwargs)
     try:
         yield
     finally:

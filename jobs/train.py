@@ -42,7 +42,7 @@ from components.metrics import rank_and_topk, ranking_metrics
 from components.storage import Storage
 from components.warm_start import warm_start
 from components.text_encoder import TextEncoder, TextEncoderConfig, contrastive_loss, item_text
-from jobs.runtime import ray_session, run_cli
+from jobs.runtime import ray_log_level, ray_session, run_cli
 
 log = logging.getLogger("jobs.train")
 BUNDLE = "recommender"
@@ -71,6 +71,13 @@ def _deepspeed(model: torch.nn.Module, lr: float, wd: float, config: Dict[str, A
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    if ray_log_level() != "INFO":  # DeepSpeed's INFO lines and torch's deprecation notes from its comm calls
+        import warnings
+
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=wd)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=schedule,
@@ -390,7 +397,7 @@ def ranker_holdout_metrics(model: RankerMLP, lists: Dict[str, Any], rows: np.nda
 def run_stage(name: str, worker, loop_config: Dict[str, Any], cfg: Any, storage: Storage, run_id: str) -> Path:
     """One TorchTrainer run; returns a local folder with the exported best weights."""
     import pyarrow.fs as pafs
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     storage_path = storage.path("ray_train")
@@ -404,7 +411,8 @@ def run_stage(name: str, worker, loop_config: Dict[str, Any], cfg: Any, storage:
             name=f"{run_id}-{name}", storage_path=storage_path,
             storage_filesystem=storage.fs if storage.is_s3 else pafs.LocalFileSystem(),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level=ray_log_level())),  # per-step reports: LLMREC_RAY_LOGS=1
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
     )
     t0 = time.perf_counter()

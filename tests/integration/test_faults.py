@@ -258,7 +258,7 @@ def test_killed_replicas_under_load_are_replaced_and_lose_no_acknowledged_event(
           f"{recovered:.1f} s after the holder was killed")
     record("replica_kills", {"killed": killed, "acknowledged": len(acked), "failed_event_attempts": len(failed_events),
                              "recommend_ok": len(recs) - len(failed_recs), "recommend_failed": len(failed_recs),
-                             "failures": {str(k): v for k, v in Counter(e[2] for e in failed_events + failed_recs).items()},
+                             "failures": {str(k): v for k, v in Counter([e[2] for e in failed_events] + [r[1] for r in failed_recs]).items()},
                              "events_again_after_holder_kill_s": round(recovered, 1)})
     assert recovered < 90
     assert all(e[2] in (500, 502, 503, 504) or isinstance(e[2], str) for e in failed_events)
