@@ -10,8 +10,9 @@ import jsonschema
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-CRDS = ROOT.parent / "shared" / "data" / "kuberay-crds"
+from tests.conftest import ROOT, SHARED_DATA
+
+CRDS = SHARED_DATA / "kuberay-crds"
 # manifest -> (CRD file, path from spec to the cluster spec)
 MANIFESTS = {"raycluster.yaml": ("rayclusters", []), "rayjob-preprocess.yaml": ("rayjobs", ["rayClusterSpec"]),
              "rayjob-retrain.yaml": ("rayjobs", ["rayClusterSpec"]),
