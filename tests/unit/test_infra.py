@@ -4,7 +4,6 @@ API listen on 0.0.0.0 inside the cluster network), where the KubeRay CRD schema 
 import copy
 import functools
 import re
-from pathlib import Path
 
 import jsonschema
 import pytest
