@@ -37,7 +37,8 @@ def build(storage_root: str, candidates: int = 100, history_len: int = 200) -> F
     for split in ("train", "valid", "test"):
         state.add_table(storage.read_parquet(f"datasets/{lin['dataset']}/{lin['dataset_version']}/{split}",
                                              columns=["user_id", "item_id", "ts", "event"]))
-    state.add_table(read_feedback(storage, list_feedback_shards(storage, after=lin.get("feedback_watermark", ""))))
+    state.add_table(read_feedback(storage, list_feedback_shards(storage, after=lin.get("feedback_watermark", ""))),
+                    covisit=True)
     backend = LocalBackend(UserEncoderModel(d, v), RetrievalModel(d, storage, v), RankerModel(d, v), state)
     feedback = GroupCommitLog(storage)
     app = FastAPI(title="llmrec (bare uvicorn reference)")

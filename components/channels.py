@@ -34,6 +34,7 @@ from safetensors.numpy import load_file, save_file
 CHANNELS = ("retriever", "covisit", "text", "popularity")
 GRID = (0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 DECAYS = (1.0, 0.9, 0.7)
+SHRINK = 10.0  # co-visitation cosine shrinkage (few co-visits -> small similarity)
 
 
 @dataclass
@@ -51,7 +52,7 @@ class FusionConfig:
 
 
 def covisitation(histories: Sequence[np.ndarray], num_items: int, neighbors: int = 100,
-                 shrink: float = 10.0) -> sp.csr_matrix:
+                 shrink: float = SHRINK) -> sp.csr_matrix:
     """[num_items, num_items] sparse item-item cosine over users (binary user x item matrix),
     shrunk by ``shrink``, the ``neighbors`` largest per row, no self-similarity."""
     rows = np.concatenate([np.full(len(h), u) for u, h in enumerate(histories)]) if len(histories) else np.empty(0)
@@ -135,8 +136,32 @@ class Channels:
     def num_items(self) -> int:
         return self.sim.shape[0]
 
+    def live_similarity(self, pairs: Sequence[tuple], users: Dict[int, int], shrink: float = SHRINK) -> sp.csr_matrix:
+        """Similarities from co-visits counted after training (serving's live events), to add
+        to ``sim``: ``pairs`` (item, neighbour, co-visits) and ``users`` (item -> live users),
+        in 0-based codes. The cosine of ``covisitation`` with each item's norm over its
+        training plus live users: the trained numerator is not stored (only the top
+        neighbours' similarities), so a pair seen in both adds its live part on top."""
+        n = self.num_items
+        if not len(pairs):
+            return sp.csr_matrix((n, n), dtype=np.float32)
+        a, b, c = (np.asarray(x) for x in zip(*pairs))
+        ok = (a >= 0) & (a < n) & (b >= 0) & (b < n)
+        a, b, c = a[ok].astype(np.int64), b[ok].astype(np.int64), c[ok].astype(np.float64)
+        trained = np.expm1(self.log_pop.astype(np.float64))
+        live = np.zeros(n)
+        for k, v in users.items():
+            if 0 <= k < n:
+                live[k] = v
+        norm = np.sqrt(trained + live)
+        sim = c / (norm[a] * norm[b] + shrink + 1e-9)
+        return sp.csr_matrix((sim.astype(np.float32), (a, b)), shape=(n, n))
+
     # -- per-channel scores [B, num_items] ------------------------------------------------------------
-    def covisit_scores(self, histories: Sequence[np.ndarray], decay: Optional[float] = None) -> torch.Tensor:
+    def covisit_scores(self, histories: Sequence[np.ndarray], decay: Optional[float] = None,
+                       live: Optional[sp.csr_matrix] = None) -> torch.Tensor:
+        """Sum over each history's items (recency-decayed) of their similarity rows; ``live``:
+        similarities added by live events (``live_similarity``), used with the trained ones."""
         decay = self.cfg.decay if decay is None else decay
         n, H = self.num_items, self.cfg.history
         rows, cols, vals = [], [], []
@@ -149,7 +174,8 @@ class Channels:
         x = sp.csr_matrix((np.concatenate(vals).astype(np.float32) if vals else np.empty(0, np.float32),
                            (np.concatenate(rows) if rows else np.empty(0), np.concatenate(cols) if cols else np.empty(0))),
                           shape=(len(histories), n))
-        return torch.as_tensor((x @ self.sim).toarray(), dtype=torch.float32)
+        sim = self.sim if live is None or live.nnz == 0 else self.sim + live
+        return torch.as_tensor((x @ sim).toarray(), dtype=torch.float32)
 
     def text_scores(self, histories: Sequence[np.ndarray]) -> Optional[torch.Tensor]:
         if self.text is None:
@@ -167,16 +193,22 @@ class Channels:
         return torch.as_tensor(self.log_pop)[None].expand(batch, -1)
 
     def channel_scores(self, retriever: torch.Tensor, histories: Sequence[np.ndarray],
-                       decay: Optional[float] = None) -> Dict[str, torch.Tensor]:
-        """Per-user z-scores of every channel [B, num_items] (``retriever``: raw <u, i>)."""
-        out = {"retriever": _zscore(retriever.float()), "covisit": _zscore(self.covisit_scores(histories, decay)),
+                       decay: Optional[float] = None, live: Optional[sp.csr_matrix] = None) -> Dict[str, torch.Tensor]:
+        """Per-user z-scores of every channel [B, num_items] (``retriever``: raw <u, i>;
+        ``live``: co-visit similarities from live events, see ``live_similarity``)."""
+        out = {"retriever": _zscore(retriever.float()),
+               "covisit": _zscore(self.covisit_scores(histories, decay, live)),
                "popularity": _zscore(self.popularity_scores(len(histories)))}
         t = self.text_scores(histories)
         if t is not None:
             out["text"] = _zscore(t)
             # An item nobody has interacted with (added at serving) has no co-visits: that is
-            # missing evidence, not a low score. Its text similarity stands in for it.
-            cold = torch.as_tensor(self.log_pop <= 0)
+            # missing evidence, not a low score. Its text similarity stands in for it, until
+            # live events give it co-visits of its own.
+            cold = self.log_pop <= 0
+            if live is not None and live.nnz:
+                cold = cold & (np.asarray(live.getnnz(axis=0)) == 0)
+            cold = torch.as_tensor(cold)
             if bool(cold.any()):
                 out["covisit"][:, cold] = out["text"][:, cold]
         return out
@@ -189,9 +221,10 @@ class Channels:
                 out += w[name] * x
         return out
 
-    def scores(self, retriever: torch.Tensor, histories: Sequence[np.ndarray]) -> tuple[torch.Tensor, Dict]:
+    def scores(self, retriever: torch.Tensor, histories: Sequence[np.ndarray],
+               live: Optional[sp.csr_matrix] = None) -> tuple[torch.Tensor, Dict]:
         """(fused scores [B, num_items], per-channel z-scores) with the fitted weights."""
-        z = self.channel_scores(retriever, histories)
+        z = self.channel_scores(retriever, histories, live=live)
         fused = self.fuse(z)
         for item, (nbrs, w) in self.cold_neighbours.items():
             # A new item is at least as relevant as its nearest catalog items by LLM text are.

@@ -107,6 +107,8 @@ class RecommendedItem(BaseModel):
     title: str
     score: float
     reason: Optional[str] = Field(description="the history item that most explains the pick (None: cold start)")
+    reason_title: Optional[str] = Field(default=None, description="that history item's title, for display: "
+                                        "\"because you liked <reason_title>\"")
     categories: List[str] = Field(default_factory=list)
 
 

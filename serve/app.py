@@ -279,10 +279,10 @@ class Retriever(_Versioned):
 
     async def candidates(self, version: str, u: np.ndarray, hist_rows: List[int], hist_ts: List[int],
                          hist_events: List[int], exclude_rows: List[int], categories: Optional[List[str]],
-                         n: int) -> Dict[str, Any]:
+                         n: int, covisit: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         with self.lock:
             return self.model_for(version).candidates(u, hist_rows, hist_ts, hist_events, exclude_rows,
-                                                      categories, n)
+                                                      categories, n, covisit)
 
     async def cold_start(self, n: int, exclude: List[str], categories: Optional[List[str]]) -> Dict[str, Any]:
         with self.lock:
@@ -364,7 +364,7 @@ class EventStore:
         feedback = read_feedback(self.storage, shards, event_ids=True)
         for eid in feedback["event_id"].drop_null().to_pylist():  # a retry after the restart counts once too
             self.acked_ids.seen(eid)
-        out["feedback_events"] = self.state.add_table(feedback.drop_columns(["event_id"]))
+        out["feedback_events"] = self.state.add_table(feedback.drop_columns(["event_id"]), covisit=True)
         return out
 
     def _uid(self, user_id: str) -> str:
@@ -383,6 +383,10 @@ class EventStore:
     async def history(self, user_id: str) -> List[tuple]:
         return self.state.history(self._uid(user_id))
 
+    async def context(self, user_id: Optional[str], recent_items: List[str]) -> Dict[str, Any]:
+        """History and live co-visits for one recommendation (``SessionState.context``)."""
+        return self.state.context(self._uid(user_id) if user_id else None, recent_items)
+
     async def users(self, limit: int) -> List[str]:
         return self.state.users(limit)
 
@@ -400,7 +404,8 @@ class EventStore:
         return {"users": len(self.state), "users_spilled": self.state.spilled, "users_reloaded": self.state.reloaded,
                 "rebuilt": self.rebuilt, "shards_written": self.log.shards_written,
                 "events_written": self.log.events_written, "write_failures": self.log.write_failures,
-                "last_write_ms": round(self.log.last_write_s * 1000, 2)}
+                "last_write_ms": round(self.log.last_write_s * 1000, 2),
+                "live_covisit_events": self.state.covisit.events, "live_covisit_items": len(self.state.covisit.pairs)}
 
 
 class LocalHandle:

@@ -7,7 +7,10 @@ only once its events are stored (a failed write fails every
 caller in that group, so nothing is acknowledged that is not stored).
 
 ``SessionState`` keeps each user's recent events (item ids, so it survives a vocabulary change
-between model versions) and can be rebuilt from the dataset plus the feedback shards.
+between model versions) and can be rebuilt from the dataset plus the feedback shards. Its
+``LiveCovisitation`` counts the item pairs that live events add, so the co-visitation channel
+learns from feedback between retrains (a new item becomes a neighbour of what its first users
+had just seen).
 """
 
 from __future__ import annotations
@@ -234,6 +237,72 @@ class RecentIds:
 Entry = Tuple[str, int, int]  # (item_id, event code, ts ms)
 
 
+class LiveCovisitation:
+    """Item co-visits added by live events since the model's training data, in item ids.
+
+    When a user interacts with an item new to their history, the pair (it, each of their last
+    ``window`` distinct items) gains one co-visit in both directions, and the item one user:
+    the numerator and the norms of the cosine the training-time channel uses
+    (``components.channels.covisitation``), counted over the events the model has not seen.
+    ``rows`` hands the retriever the pairs of a user's recent items, which it adds to its trained
+    similarities (``Channels.live_similarity``). Each item keeps its ``neighbours`` most
+    co-visited partners. The counts are aggregates: they are rebuilt from the feedback log with
+    the live state and fold into the model at the next retrain. Not thread-safe: ``SessionState``
+    holds its lock around every call.
+    """
+
+    def __init__(self, window: int = 50, neighbours: int = 200):
+        self.window, self.neighbours = window, neighbours
+        self.pairs: Dict[str, Dict[str, int]] = {}
+        self.users: Dict[str, int] = {}  # item -> users who interacted with it live
+        self.events = 0
+
+    def observe(self, history: Sequence[str], item: str) -> None:
+        """``item`` was just added to a user whose earlier items are ``history`` (oldest first)."""
+        if item in history:
+            return  # this user already counts for the item and its pairs
+        recent: List[str] = []
+        for h in reversed(history):
+            if h not in recent:
+                recent.append(h)
+                if len(recent) == self.window:
+                    break
+        self.users[item] = self.users.get(item, 0) + 1
+        self.events += 1
+        for h in recent:
+            self._bump(h, item)
+            self._bump(item, h)
+
+    def _bump(self, a: str, b: str) -> None:
+        row = self.pairs.setdefault(a, {})
+        row[b] = row.get(b, 0) + 1
+        if len(row) > 2 * self.neighbours:  # amortised: keep the most co-visited half
+            keep = sorted(row.items(), key=lambda kv: -kv[1])[:self.neighbours]
+            self.pairs[a] = dict(keep)
+
+    def rows(self, items: Sequence[str]) -> Dict[str, Any]:
+        """The live pairs of the last ``window`` distinct ``items`` (most recent last):
+        ``{"pairs": [(item, neighbour, co-visits)], "users": {item: live users}}`` (empty when
+        no live event touched them)."""
+        pairs: List[Tuple[str, str, int]] = []
+        users: Dict[str, int] = {}
+        seen = set()
+        for a in reversed(items):
+            if a in seen:
+                continue
+            seen.add(a)
+            if len(seen) > self.window:
+                break
+            row = self.pairs.get(a)
+            if not row:
+                continue
+            users[a] = self.users.get(a, 0)
+            for b, c in row.items():
+                pairs.append((a, b, c))
+                users[b] = self.users.get(b, 0)
+        return {"pairs": pairs, "users": users}
+
+
 class SessionState:
     """Recent events per user, newest last, at most ``max_len`` each. Thread-safe.
 
@@ -246,6 +315,7 @@ class SessionState:
     def __init__(self, max_len: int = 200, max_users: int = 100_000, spill_dir: Optional[str] = None):
         self.max_len = max_len
         self.max_users = max_users
+        self.covisit = LiveCovisitation()
         self._users: "OrderedDict[str, Deque[Entry]]" = OrderedDict()
         self._lock = threading.Lock()
         self._spill: Optional[sqlite3.Connection] = None
@@ -299,9 +369,13 @@ class SessionState:
         self._evict()
         return d
 
-    def add(self, user_id: str, item_id: str, event: str, ts: int) -> None:
+    def add(self, user_id: str, item_id: str, event: str, ts: int, covisit: bool = True) -> None:
+        """One event; ``covisit``: count its co-visits (live events and feedback replayed at a
+        rebuild; the dataset's own events are in the trained channel already)."""
         with self._lock:
             d = self._get(user_id, create=True)
+            if covisit:
+                self.covisit.observe([e[0] for e in d], item_id)
             entry = (item_id, EVENT_CODE.get(event, 0), int(ts))
             if d and ts < d[-1][2]:  # late event: keep the deque in time order
                 items = sorted([*d, entry], key=lambda e: e[2])
@@ -310,11 +384,19 @@ class SessionState:
             else:
                 d.append(entry)
 
-    def add_table(self, table: pa.Table) -> int:
-        """Bulk load (user_id, item_id, ts, event) rows, sorted by time per user."""
+    def add_table(self, table: pa.Table, covisit: bool = False) -> int:
+        """Bulk load (user_id, item_id, ts, event) rows, sorted by time per user; ``covisit``:
+        replay them in time order through ``add`` (feedback read back at a rebuild), so the
+        live co-visits are the ones the events made."""
         if table.num_rows == 0:
             return 0
         t = pa.table({c: table[c].cast(pa.string()) for c in ("user_id", "item_id", "event")} | {"ts": table["ts"]})
+        if covisit:
+            t = t.sort_by([("ts", "ascending")])
+            ts = t["ts"].cast(pa.int64()).to_pylist()
+            for u, i, e, when in zip(*(t[c].to_pylist() for c in ("user_id", "item_id", "event")), ts):
+                self.add(u, i, e, when)
+            return t.num_rows
         t = t.sort_by([("user_id", "ascending"), ("ts", "ascending")])
         ts = t["ts"].cast(pa.int64()).to_numpy()
         users = t["user_id"].to_pylist()
@@ -332,6 +414,13 @@ class SessionState:
     def history(self, user_id: str) -> List[Entry]:
         with self._lock:
             return list(self._get(user_id, create=False) or ())
+
+    def context(self, user_id: Optional[str], recent_items: Sequence[str] = ()) -> Dict[str, Any]:
+        """What a recommendation needs from live state, in one call: the user's history (none
+        for an anonymous request) and the live co-visits of its items plus ``recent_items``."""
+        with self._lock:
+            hist = list(self._get(user_id, create=False) or ()) if user_id else []
+            return {"history": hist, "covisit": self.covisit.rows([e[0] for e in hist] + list(recent_items))}
 
     def forget(self, user_id: str) -> int:
         """Drop the user's live state (memory and spill file); returns how many events it held."""

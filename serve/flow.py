@@ -20,8 +20,8 @@ class HandleBackend:
     def __init__(self, encoder, retriever, ranker, events):
         self.encoder, self.retriever, self.ranker, self.events = encoder, retriever, ranker, events
 
-    async def history(self, user_id: str) -> List[tuple]:
-        return await self.events.history.remote(user_id)
+    async def context(self, user_id: Optional[str], recent_items: List[str]) -> Dict[str, Any]:
+        return await self.events.context.remote(user_id, recent_items)
 
     async def history_inputs(self, item_ids: List[str], exclude: List[str]) -> Dict[str, Any]:
         return await self.retriever.history.remote(item_ids, exclude)
@@ -45,8 +45,8 @@ class LocalBackend:
     def __init__(self, encoder, retrieval, ranker, state):
         self.encoder, self.retrieval, self.ranker, self.state = encoder, retrieval, ranker, state
 
-    async def history(self, user_id: str) -> List[tuple]:
-        return self.state.history(user_id)
+    async def context(self, user_id: Optional[str], recent_items: List[str]) -> Dict[str, Any]:
+        return self.state.context(user_id, recent_items)
 
     async def history_inputs(self, item_ids: List[str], exclude: List[str]) -> Dict[str, Any]:
         return self.retrieval.history_inputs(item_ids, exclude)
@@ -71,9 +71,12 @@ def _ms(t0: float) -> float:
 async def recommend(req: api.RecommendRequest, backend, candidates: int, history_len: int,
                     t0: Optional[float] = None) -> api.RecommendResponse:
     """Stored history + ``recent_events`` -> user vector -> candidates -> ranker -> top k with reasons.
-    No known history (unknown user, no usable recent events) -> cold start."""
+    No known history (unknown user, no usable recent events) -> cold start. Live state answers
+    the user's history and the live co-visits of their items in one call."""
     t0 = time.perf_counter() if t0 is None else t0
-    stored = await backend.history(req.user_id) if req.user_id else []
+    recent = [e.item_id for e in req.recent_events]
+    live = await backend.context(req.user_id, recent) if req.user_id or recent else {"history": [], "covisit": None}
+    stored = live["history"]
     entries = list(stored) + [(e.item_id, EVENT_CODE[e.event], e.ts or api.now_ms()) for e in req.recent_events]
     categories = req.filters.categories if req.filters and req.filters.categories else None
     h = await backend.history_inputs([e[0] for e in entries], req.exclude)
@@ -89,13 +92,15 @@ async def recommend(req: api.RecommendRequest, backend, candidates: int, history
     version, rows, vectors = h["version"], h["rows"][-history_len:], h["vectors"][-history_len:]
     ts, ev = [e[2] for e in known], [e[1] for e in known]
     u = await backend.encode({"version": version, "vectors": vectors, "events": ev, "ts": ts})
-    c = await backend.candidates(version, u, rows, ts, ev, h["exclude_rows"], categories, max(candidates, req.k))
+    c = await backend.candidates(version, u, rows, ts, ev, h["exclude_rows"], categories, max(candidates, req.k),
+                                 live["covisit"])
     if len(c["rows"]) == 0:
         return api.RecommendResponse(user_id=req.user_id, items=[], model_version=version, took_ms=_ms(t0),
                                      unknown_items=unknown)
     scores = await backend.score({"version": version, "u": u, "i": c["i"], "ctx": c["ctx"], "retrieval": c["retrieval"]})
     order = np.argsort(-np.asarray(scores), kind="stable")[:req.k]
     items = [api.RecommendedItem(item_id=c["items"][j]["item_id"], title=c["items"][j]["title"], score=float(scores[j]),
-                                 reason=c["reasons"][j], categories=c["items"][j]["categories"]) for j in order]
+                                 reason=c["reasons"][j], reason_title=c["reason_titles"][j],
+                                 categories=c["items"][j]["categories"]) for j in order]
     return api.RecommendResponse(user_id=req.user_id, items=items, model_version=version, took_ms=_ms(t0),
                                  unknown_items=unknown)

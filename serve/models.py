@@ -305,13 +305,24 @@ class RetrievalModel:
         keep = [(r, s) for r, s in zip(rows[0], scores[0]) if r > 0 and int(r) not in excl][:n]
         return (np.array([r for r, _ in keep], dtype=np.int64), np.array([s for _, s in keep], dtype=np.float32))
 
+    def live_similarity(self, covisit: Optional[Dict[str, Any]]):
+        """The live co-visits of ``SessionState.context`` (item ids) as the channels' extra
+        similarities (codes); ids this version does not know are left out."""
+        if not covisit or not covisit.get("pairs"):
+            return None
+        code = lambda iid: self.row.get(iid, 0) - 1  # noqa: E731 (unknown -> -1, dropped)
+        pairs = [(code(a), code(b), c) for a, b, c in covisit["pairs"]]
+        return self.channels.live_similarity(pairs, {code(i): n for i, n in covisit["users"].items()})
+
     def fused_search(self, u: np.ndarray, n: int, hist_rows: Sequence[int], exclude_rows: Sequence[int] = (),
-                     categories: Optional[Sequence[str]] = None) -> Tuple[np.ndarray, np.ndarray, Dict[str, np.ndarray]]:
+                     categories: Optional[Sequence[str]] = None, covisit: Optional[Dict[str, Any]] = None
+                     ) -> Tuple[np.ndarray, np.ndarray, Dict[str, np.ndarray]]:
         """Top-``n`` rows by the fused channel score over the whole catalog (new items included),
-        with each channel's z-score for them; history, exclusions and category filters applied."""
+        with each channel's z-score for them; history, exclusions and category filters applied;
+        ``covisit``: the live co-visits of the user's items (``SessionState.context``)."""
         raw = torch.as_tensor(self.vectors[1:] @ np.asarray(u, dtype=np.float32))[None]
         hist = [np.asarray(hist_rows, dtype=np.int64) - 1]
-        fused, z = self.channels.scores(raw, hist)
+        fused, z = self.channels.scores(raw, hist, self.live_similarity(covisit))
         s = fused[0].numpy().copy()
         drop = np.asarray(list(exclude_rows) + list(hist_rows), dtype=np.int64) - 1
         s[drop[(drop >= 0) & (drop < len(s))]] = -np.inf
@@ -379,20 +390,24 @@ class RetrievalModel:
                 "exclude_rows": ex_rows, "unknown": sorted(set(unknown) | set(ex_unknown))}
 
     def candidates(self, u: np.ndarray, hist_rows: Sequence[int], hist_ts: Sequence[int], hist_events: Sequence[int],
-                   exclude_rows: Sequence[int], categories: Optional[Sequence[str]], n: int) -> Dict[str, Any]:
-        """Top-``n`` unseen items for user vector ``u`` with the ranker's inputs and the reasons."""
+                   exclude_rows: Sequence[int], categories: Optional[Sequence[str]], n: int,
+                   covisit: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Top-``n`` unseen items for user vector ``u`` with the ranker's inputs and the reasons
+        (``covisit``: live co-visits of the user's items, for the co-visitation channel)."""
         with self._lock:
             if self.channels is not None:
-                rows, scores, z = self.fused_search(u, n, hist_rows, exclude_rows, categories)
+                rows, scores, z = self.fused_search(u, n, hist_rows, exclude_rows, categories, covisit)
             else:
                 rows, scores = self.search(u, n, list(exclude_rows) + list(hist_rows), categories)
                 z = None
         if len(rows) == 0:
             return {"rows": rows, "retrieval": scores, "i": np.zeros((0, self.dim), np.float32),
-                    "ctx": np.zeros((0, NUM_CONTEXT), np.float32), "items": [], "reasons": []}
+                    "ctx": np.zeros((0, NUM_CONTEXT), np.float32), "items": [], "reasons": [], "reason_titles": []}
+        reasons = self.reasons(rows, hist_rows)
         return {"rows": rows, "retrieval": scores, "i": self.vectors[rows],
                 "ctx": self.context(rows, scores, hist_rows, hist_ts, hist_events, z),
-                "items": self.describe(rows), "reasons": self.reasons(rows, hist_rows)}
+                "items": self.describe(rows), "reasons": reasons,
+                "reason_titles": [self.titles[self.row[x] - 1] or x for x in reasons]}
 
     def cold_start_items(self, n: int, exclude: Sequence[str], categories: Optional[Sequence[str]]) -> Dict[str, Any]:
         ex_rows, unknown = self.lookup(exclude)

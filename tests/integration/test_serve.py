@@ -76,6 +76,8 @@ def test_recommend_for_a_known_user_with_reasons_from_history(app):
     assert len(set(ids)) == 10 and not set(ids) & hist  # already-seen items are not recommended
     assert all(it["reason"] in hist for it in out["items"])
     assert all(it["title"] for it in out["items"])
+    titles = dict(zip(app["bundle"]["items"]["item_id"].to_pylist(), app["bundle"]["items"]["title"].to_pylist()))
+    assert all(it["reason_title"] == titles[it["reason"]] for it in out["items"])  # "because you liked <title>"
 
 
 def test_unknown_users_get_cold_start_and_recent_events_personalise_anonymous_users(app):
@@ -271,6 +273,8 @@ def test_live_state_is_rebuilt_from_the_feedback_log_when_its_holder_restarts(ap
     user = "restart-user"
     items = app["bundle"]["items"]["item_id"].to_pylist()[:3]
     post(app, "/v1/events", {"events": [{"user_id": user, "item_id": i, "event": "click"} for i in items]}, expect=202)
+    live = requests.get(app["url"] + "/v1/version", timeout=30).json()["events"]
+    assert live["live_covisit_events"] >= 3  # the events' co-visits count at once
     replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "EventStore" in a["name"]]
     assert len(replicas) == 1, replicas
     ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
@@ -281,6 +285,15 @@ def test_live_state_is_rebuilt_from_the_feedback_log_when_its_holder_restarts(ap
             break
         time.sleep(0.5)
     assert [e["item_id"] for e in r.json()["events"]][::-1] == items
+    # ... and the co-visits replay from the log with the histories (the same counts, in time order)
+    while time.time() < deadline:  # a handle may still route a first call to the killed replica
+        r = requests.get(app["url"] + "/v1/version", timeout=60)
+        if r.status_code == 200:
+            break
+        time.sleep(0.5)
+    rebuilt = r.json()["events"]
+    assert {k: rebuilt[k] for k in ("live_covisit_events", "live_covisit_items")} == \
+        {k: live[k] for k in ("live_covisit_events", "live_covisit_items")}
 
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

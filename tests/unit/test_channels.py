@@ -80,3 +80,24 @@ def test_ranker_statistics_are_as_of_the_cutoff():
     count, _ = stats.as_of(np.array([1, 5]), 10_000)
     assert count.tolist() == [2, 0]  # item 5 was added after training
     assert np.allclose(stats.log_pop, np.log1p([1, 2, 1, 0]))
+
+
+def test_live_co_visits_add_to_the_trained_similarity_with_the_cosine_norms():
+    h = _histories()
+    ch = Channels.fit_data(h, 7, torch.eye(7, 4) + 0.01, FusionConfig(weights={"retriever": 0.0, "covisit": 1.0}))
+    trained = np.expm1(ch.log_pop)
+    live = ch.live_similarity([(0, 6, 3), (6, 0, 3), (0, 99, 1)], {0: 1, 6: 3})  # code 99: unknown, dropped
+    want = 3 / (np.sqrt(trained[0] + 1) * np.sqrt(trained[6] + 3) + 10.0)
+    assert live.nnz == 2 and np.isclose(live[0, 6], want) and np.isclose(live[6, 0], want)
+    hist = [np.array([0])]
+    base = ch.covisit_scores(hist, 1.0)
+    assert torch.allclose(ch.covisit_scores(hist, 1.0, live), base + torch.as_tensor(live[0].toarray()))
+    # A new item (code 7): scored from its text until live events give it co-visits of its own.
+    ch.grow(1)
+    ch.set_text(7, (torch.eye(7, 4) + 0.01)[3].numpy())
+    before, z = ch.scores(torch.zeros(1, 8), hist)
+    assert torch.equal(z["covisit"][0, 7], z["text"][0, 7]) and before[0, 7] < before[0, 6]
+    live = ch.live_similarity([(0, 7, 5), (7, 0, 5)], {0: 1, 7: 5})
+    fused, z = ch.scores(torch.zeros(1, 8), hist, live)
+    # now just behind item 0's trained neighbours (1, 2: 40 users), ahead of everything else
+    assert torch.argsort(fused[0, 1:], descending=True)[:3].tolist() == [0, 1, 6]

@@ -135,3 +135,43 @@ def test_live_state_is_bounded_in_memory_and_loses_no_history(tmp_path):
                       "ts": pa.array(range(30), pa.int64()), "event": ["click"] * 30})
     assert s.add_table(table) == 30 and len(s._users) == 3 and len(s) == 15
     assert [e[0] for e in s.history("v0")] == ["j0", "j6", "j12", "j18", "j24"]
+
+
+def test_live_events_count_co_visits_once_per_user_and_pair():
+    s = SessionState(max_len=10)
+    s.add("u", "a", "click", 1)
+    s.add("u", "b", "click", 2)
+    s.add("u", "b", "click", 3)  # a repeat: this user already counts for b and its pairs
+    s.add("v", "b", "click", 4)
+    s.add("v", "c", "click", 5)
+    s.add("w", "x", "click", 6, covisit=False)  # a dataset event: in the trained channel already
+    cv = s.covisit
+    assert cv.pairs == {"a": {"b": 1}, "b": {"a": 1, "c": 1}, "c": {"b": 1}} and cv.users == {"a": 1, "b": 2, "c": 1}
+    ctx = s.context("u", ["c"])  # stored history + the request's recent items
+    assert [e[0] for e in ctx["history"]] == ["a", "b", "b"]
+    assert sorted(ctx["covisit"]["pairs"]) == [("a", "b", 1), ("b", "a", 1), ("b", "c", 1), ("c", "b", 1)]
+    assert ctx["covisit"]["users"] == {"a": 1, "b": 2, "c": 1}
+    assert s.context(None, ["zz"]) == {"history": [], "covisit": {"pairs": [], "users": {}}}
+
+
+def test_live_co_visits_are_bounded_and_replayed_from_the_log_in_time_order():
+    from serve.feedback import LiveCovisitation
+
+    cv = LiveCovisitation(window=2, neighbours=2)
+    cv.observe(["a", "b", "c"], "d")  # only the last 2 distinct items pair with d
+    assert cv.pairs["d"] == {"c": 1, "b": 1} and "a" not in cv.pairs
+    for k in range(5):
+        cv.observe([f"n{k}"], "d")
+    assert len(cv.pairs["d"]) <= 4  # amortised cap: 2 x neighbours
+    # the feedback log read back at a rebuild gives the same counts as the live events did
+    live = SessionState()
+    rows = [("u", "a", 3), ("v", "a", 1), ("u", "b", 4), ("v", "c", 2), ("u", "c", 5)]
+    for u, i, ts in sorted(rows, key=lambda r: r[2]):
+        live.add(u, i, "click", ts)
+    table = pa.table({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                      "ts": pa.array([r[2] for r in rows], pa.int64()).cast(pa.timestamp("ms", tz="UTC")),
+                      "event": ["click"] * 5})  # as read_feedback returns it
+    rebuilt = SessionState()
+    assert rebuilt.add_table(table, covisit=True) == 5
+    assert rebuilt.covisit.pairs == live.covisit.pairs and rebuilt.covisit.users == live.covisit.users
+    assert [e[0] for e in rebuilt.history("u")] == ["a", "b", "c"]

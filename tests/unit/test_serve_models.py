@@ -116,6 +116,38 @@ def test_an_upserted_item_is_retrievable_at_once_from_its_text(loaded):
     assert r.item("brand-new-helmet")["title"] == "Renamed"
 
 
+def test_live_co_visits_bring_a_new_item_to_the_users_whose_items_it_was_seen_with(loaded):
+    """The co-visitation channel updated by live events (SessionState -> RetrievalModel): a new
+    item whose text is unlike a cycling user's history climbs into their top-10 once live users
+    take it after cycling items. Fusion weights as fitted where ItemKNN wins (small catalogs)."""
+    from serve.feedback import SessionState
+
+    r, enc = loaded["retrieval"], loaded["encoder"]
+    hist = _category_items(r, "Cycling", 9)[1:]
+    rows, _ = r.lookup(hist)
+    ts = [1_700_000_000_000 + k for k in range(8)]
+    u = enc.encode([{"vectors": r.history_vectors(rows), "events": [1] * 8, "ts": ts}])[0]
+    other = next(k for k, c in enumerate(r.categories) if "Cycling" not in c)
+    r.upsert([{"item_id": "live-covisit-x", "title": "X", "categories": ["Other"]}], r.text[other].numpy()[None])
+    saved = dict(r.channels.cfg.weights)
+    r.channels.cfg.weights = {"retriever": 0.0, "covisit": 1.0, "text": 0.0, "popularity": 0.0}
+    try:
+        state = SessionState()
+
+        def position():
+            ids = [x["item_id"] for x in r.candidates(u, rows, ts, [1] * 8, [], None, 100,
+                                                      state.context(None, hist)["covisit"])["items"]]
+            return ids.index("live-covisit-x") if "live-covisit-x" in ids else 100
+
+        start = position()
+        for n in range(12):
+            for k, item in enumerate(hist[-4:] + ["live-covisit-x"]):
+                state.add(f"live-{n}", item, "click", k)
+        assert start >= 20 and position() < 10, (start, position())
+    finally:
+        r.channels.cfg.weights = saved
+
+
 def test_watcher_swaps_to_a_new_version_and_refuses_a_corrupt_one(bundle, tmp_path):
     storage = bundle["storage"]
     loads = []
