@@ -77,8 +77,11 @@ def serve_promoted(cfg: Any, storage: Storage) -> None:
 
 
 def feedback_demo(cfg: Any, storage: Storage, url: str) -> None:
-    """The loop the system exists for, shown once: clicks through the API change recommendations at
-    once, are stored, retrain a better-informed model, which the replicas swap in."""
+    """The loop the system exists for, shown once, with something only feedback can teach: a new
+    series of items (added through ``PUT /v1/items``) that users watch part after part. Their
+    clicks change recommendations at once (live history and live co-visits), are stored, and
+    retrain a model that has learnt the series from them; the gate compares it with the serving
+    model on the same split and the replicas swap to the winner."""
     import subprocess
     import sys
     from collections import Counter
@@ -90,31 +93,42 @@ def feedback_demo(cfg: Any, storage: Storage, url: str) -> None:
     http = requests.Session()
     http.headers.update(client_headers())  # the admin key when the service has keys
 
-    def share(users, category):
-        recs = [http.post(url + "/v1/recommend", json={"user_id": u, "k": 10}, timeout=30).json()["items"]
-                for u in users]
-        return sum(category in it["categories"] for r in recs for it in r) / max(1, sum(len(r) for r in recs))
+    def recs(user):
+        return http.post(url + "/v1/recommend", json={"user_id": user, "k": 10}, timeout=30).json()["items"]
 
+    def next_part_found(users, series):
+        """Share of users whose top-10 holds the one part of the series they have not watched yet."""
+        hits = 0
+        for k, u in enumerate(users):
+            unseen = series[(k + WATCHED) % len(series)]["item_id"]
+            hits += unseen in {it["item_id"] for it in recs(u)}
+        return hits / max(1, len(users))
+
+    WATCHED = 4  # each user watches 4 of the 6 parts in order, starting at a different part
     print(f"service up on {url}; first, the feedback loop demo (serve.demo_feedback=true)", flush=True)
     users = http.get(url + f"/v1/users?limit={cfg.serve.demo_users}", timeout=30).json()["users"]
     pointer = ck.read_pointer(storage, train.BUNDLE)
-    items = storage.read_parquet(f"{pointer['prefix']}/items", columns=["item_id", "categories"]).to_pylist()
-    cats = Counter(c for it in items for c in it["categories"] or [])
-    shares = {c: share(users[:8], c) for c, _ in cats.most_common(8)}
-    category = min(shares, key=shares.get)
-    pool = [it["item_id"] for it in items if it["categories"] == [category]] or \
-           [it["item_id"] for it in items if category in (it["categories"] or [])]
-    before = share(users, category)
-    events = [{"user_id": u, "item_id": pool[(k * 7 + j) % len(pool)], "event": "click"}
-              for k, u in enumerate(users) for j in range(5)]
+    items = storage.read_parquet(f"{pointer['prefix']}/items", columns=["item_id", "title", "text", "categories"]
+                                 ).to_pylist()
+    category = Counter(c for it in items for c in it["categories"] or []).most_common(1)[0][0]
+    templates = [it for it in items if category in (it["categories"] or [])][:6]
+    series = [{"item_id": f"demo-series-{k + 1}", "title": f"{t['title']}: the series, part {k + 1}",
+               "text": f"{t['text'] or t['title']} (series, part {k + 1})", "categories": t["categories"] or []}
+              for k, t in enumerate(templates)]
+    r = http.put(url + "/v1/items", json={"items": series}, timeout=120)
+    r.raise_for_status()
+    before = next_part_found(users, series)
+    now = int(time.time() * 1000) - 3_600_000
+    events = [{"user_id": u, "item_id": series[(k + j) % len(series)]["item_id"], "event": "click",
+               "ts": now + 60_000 * j} for k, u in enumerate(users) for j in range(WATCHED)]
     for s in range(0, len(events), 100):
-        r = http.post(url + "/v1/events", json={"events": events[s:s + 100]}, timeout=60)
-        r.raise_for_status()
-    live = share(users, category)
-    print(f"\nfeedback loop demo: {len(users)} users clicked {len(events)} '{category}' items through "
-          f"POST /v1/events (stored under {storage.uri('feedback')})\n"
-          f"  share of '{category}' in their top-10: {before:.0%} before -> {live:.0%} at once (live state)",
-          flush=True)
+        http.post(url + "/v1/events", json={"events": events[s:s + 100]}, timeout=60).raise_for_status()
+    live = next_part_found(users, series)
+    print(f"\nfeedback loop demo: {len(series)} new items added through PUT /v1/items (a '{category}' series, "
+          f"'{series[0]['title']}', ...);\n  {len(users)} users watched {WATCHED} parts each in order "
+          f"({len(events)} clicks through POST /v1/events, stored under {storage.uri('feedback')})\n"
+          f"  users whose top-10 holds the next part they have not watched: {before:.0%} before the clicks -> "
+          f"{live:.0%} at once (live history and live co-visits)", flush=True)
     print("  retraining on the new feedback (python -m jobs.retrain) ...", flush=True)
     t0 = time.perf_counter()
     args = [sys.executable, "-m", "jobs.retrain", f"storage.root={storage.root}",
@@ -122,7 +136,7 @@ def feedback_demo(cfg: Any, storage: Storage, url: str) -> None:
     if cfg.storage.endpoint_url:
         args.append(f"storage.endpoint_url={cfg.storage.endpoint_url}")
     p = subprocess.run(args, capture_output=True, text=True)
-    summary = [ln for ln in p.stdout.splitlines() if ln.startswith(("model ", "promotion:", "dataset ", "timings:"))]
+    summary = [ln for ln in p.stdout.splitlines() if ln.startswith(("model ", "promotion:", "dataset "))]
     print("\n".join("  " + ln for ln in summary), flush=True)
     if p.returncode != 0:
         print(f"  retrain failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-1:]}", flush=True)
@@ -138,9 +152,9 @@ def feedback_demo(cfg: Any, storage: Storage, url: str) -> None:
         if {v[d]["version"] for d in ("encoder", "retriever", "ranker", "text")} == {new["run_id"]}:
             break
         time.sleep(0.2)
-    print(f"  serving {v['model_version']} (was {pointer['run_id']}; swapped {time.perf_counter() - t1:.1f}s after "
-          f"the retrain ended, {time.perf_counter() - t0:.0f}s for the whole loop); share of '{category}': "
-          f"{share(users, category):.0%}\n", flush=True)
+    print(f"  hot swap: serving {v['model_version']} (was {pointer['run_id']}), {time.perf_counter() - t1:.1f}s "
+          f"after the retrain ended ({time.perf_counter() - t0:.0f}s for retrain + swap); users whose top-10 "
+          f"holds the next part: {next_part_found(users, series):.0%}\n", flush=True)
 
 
 def _with_version(cfg: Any, version: str) -> Any:
