@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, List, Optional
 
@@ -36,7 +37,8 @@ def run_cli(main: Callable[[Any], Any], schema: type = AppConfig, argv: Optional
     try:
         main(cfg)
     except USER_ERRORS as exc:
-        log.debug("failed", exc_info=True)
+        if os.environ.get("LOG_LEVEL", "").upper() == "DEBUG":  # Ray's logging config may drop log.debug
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
 
@@ -65,6 +67,10 @@ def ray_session(ray_cfg: Any) -> Iterator[None]:
 
         apply_serve_env()
     level = ray_log_level()
+    if level != "INFO":
+        # transformers' "Loading weights" bars (read when it is imported: this process, and the
+        # workers of a Ray started here, which inherit the environment).
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if level != "INFO":  # Ray Data's progress lines and INFO logs; worker processes' root loggers below
         from ray.data import DataContext
 
