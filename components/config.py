@@ -148,6 +148,10 @@ class TrainConfig:
     # Ray Train workers (gloo on CPU, NCCL on GPU) and DeepSpeed settings.
     num_workers: int = 2
     use_gpu: bool = False
+    # Where Ray puts the workers (a placement group): PACK fills a node first (fast gloo/NCCL
+    # between them), SPREAD one per node where it can (a node loss takes one worker; what the
+    # two-node test runs), STRICT_SPREAD / STRICT_PACK insist.
+    placement_strategy: str = "PACK"
     zero_stage: int = 2
     # fp32 | bf16 (bf16 needs hardware support; GPUs)
     precision: str = "fp32"
@@ -317,6 +321,9 @@ def validate_config(cfg: Any) -> None:
             raise ConfigError(f"train.stages: unknown stage(s) {bad}; use llm, retriever, ranker")
         if t.num_workers < 1:
             raise ConfigError("train.num_workers must be >= 1")
+        if t.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ConfigError(f"train.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD; "
+                              f"got {t.placement_strategy!r}")
         if t.retriever.schedule not in ("onecycle", "constant"):
             raise ConfigError(f"train.retriever.schedule must be onecycle or constant; got {t.retriever.schedule!r}")
     if "retriever" in cfg and cfg.retriever.loss not in ("softmax", "sampled"):

@@ -148,7 +148,7 @@ class Storage:
                 continue
             if suffixes and not name.lower().endswith(tuple(suffixes)):
                 continue
-            out.append(posixpath.relpath(fi.path, self._base))
+            out.append(_relative(fi.path, self._base))
         return sorted(out)
 
     def size(self, rel: str) -> int:
@@ -334,7 +334,7 @@ class Storage:
         out = []
         prefix = rel.strip("/")
         for f in self.list_files(prefix):
-            target = local_dir / posixpath.relpath(f, prefix)
+            target = local_dir / _relative(f, prefix)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(self.read_bytes(f))
             out.append(target)
@@ -354,3 +354,16 @@ def iter_json_lines(data: bytes) -> Iterable[Any]:
         line = line.strip()
         if line:
             yield json.loads(line)
+
+
+def _relative(path: str, base: str) -> str:
+    """``path`` below ``base`` (both as the filesystem names them), by string: ``posixpath.relpath``
+    would make both absolute against the working directory, which a job's runtime may remove."""
+    base = base.rstrip("/")
+    if not base:
+        return path.lstrip("/")
+    if path == base:
+        return posixpath.basename(path)
+    if not path.startswith(base + "/"):
+        raise ValueError(f"{path} is not below {base}")
+    return path[len(base) + 1:]

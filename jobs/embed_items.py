@@ -28,15 +28,20 @@ log = logging.getLogger("jobs.embed_items")
 
 
 class ItemEmbedder:
-    """Ray Data actor: loads the encoder once, embeds batches of items."""
+    """Ray Data actor: loads the encoder once (fine-tuned weights from ``weights_prefix`` in
+    storage: the actor may run on any node, so nothing comes from the driver's disk), embeds
+    batches of items."""
 
-    def __init__(self, text_cfg: Dict[str, Any], weights_dir: Optional[str] = None):
+    def __init__(self, text_cfg: Dict[str, Any], storage: Optional[Storage] = None,
+                 weights_prefix: Optional[str] = None):
         import torch
 
         torch.set_num_threads(1)
         self.encoder = TextEncoder(TextEncoderConfig(**text_cfg))
-        if weights_dir:
-            state, _, _ = load_local(weights_dir)
+        if weights_prefix:
+            with tempfile.TemporaryDirectory() as tmp:
+                storage.download_dir(weights_prefix, tmp)
+                state, _, _ = load_local(tmp)
             self.encoder.load_state_dict(state)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -48,21 +53,27 @@ class ItemEmbedder:
 
 
 def embed_items(cfg: Any, storage: Storage, ds: DatasetRef, run_id: str, llm_dir: Optional[str] = None,
-                concurrency: int = 2) -> Dict[str, Any]:
-    """Run the embedding pass; returns {prefix, rows, dim, seconds}. Needs an initialised Ray."""
+                llm_prefix: Optional[str] = None, concurrency: int = 2) -> Dict[str, Any]:
+    """Run the embedding pass; returns {prefix, rows, dim, seconds}. Needs an initialised Ray.
+    Fine-tuned encoder weights: ``llm_prefix`` in storage, or ``llm_dir`` on this machine (put
+    next to the embeddings, ``indexes/<run_id>/encoder``, for the actors to read)."""
     import faiss
     import ray
 
     t0 = time.perf_counter()
+    prefix = f"indexes/{run_id}"
+    if llm_dir and not llm_prefix:
+        llm_prefix = f"{prefix}/encoder"
+        storage.upload_dir(llm_dir, llm_prefix)
     items = storage.read_parquet(f"{ds.prefix}/items").select(["item_idx", "item_id", "title", "text", "categories"])
     # Several blocks, so every actor of the pool gets work (one block would keep one busy).
     step = max(64, -(-items.num_rows // (2 * concurrency)))
     data = ray.data.from_arrow([items.slice(s, step) for s in range(0, max(items.num_rows, 1), step)])
-    out = data.map_batches(ItemEmbedder, fn_constructor_kwargs={"text_cfg": to_dict(cfg.text), "weights_dir": llm_dir},
+    out = data.map_batches(ItemEmbedder, fn_constructor_kwargs={"text_cfg": to_dict(cfg.text), "storage": storage,
+                                                                 "weights_prefix": llm_prefix},
                            batch_size=64, batch_format="pyarrow", num_cpus=1,
                            compute=ray.data.ActorPoolStrategy(size=concurrency))
     table = pa.concat_tables(out.iter_batches(batch_size=None, batch_format="pyarrow")).sort_by("item_idx")
-    prefix = f"indexes/{run_id}"
     storage.write_parquet(f"{prefix}/text_embeddings.parquet", table)
     emb = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
     index = faiss.IndexFlatIP(emb.shape[1])

@@ -164,11 +164,9 @@ def retrain_once(cfg: Any, storage: Optional[Storage] = None) -> Dict[str, Any]:
         text_prefix = None
         if cfg.retriever.use_text:
             t = time.perf_counter()
-            llm_dir = None
-            if storage.is_file(f"{pointer['prefix']}/llm/{ck.WEIGHTS}"):  # the parent's fine-tuned LLM
-                llm_dir = tempfile.mkdtemp(prefix=f"{run_id}-llm-")
-                storage.download_dir(f"{pointer['prefix']}/llm", llm_dir)
-            text_prefix = embed_items(cfg, storage, ds, f"{run_id}-text", llm_dir=llm_dir)["prefix"]
+            llm = f"{pointer['prefix']}/llm"  # the parent's fine-tuned LLM, read by the actors from storage
+            text_prefix = embed_items(cfg, storage, ds, f"{run_id}-text",
+                                      llm_prefix=llm if storage.is_file(f"{llm}/{ck.WEIGHTS}") else None)["prefix"]
             timings["embed_s"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
         trained = train.train(cfg, storage, ds, run_id, text_prefix, parent=pointer,

@@ -78,6 +78,12 @@ def _deepspeed(model: torch.nn.Module, lr: float, wd: float, config: Dict[str, A
 
         ds_logger.setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+        try:  # Ray Train's "Reporting training result N" INFO line per report (a logger named by file)
+            from ray.train.v2._internal.execution import context as train_context
+
+            logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+        except ImportError:
+            pass
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=wd)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=schedule,
@@ -260,8 +266,11 @@ def ranker_worker(config: Dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     data = load_training_data(config["storage"], config["dataset_prefix"], config["text_prefix"])
-    retriever, _ = load_retriever(config["retriever_dir"], data)
-    channels = load_channels(config["channels_dir"], data) if config.get("channels_dir") else None
+    # The retriever stage's output, from storage: this worker may run on another node than the driver.
+    with tempfile.TemporaryDirectory() as tmp:
+        config["storage"].download_dir(config["stage_prefix"], tmp)
+        retriever, _ = load_retriever(Path(tmp) / "retriever", data)
+        channels = load_channels(Path(tmp) / "channels", data)
     kcfg = RankerConfig(**config["ranker"])
     kcfg.dim = retriever.cfg.dim
     lists = ranker_lists(retriever, channels, data, "valid", kcfg.candidates)
@@ -406,7 +415,8 @@ def run_stage(name: str, worker, loop_config: Dict[str, Any], cfg: Any, storage:
     trainer = TorchTrainer(
         worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     placement_strategy=cfg.train.placement_strategy),
         run_config=RunConfig(
             name=f"{run_id}-{name}", storage_path=storage_path,
             storage_filesystem=storage.fs if storage.is_s3 else pafs.LocalFileSystem(),
@@ -477,9 +487,11 @@ def train(cfg: Any, storage: Storage, ds: DatasetRef, run_id: str, text_prefix: 
                  fusion["valid_ndcg@10"], fusion["valid_ndcg@10_retriever"])
     if "ranker" in cfg.train.stages:
         t0 = time.perf_counter()
-        k_dir = run_stage("ranker", ranker_worker,
-                          {**base, "ranker": to_dict(cfg.ranker), "retriever_dir": str(bundle / "retriever"),
-                           "channels_dir": str(bundle / "channels") if fusion else None},
+        stage_prefix = f"{run_prefix}/ranker-input"  # what the ranker workers read, wherever they run
+        for part in ("retriever", "channels"):
+            if (bundle / part).is_dir():
+                storage.upload_dir(bundle / part, f"{stage_prefix}/{part}")
+        k_dir = run_stage("ranker", ranker_worker, {**base, "ranker": to_dict(cfg.ranker), "stage_prefix": stage_prefix},
                           cfg, storage, run_id)
         shutil.copytree(k_dir, bundle / "ranker")
         timings["ranker_s"] = round(time.perf_counter() - t0, 1)

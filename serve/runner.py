@@ -67,7 +67,7 @@ def load_serve_config(path: str | Path) -> Dict[str, Any]:
     if len(apps) != 1:
         raise ValueError(f"{p}: expected exactly one application, found {len(apps)}")
     return {"http_options": doc.get("http_options") or {}, "logging_config": doc.get("logging_config"),
-            "app": apps[0]}
+            "proxy_location": doc.get("proxy_location"), "app": apps[0]}
 
 
 def start(config_path: str | Path, overrides: Optional[Dict[str, Any]] = None, host: Optional[str] = None,
@@ -90,7 +90,7 @@ def start(config_path: str | Path, overrides: Optional[Dict[str, Any]] = None, h
         privacy_key()  # the key must be there before anything is deployed
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments") or []}
     opts = {k: http[k] for k in ("host", "port", "request_timeout_s", "keep_alive_timeout_s") if k in http}
-    serve.start(http_options={**opts, "port": int(opts["port"])})
+    serve.start(http_options={**opts, "port": int(opts["port"])}, proxy_location=conf["proxy_location"])
     serve.run(build({**args, "deployment_options": options}), name=app.get("name", "recommender"),
               route_prefix=app.get("route_prefix", "/"), logging_config=conf["logging_config"])
     return f"http://{http['host']}:{http['port']}"

@@ -29,6 +29,9 @@ def test_invalid_values_are_rejected():
         load_config(["data.source=movielens"])
     with pytest.raises(ConfigError, match="key=value"):
         load_config(["kcore"])
+    with pytest.raises(ConfigError, match="train.placement_strategy must be PACK, SPREAD"):
+        load_config(["train.placement_strategy=spread-out"])
+    assert load_config(["train.placement_strategy=SPREAD"]).train.placement_strategy == "SPREAD"
 
 
 def test_cli_config_flag_and_missing_file(tmp_path):

@@ -75,3 +75,16 @@ def test_atomic_pointer_never_seen_half_written(tmp_path):
     assert errors == []
     assert st.read_json("registry/m/latest.json")["v"] == 199
     assert [p.name for p in (tmp_path / "registry/m").iterdir()] == ["latest.json"]  # no temp files left
+
+
+def test_listing_does_not_need_the_working_directory(tmp_path, monkeypatch):
+    # A Ray job's working directory can vanish under it (a runtime-env agent collecting unused
+    # packages): listing names files by their storage path alone, never through os.getcwd().
+    st = Storage(str(tmp_path / "store"))
+    st.write_bytes("a/b/part-0.parquet", b"x")
+    gone = tmp_path / "cwd"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert st.list_files("a") == ["a/b/part-0.parquet"]
+    assert [p.name for p in st.download_dir("a", tmp_path / "out")] == ["part-0.parquet"]
