@@ -251,6 +251,7 @@ def load_config(
     overrides: Sequence[str] = (),
     yaml_path: Optional[str | os.PathLike] = None,
     schema: type = AppConfig,
+    presets: Sequence[str | os.PathLike] = (),
 ) -> Any:
     """Build a validated config.
 
@@ -258,6 +259,7 @@ def load_config(
         overrides: ``key=value`` strings, applied last.
         yaml_path: optional YAML file merged over the dataclass defaults.
         schema: the root dataclass.
+        presets: YAML files merged over ``yaml_path``, in order (hardware presets).
 
     Returns:
         An OmegaConf DictConfig typed by ``schema`` (attribute access, struct mode).
@@ -272,6 +274,8 @@ def load_config(
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
             cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        for preset in presets:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(preset))
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must be key=value, got: {' '.join(bad)}")
@@ -341,6 +345,18 @@ def to_dict(cfg: Any) -> Dict[str, Any]:
 
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs"
+HARDWARE = PRESETS / "hardware"  # --preset NAME: configs/hardware/NAME.yaml
+
+
+def hardware_presets() -> List[str]:
+    return sorted(p.stem for p in HARDWARE.glob("*.yaml"))
+
+
+def hardware_preset(name: str) -> Path:
+    path = HARDWARE / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(hardware_presets())}")
+    return path
 
 
 def preset_for(overrides: Sequence[str]) -> Optional[Path]:
@@ -353,12 +369,15 @@ def preset_for(overrides: Sequence[str]) -> Optional[Path]:
 
 
 def parse_cli(argv: List[str], schema: type = AppConfig, default_yaml: Optional[str] = None) -> Any:
-    """``[--config FILE] key=value ...`` -> validated config (see load_config).
+    """``[--config FILE] [--preset NAME ...] key=value ...`` -> validated config (see load_config).
 
     Without ``--config``, ``data.source=X`` applies the preset for that source
     (``configs/X.yaml``: the best settings the project knows for that kind of data); the
-    ``key=value`` settings still override it. The choice is logged."""
+    ``key=value`` settings still override it. The choice is logged. ``--preset NAME`` (tiny,
+    cpu, gpu-1, gpu-cluster: ``configs/hardware/``) merges the settings for that hardware over
+    the data's, in the order given, before the ``key=value`` settings."""
     yaml_path = default_yaml
+    presets: List[Path] = []
     rest: List[str] = []
     it = iter(argv)
     for arg in it:
@@ -368,6 +387,13 @@ def parse_cli(argv: List[str], schema: type = AppConfig, default_yaml: Optional[
                 raise ConfigError("--config needs a file path")
         elif arg.startswith("--config="):
             yaml_path = arg.split("=", 1)[1]
+        elif arg == "--preset":
+            name = next(it, None)
+            if name is None:
+                raise ConfigError(f"--preset needs a name: {', '.join(hardware_presets())}")
+            presets.append(hardware_preset(name))
+        elif arg.startswith("--preset="):
+            presets.append(hardware_preset(arg.split("=", 1)[1]))
         else:
             rest.append(arg)
     if yaml_path is None:
@@ -376,4 +402,4 @@ def parse_cli(argv: List[str], schema: type = AppConfig, default_yaml: Optional[
             yaml_path = str(preset)
             logging.getLogger("jobs").info("data.source preset: %s (--config FILE chooses another)",
                                            preset.relative_to(PRESETS.parent))
-    return load_config(rest, yaml_path, schema)
+    return load_config(rest, yaml_path, schema, presets)

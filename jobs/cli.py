@@ -1,6 +1,6 @@
 """``llmrec``: one command for every job (a console script; see pyproject.toml).
 
-    llmrec <command> [--address ADDR] [--config FILE] key=value ...
+    llmrec <command> [--address ADDR] [--config FILE] [--preset NAME] key=value ...
     llmrec <command> --help        # the command's settings and their defaults
 
 Each command runs the same ``main(cfg)`` as ``python -m jobs.<module>`` (that contract stays): in
@@ -16,6 +16,8 @@ import shutil
 import subprocess
 import sys
 from typing import List, Optional
+
+from components.config import hardware_presets
 
 # command -> (module, its config schema (in the module or components.config), what it does)
 COMMANDS = {
@@ -33,9 +35,11 @@ COMMANDS = {
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: llmrec <command> [--address ADDR] [--config FILE] key=value ...", "", "commands:"]
+    lines = ["usage: llmrec <command> [--address ADDR] [--config FILE] [--preset NAME] key=value ...", "",
+             "commands:"]
     lines += [f"  {name:<{width}}  {desc}  (python -m {mod})" for name, (mod, _, desc) in COMMANDS.items()]
-    lines += ["", "llmrec <command> --help lists the command's settings and their defaults."]
+    lines += ["", f"presets (configs/hardware/, over the data.source preset): {', '.join(hardware_presets())}",
+              "llmrec <command> --help lists the command's settings and their defaults."]
     return "\n".join(lines)
 
 

@@ -32,6 +32,7 @@ from components.ranker import RankerConfig, RankerMLP
 from components.retriever import RetrieverConfig
 from components.retriever_training import RetrieverTrainConfig
 from components.storage import Storage
+from jobs import telemetry
 from jobs.runtime import run_cli
 from jobs.train import BUNDLE, load_channels, load_retriever
 
@@ -285,6 +286,9 @@ def run(cfg: Any, storage: Storage, train_out: Dict[str, Any], expected: Any = N
     decision = gate_and_promote(cfg, storage, ev["results"], train_out, expected)
     ev["results"]["promotion"] = decision
     storage.write_json(f"{prefix}/metrics.json", ev["results"])
+    for model, splits in ev["results"]["models"].items():  # Prometheus gauges, while Ray is up
+        for split, m in splits.items():
+            telemetry.record_many("llmrec_eval_metric", m, "metric", run=train_out["run_id"], model=model, split=split)
     return {"results": ev["results"], "report_prefix": prefix, "promotion": decision}
 
 

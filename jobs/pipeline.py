@@ -18,7 +18,7 @@ from typing import Any, Dict
 from components import checkpoints as ck
 from components.datasets import resolve_dataset
 from components.storage import Storage
-from jobs import evaluate, preprocess, train
+from jobs import evaluate, preprocess, telemetry, train
 from jobs.embed_items import embed_items
 from jobs.runtime import ray_session, run_cli
 
@@ -43,10 +43,11 @@ def main(cfg: Any) -> Dict[str, Any]:
         t = time.perf_counter()
         trained = train.train(cfg, storage, ds, run_id, text_prefix, parent=ck.read_pointer(storage, train.BUNDLE))
         timings["train_s"] = round(time.perf_counter() - t, 1)
-    t = time.perf_counter()
-    out = evaluate.run(cfg, storage, trained)
-    timings["evaluate_s"] = round(time.perf_counter() - t, 1)
-    timings["total_s"] = round(time.perf_counter() - t0, 1)
+        t = time.perf_counter()
+        out = evaluate.run(cfg, storage, trained)  # in the Ray session: its metrics go out with the others
+        timings["evaluate_s"] = round(time.perf_counter() - t, 1)
+        timings["total_s"] = round(time.perf_counter() - t0, 1)
+        telemetry.record_many("llmrec_stage_seconds", timings, "stage", job="pipeline", run=run_id)
     print(evaluate.report_markdown(out["results"]))
     p = out["promotion"]
     print(f"promotion: {'PROMOTED' if p['promoted'] else 'not promoted'} ({p['reason']})")

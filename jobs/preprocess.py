@@ -27,6 +27,7 @@ from components.schemas import ITEM_SCHEMA
 from components.shards import ShardReader, describe_missing, list_shards
 from components.sources import RawSource, prepare_source
 from components.storage import Storage
+from jobs import telemetry
 from jobs.runtime import ray_session, run_cli
 
 log = logging.getLogger("jobs.preprocess")
@@ -111,6 +112,11 @@ def run(cfg: Any, engine: str = "ray") -> Dict[str, Any]:
     pointer = {"name": source.name, "version": version, "uri": storage.uri(prefix),
                "created_at": built.stats["created_at"]}
     storage.write_json_atomic(f"datasets/{source.name}/latest.json", pointer)
+    st = built.stats
+    telemetry.record_many("llmrec_job_rows", {
+        "raw": st.get("raw_rows"), "quarantined": st.get("quarantined"), "interactions": st.get("interactions"),
+        "users": st.get("users"), "items": st.get("items"), **{k: v for k, v in (st.get("dropped") or {}).items()}},
+        "kind", job="preprocess", run=f"{source.name}/{version}")
     return {"uri": storage.uri(prefix), "prefix": prefix, "version": version, "stats": built.stats}
 
 

@@ -76,6 +76,7 @@ def ray_session(ray_cfg: Any) -> Iterator[None]:
 
         DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Started Serve", "Deploying app ..."
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
              logging_config=ray.LoggingConfig(log_level=level), **kwargs)
     try:

@@ -43,6 +43,7 @@ from components.storage import Storage
 from components.warm_start import warm_start
 from components.text_encoder import TextEncoder, TextEncoderConfig, contrastive_loss, item_text
 from jobs.runtime import ray_log_level, ray_session, run_cli
+from jobs import telemetry
 
 log = logging.getLogger("jobs.train")
 BUNDLE = "recommender"
@@ -249,6 +250,8 @@ def retriever_worker(config: Dict[str, Any]) -> None:
                 last = True
         progress["epoch"] = epoch
         metrics["best_epoch"] = progress["best_epoch"]
+        if rank == 0:  # Prometheus gauges through Ray's metrics API (jobs/telemetry.py)
+            telemetry.training("retriever", _run_of(config), metrics, n * budget.batch_size * world)
         # A checkpoint (every rank's ZeRO shard) when the best model moved, and at the end: a
         # resumed run restarts from the last improvement, and evaluations that did not improve
         # cost no DeepSpeed save.
@@ -258,6 +261,10 @@ def retriever_worker(config: Dict[str, Any]) -> None:
             ray.train.report(metrics)
         if last:
             break
+
+
+def _run_of(config: Dict[str, Any]) -> str:
+    return config["run_prefix"].rsplit("/", 1)[-1]
 
 
 def ranker_worker(config: Dict[str, Any]) -> None:
@@ -311,6 +318,8 @@ def ranker_worker(config: Dict[str, Any]) -> None:
         metrics = {"epoch": epoch, "loss": _mean_across_workers(total / max(n, 1)), "holdout_ndcg@10": m,
                    "retriever_order_holdout_ndcg@10": progress.get("retriever_order_holdout_ndcg"),
                    "train_lists": int(len(fit)), "holdout_lists": int(len(held))}
+        if rank == 0:
+            telemetry.training("ranker", _run_of(config), metrics, 0)
         improved = m > progress["best"]
         if improved:
             progress.update(best=m, best_epoch=epoch, best_metrics={"holdout_ndcg@10": m})

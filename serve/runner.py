@@ -90,7 +90,10 @@ def start(config_path: str | Path, overrides: Optional[Dict[str, Any]] = None, h
         privacy_key()  # the key must be there before anything is deployed
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments") or []}
     opts = {k: http[k] for k in ("host", "port", "request_timeout_s", "keep_alive_timeout_s") if k in http}
-    serve.start(http_options={**opts, "port": int(opts["port"])}, proxy_location=conf["proxy_location"])
+    # logging_config here too: the controller and proxies log at the app's level (their INFO
+    # banner and per-start lines stay out of the console)
+    serve.start(http_options={**opts, "port": int(opts["port"])}, proxy_location=conf["proxy_location"],
+                logging_config=conf["logging_config"])
     serve.run(build({**args, "deployment_options": options}), name=app.get("name", "recommender"),
               route_prefix=app.get("route_prefix", "/"), logging_config=conf["logging_config"])
     return f"http://{http['host']}:{http['port']}"

@@ -34,11 +34,8 @@ def test_pipeline_trains_evaluates_promotes_and_serves(tmp_path):
     127.0.0.1:N until SIGTERM, then stops cleanly."""
     root = tmp_path / "store"
     port = free_port()
-    args = [sys.executable, "-m", "jobs.pipeline", f"storage.root={root}",
-            "data.synthetic.num_events=12000", "data.synthetic.num_items=1500", "data.synthetic.num_shards=3",
-            "retriever.dim=32", "retriever.max_len=50", "train.retriever.epochs=12", "train.retriever.eval_every=4",
-            "train.llm.steps=2", "train.llm.batch_size=8", "ranker.epochs=5", "ray.num_cpus=2", "evaluate.baselines=true",
-            "evaluate.new_item_variant=true",
+    args = [sys.executable, "-m", "jobs.pipeline", f"storage.root={root}", "--preset", "tiny",
+            "ray.num_cpus=2", "evaluate.baselines=true", "evaluate.new_item_variant=true",
             "serve.enabled=true", f"serve.port={port}"]
     log = open(tmp_path / "pipeline.log", "w+")
     p = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True)

@@ -65,3 +65,21 @@ def test_data_source_applies_its_preset_unless_a_config_is_given(tmp_path):
     y.write_text("retriever:\n  max_len: 77\n")
     assert parse_cli(["--config", str(y), "data.source=amazon", "data.path=/x"]).retriever.max_len == 77
     assert parse_cli(["data.source=files", "data.path=/x"]).retriever.max_len == 200  # no preset: defaults
+
+
+def test_hardware_presets_merge_over_the_data_preset_and_under_key_values():
+    from components.config import hardware_presets
+
+    assert hardware_presets() == ["cpu", "gpu-1", "gpu-cluster", "tiny"]
+    for name in hardware_presets():  # each loads over every data preset's keys
+        parse_cli(["--preset", name, "data.source=movielens", "data.path=/x"])
+    cfg = parse_cli(["data.source=movielens", "data.path=/x", "--preset", "gpu-1", "train.num_workers=3"])
+    assert cfg.retriever.max_len == 200  # from configs/movielens.yaml
+    assert cfg.train.use_gpu and cfg.train.precision == "bf16"  # from configs/hardware/gpu-1.yaml
+    assert cfg.train.num_workers == 3  # key=value last
+    cfg = parse_cli(["--preset=tiny", "--preset", "cpu"])  # in order: tiny, then cpu
+    assert cfg.retriever.dim == 32 and cfg.train.precision == "fp32"
+    with pytest.raises(ConfigError, match="unknown preset 'gpu-8'; choose from cpu, gpu-1, gpu-cluster, tiny"):
+        parse_cli(["--preset", "gpu-8"])
+    with pytest.raises(ConfigError, match="--preset needs a name"):
+        parse_cli(["--preset"])

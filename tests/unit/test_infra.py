@@ -4,6 +4,7 @@ API listen on 0.0.0.0 inside the cluster network), where the KubeRay CRD schema 
 import copy
 import functools
 import re
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -157,3 +158,32 @@ def test_the_image_installs_what_make_setup_installs():
     assert torch_pin in docker and "pip install --no-cache-dir /app" in docker
     ray_pin = re.search(r'"ray\[[^\]]+\]==([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
     assert f"rayproject/ray:{ray_pin}-" in docker
+
+
+def test_grafana_dashboard_charts_metrics_that_exist():
+    """infra/grafana-dashboard.json: every PromQL name is one the project or Ray Serve exports:
+    the jobs' gauges (jobs/telemetry.py, under Ray's ray_ namespace), the ingress's registry
+    (serve/app.py, /metrics) and Ray Serve's own (named in Ray's source)."""
+    import json
+
+    import ray.serve
+
+    from jobs.telemetry import METRICS
+    from serve.app import _metrics
+
+    dash = json.loads((ROOT / "infra" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] if p["type"] != "row" for t in p["targets"]]
+    assert len(exprs) >= 12
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    ingress = {m.name + s for m in _metrics()[0].collect() for s in suffixes[m.type]}
+    serve_src = "".join(p.read_text() for p in (Path(ray.serve.__file__).parent / "_private").rglob("*.py"))
+    names = {n for e in exprs for n in re.findall(r"\b((?:ray_)?(?:llmrec|serve)_[a-z0-9_]+)", e)}
+    assert {n for n in names if n.startswith("ray_llmrec_")} and {n for n in names if n.startswith("ray_serve_")}
+    for n in names:
+        if n.startswith("ray_llmrec_"):
+            assert n[len("ray_"):] in METRICS, n
+        elif n.startswith("llmrec_"):
+            assert n in ingress, (n, sorted(ingress))
+        else:
+            base = re.sub(r"_(total|bucket|sum|count)$", "", n[len("ray_"):])
+            assert f'"{base}"' in serve_src, n
