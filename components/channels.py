@@ -148,13 +148,11 @@ class Channels:
         a, b, c = (np.asarray(x) for x in zip(*pairs))
         ok = (a >= 0) & (a < n) & (b >= 0) & (b < n)
         a, b, c = a[ok].astype(np.int64), b[ok].astype(np.int64), c[ok].astype(np.float64)
-        trained = np.expm1(self.log_pop.astype(np.float64))
-        live = np.zeros(n)
-        for k, v in users.items():
-            if 0 <= k < n:
-                live[k] = v
-        norm = np.sqrt(trained + live)
-        sim = c / (norm[a] * norm[b] + shrink + 1e-9)
+        def norm(idx: np.ndarray) -> np.ndarray:  # only the items involved: this runs per request
+            live = np.array([users.get(int(k), 0) for k in idx], dtype=np.float64)
+            return np.sqrt(np.expm1(self.log_pop[idx].astype(np.float64)) + live)
+
+        sim = c / (norm(a) * norm(b) + shrink + 1e-9)
         return sp.csr_matrix((sim.astype(np.float32), (a, b)), shape=(n, n))
 
     # -- per-channel scores [B, num_items] ------------------------------------------------------------
@@ -174,8 +172,10 @@ class Channels:
         x = sp.csr_matrix((np.concatenate(vals).astype(np.float32) if vals else np.empty(0, np.float32),
                            (np.concatenate(rows) if rows else np.empty(0), np.concatenate(cols) if cols else np.empty(0))),
                           shape=(len(histories), n))
-        sim = self.sim if live is None or live.nnz == 0 else self.sim + live
-        return torch.as_tensor((x @ sim).toarray(), dtype=torch.float32)
+        out = x @ self.sim
+        if live is not None and live.nnz:  # x @ (sim + live) without building sim + live per request
+            out = out + x @ live
+        return torch.as_tensor(out.toarray(), dtype=torch.float32)
 
     def text_scores(self, histories: Sequence[np.ndarray]) -> Optional[torch.Tensor]:
         if self.text is None:

@@ -261,12 +261,11 @@ class LiveCovisitation:
         """``item`` was just added to a user whose earlier items are ``history`` (oldest first)."""
         if item in history:
             return  # this user already counts for the item and its pairs
-        recent: List[str] = []
+        recent: Dict[str, None] = {}  # the last ``window`` distinct items, in insertion order
         for h in reversed(history):
-            if h not in recent:
-                recent.append(h)
-                if len(recent) == self.window:
-                    break
+            recent.setdefault(h, None)
+            if len(recent) == self.window:
+                break
         self.users[item] = self.users.get(item, 0) + 1
         self.events += 1
         for h in recent:
