@@ -4,9 +4,11 @@ requests during the swap (a client runs throughout).
 
     .venv/bin/python -m benchmarks.retrain [--data ../shared/data/ml-latest-small]
 
-Writes results/retrain_ml-latest-small.json. The base model is trained in-process by
-jobs.quick_train; the retrain pass is `python -m jobs.retrain` (Ray Data + Ray Train + DeepSpeed,
-its own local Ray) in a subprocess, exactly as a cron job would run it.
+Writes results/retrain_ml-latest-small.json. The parent is what a user would have: the model the
+documented command (`python -m jobs.pipeline data.source=movielens ...`) trains and promotes; the
+retrain pass is `python -m jobs.retrain` (Ray Data + Ray Train + DeepSpeed, its own local Ray) in
+a subprocess, exactly as a cron job would run it. Both print the non-neural baselines on their
+split (the retrain's on the new split, next to the parent and the retrained model).
 """
 
 from __future__ import annotations
@@ -80,17 +82,24 @@ def main() -> None:
 
     from components import checkpoints as ck
     from components.storage import Storage
-    from jobs.quick_train import build_bundle
     from serve import runner
 
     storage = Storage(args.storage)
-    if ck.read_pointer(storage, "recommender") is None:
-        build_bundle(args.storage, run_id="retrain-bench-base", epochs=4, small=False,
-                     overrides=["data.source=movielens", f"data.path={args.data}", "data.name=ml-latest-small"])
+    if ck.read_pointer(storage, "recommender") is None:  # the pipeline's promoted model is the parent
+        t = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "jobs.pipeline", "data.source=movielens", f"data.path={args.data}",
+                            f"storage.root={storage.root}"], cwd=ROOT, capture_output=True, text=True)
+        if p.returncode != 0 or ck.read_pointer(storage, "recommender") is None:
+            raise SystemExit(f"the pipeline did not promote a parent model:\n{(p.stdout + p.stderr)[-3000:]}")
+        print(f"parent: jobs.pipeline on ml-latest-small, promoted in {time.perf_counter() - t:.0f} s")
     pointer = ck.read_pointer(storage, "recommender")
+    parent_report = storage.read_json(f"reports/{pointer['run_id']}/metrics.json")
     events = simulated_feedback(storage, pointer, args.frac)
-    result: Dict[str, Any] = {"machine": f"{os.cpu_count()} CPU cores, no GPU", "base": pointer["run_id"],
-                              "new_events": len(events), "serve_config": args.config}
+    result: Dict[str, Any] = {
+        "machine": f"{os.cpu_count()} CPU cores, no GPU", "base": pointer["run_id"],
+        "base_on_its_split": {m: parent_report["models"][m]["test"] for m in
+                              (parent_report["main_model"], "MostPopular", "ItemKNN")},
+        "new_events": len(events), "serve_config": args.config}
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     url = runner.start(args.config, {"storage_root": storage.root, "watch_interval_s": 2.0}, port=8766)
@@ -132,8 +141,8 @@ def main() -> None:
         p = subprocess.run([sys.executable, "-m", "jobs.retrain", f"storage.root={storage.root}", "ray.num_cpus=2",
                             f"retrain.epochs={args.epochs}"], cwd=ROOT, capture_output=True, text=True)
         t_done = time.perf_counter()
-        print("\n".join(ln for ln in p.stdout.splitlines() if ln.startswith(("retrain", "dataset", "model", "promotion",
-                                                                             "timings"))))
+        print("\n".join(ln for ln in p.stdout.splitlines() if ln.startswith(("retrain", "dataset", "model", "baselines",
+                                                                             "promotion", "timings"))))
         if p.returncode != 0:
             raise SystemExit(f"retrain failed: {p.stderr[-3000:]}")
         new = ck.read_pointer(storage, "recommender")
@@ -162,7 +171,8 @@ def main() -> None:
         "event_to_dataset_version_s": round(t_posted - t0 + timings.get("preprocess_s", 0), 1),
         "promotion_to_all_replicas_s": round(t_serving - t_promoted, 2) if promoted else None,
         "requests_during": len(codes), "failed_requests": sum(1 for c in codes if c != 200),
-        "retrain_summary": [ln for ln in p.stdout.splitlines() if ln.startswith(("dataset", "model", "promotion"))],
+        "retrain_summary": [ln for ln in p.stdout.splitlines()
+                            if ln.startswith(("dataset", "model", "baselines", "promotion"))],
     })
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nnew feedback events: {len(events)} ({args.frac:.0%} of the training interactions), posted in "

@@ -22,6 +22,7 @@ from components.config import to_dict
 from components.datasets import DatasetRef, resolve_dataset
 from components.storage import Storage
 from components.text_encoder import TextEncoder, TextEncoderConfig, item_text
+from jobs.progress import stage as progress_stage
 from jobs.runtime import ray_session, run_cli
 
 log = logging.getLogger("jobs.embed_items")
@@ -73,7 +74,12 @@ def embed_items(cfg: Any, storage: Storage, ds: DatasetRef, run_id: str, llm_dir
                                                                  "weights_prefix": llm_prefix},
                            batch_size=64, batch_format="pyarrow", num_cpus=1,
                            compute=ray.data.ActorPoolStrategy(size=concurrency))
-    table = pa.concat_tables(out.iter_batches(batch_size=None, batch_format="pyarrow")).sort_by("item_idx")
+    parts = []
+    with progress_stage("embed items", total=items.num_rows, unit="item") as bar:
+        for part in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+            parts.append(part)
+            bar.update(part.num_rows)
+    table = pa.concat_tables(parts).sort_by("item_idx")
     storage.write_parquet(f"{prefix}/text_embeddings.parquet", table)
     emb = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
     index = faiss.IndexFlatIP(emb.shape[1])

@@ -4,8 +4,9 @@
 
 Writes ``reports/<run_id>/``: report.md, metrics.json, PNG plots and predictions.parquet
 (``user_id``, ``items`` = top-100 original item ids in rank order, for every test user). Promotes
-``registry/recommender/latest.json`` when test NDCG@10 clears ``evaluate.ndcg_floor`` and is not
-worse than the promoted model's by more than ``evaluate.tolerance``.
+``registry/recommender/latest.json`` when valid NDCG@10 clears ``evaluate.ndcg_floor``, MostPopular
+and ItemKNN on the same split, and is not worse than the promoted model's (same split) by more
+than ``evaluate.tolerance``. Test figures are reported, never used to decide.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from components.retriever import RetrieverConfig
 from components.retriever_training import RetrieverTrainConfig
 from components.storage import Storage
 from jobs import telemetry
+from jobs.progress import stage as progress_stage
 from jobs.runtime import run_cli
 from jobs.train import BUNDLE, load_channels, load_retriever
 
@@ -64,35 +66,55 @@ def evaluate_bundle(cfg: Any, storage: Storage, bundle: Path, run_id: str) -> Di
     fused = kind + "+channels" if channels is not None else kind
     main_name = fused + ("+ranker" if ranker is not None else "")
     rankings = {}
-    for split in ("valid", "test"):
-        if ranker is not None:
-            rankings[(main_name, split)] = final_ranking(retriever, ranker, data.text, h, split, cats,
+    per_split = 2 + (ranker is not None) + (channels is not None)  # + the non-neural baselines
+    trained = [n for n in ("id-only", "text-only") if n != kind and (n == "id-only" or data.text is not None)]
+    trained = trained if ev.baselines else []
+    with progress_stage("evaluate", total=2 * per_split + 3 * len(trained), unit="model") as bar:
+        for split in ("valid", "test"):
+            if ranker is not None:
+                rankings[(main_name, split)] = final_ranking(retriever, ranker, data.text, h, split, cats,
+                                                             channels=channels)
+                bar.update(1, last=f"{main_name} {split}")
+            if channels is not None:
+                rankings[(fused, split)] = final_ranking(retriever, None, data.text, h, split, cats,
                                                          channels=channels)
-        if channels is not None:
-            rankings[(fused, split)] = final_ranking(retriever, None, data.text, h, split, cats, channels=channels)
-        rankings[(kind, split)] = final_ranking(retriever, None, data.text, h, split, cats)
-    for name, split in list(rankings):
-        r, top, _, _ = rankings[(name, split)]
-        results["models"].setdefault(name, {})[split] = summarize(r, top, h.num_items, ev.ks)
-    for split in ("valid", "test"):
-        for name, (r, top) in baseline_rankings(h, split).items():
-            rankings[(name, split)] = (r, top)
+                bar.update(1, last=f"{fused} {split}")
+            rankings[(kind, split)] = final_ranking(retriever, None, data.text, h, split, cats)
+            bar.update(1, last=f"{kind} {split}")
+        for name, split in list(rankings):
+            r, top, _, _ = rankings[(name, split)]
             results["models"].setdefault(name, {})[split] = summarize(r, top, h.num_items, ev.ks)
-    if ev.baselines:
-        rcfg, tcfg = RetrieverConfig(**_plain(cfg.retriever)), _local_train_config(cfg)
-        variants = [("id-only", replace(rcfg, use_text=False))]
-        if data.text is not None:
-            variants.append(("text-only", replace(rcfg, use_id=False)))
-        for name, vcfg in variants:
-            if name == kind:
-                continue
-            model, secs = timed(fit_retriever_local, h, data.text, vcfg, tcfg)
-            results["timings"][f"fit_{name}_s"] = secs
-            for split in ("valid", "test"):
-                r, top, t, u = final_ranking(model, None, data.text, h, split, cats)
-                rankings[(name, split)] = (r, top, t, u)
+        for split in ("valid", "test"):
+            for name, (r, top) in baseline_rankings(h, split).items():
+                rankings[(name, split)] = (r, top)
                 results["models"].setdefault(name, {})[split] = summarize(r, top, h.num_items, ev.ks)
-    # Slices of the test split for every model that has per-user ranks.
+            bar.update(1, last=f"baselines {split}")
+        _trained_baselines(cfg, trained, h, data, cats, rankings, results, bar)
+    _slices_and_variant(cfg, h, data, cats, lineage, storage, rankings, results, main_name)
+    r_main, top_main, targets, users = rankings[(main_name, "test")]
+    results["main_model"] = main_name
+    results["predictions"] = {"users": int(len(users)), "topk": int(top_main.shape[1])}
+    return {"results": results, "top": top_main, "users": users, "targets": targets, "data": data}
+
+
+def _trained_baselines(cfg, names, h, data, cats, rankings, results, bar) -> None:
+    """ID-only and text-only retrievers trained in-process (``evaluate.baselines=true``)."""
+    rcfg, tcfg = RetrieverConfig(**_plain(cfg.retriever)), _local_train_config(cfg)
+    variants = {"id-only": replace(rcfg, use_text=False), "text-only": replace(rcfg, use_id=False)}
+    for name in names:
+        model, secs = timed(fit_retriever_local, h, data.text, variants[name], tcfg)
+        bar.update(1, last=f"fit {name}")
+        results["timings"][f"fit_{name}_s"] = secs
+        for split in ("valid", "test"):
+            r, top, t, u = final_ranking(model, None, data.text, h, split, cats)
+            rankings[(name, split)] = (r, top, t, u)
+            results["models"].setdefault(name, {})[split] = summarize(r, top, h.num_items, cfg.evaluate.ks)
+            bar.update(1, last=f"{name} {split}")
+
+
+def _slices_and_variant(cfg, h, data, cats, lineage, storage, rankings, results, main_name) -> None:
+    """Slices of the test split for every model that has per-user ranks; the new-item variant."""
+    ev = cfg.evaluate
     r_main, top_main, targets, users = rankings[(main_name, "test")]
     masks = slice_masks(h, users, targets, ev.rare_item_max, ev.short_history_max)
     results["slices"] = {name: sliced_metrics(rankings[(name, "test")][0], masks, ev.ks)
@@ -114,9 +136,6 @@ def evaluate_bundle(cfg: Any, storage: Storage, bundle: Path, run_id: str) -> Di
         if text is not None:
             results["new_item_variant"] = new_item_variant(cfg, h, text, cats)
             results["new_item_variant"]["text_embeddings"] = base
-    results["main_model"] = main_name
-    results["predictions"] = {"users": int(len(users)), "topk": int(top_main.shape[1])}
-    return {"results": results, "top": top_main, "users": users, "targets": targets, "data": data}
 
 
 def new_item_variant(cfg: Any, h, text: torch.Tensor, cats) -> Dict[str, Any]:
@@ -242,39 +261,45 @@ def gate_and_promote(cfg: Any, storage: Storage, res: Dict[str, Any], train_out:
     """Promote only a run that clears the floor, beats the non-neural baselines on the same
     split, and does not regress beyond the tolerance against a comparable promoted model.
 
-    The baselines (MostPopular, ItemKNN) are compared on valid, where the model was selected;
-    the promoted model's stored test NDCG@10 is compared only when it was measured on the same
-    dataset version (another split's figure is not comparable, and is ignored with a note).
-    ``expected``: (pointer, token) the run started from (retraining); the promotion is then a
-    compare-and-swap against that pointer, so a run never replaces a pointer that moved while it
-    trained. Default: the pointer read here."""
+    Every comparison is made on **valid** (where models are selected); test is reported, never
+    decided on, so the promoted model's test figure stays an unbiased estimate. The promoted
+    model's stored valid NDCG@10 is compared only when it was measured on the same dataset
+    version (another split's figure is not comparable, and is ignored with a note).
+    ``expected``: (pointer, token) the run started from (retraining: its metrics are the parent's
+    on the new split); the promotion is then a compare-and-swap against that pointer, so a run
+    never replaces a pointer that moved while it trained. Default: the pointer read here."""
     main = res["models"][res["main_model"]]
-    ndcg = main["test"]["ndcg@10"]
+    test = main["test"]["ndcg@10"]
+    valid = main.get("valid", {}).get("ndcg@10")
     current, token = expected if expected is not None else ck.read_pointer_versioned(storage, BUNDLE)
     same_split = (current or {}).get("lineage", {}).get("dataset_version") == res.get("dataset_version")
-    cur = (current or {}).get("metrics", {}).get("test_ndcg@10") if same_split else None
+    cur = (current or {}).get("metrics", {}).get("valid_ndcg@10") if same_split else None
     bars = {b: res["models"][b]["valid"]["ndcg@10"] for b in ("MostPopular", "ItemKNN")
             if b in res["models"] and "valid" in res["models"][b]}
-    valid = main.get("valid", {}).get("ndcg@10")
-    decision = {"test_ndcg@10": ndcg, "floor": cfg.evaluate.ndcg_floor, "current": cur,
-                "tolerance": cfg.evaluate.tolerance, "valid_ndcg@10": valid, "baselines_valid_ndcg@10": bars}
+    decision = {"decided_on": "valid", "valid_ndcg@10": valid, "test_ndcg@10": test,
+                "floor": cfg.evaluate.ndcg_floor, "current_valid_ndcg@10": cur,
+                "current_test_ndcg@10": (current or {}).get("metrics", {}).get("test_ndcg@10") if same_split else None,
+                "tolerance": cfg.evaluate.tolerance, "baselines_valid_ndcg@10": bars}
     if current is not None and not same_split:
         decision["note"] = "the promoted model was measured on another dataset version: not compared"
-    beaten = {b: v for b, v in bars.items() if valid is not None and valid < v}
-    if ndcg < cfg.evaluate.ndcg_floor:
-        decision.update(promoted=False, reason=f"NDCG@10 {ndcg:.4f} below the floor {cfg.evaluate.ndcg_floor}")
-    elif beaten:
+    elif current is not None and cur is None:
+        decision["note"] = "the promoted model has no valid NDCG@10 on this split: not compared"
+    if valid is None:
+        decision.update(promoted=False, reason="no valid-split NDCG@10 to decide on")
+    elif valid < cfg.evaluate.ndcg_floor:
+        decision.update(promoted=False, reason=f"valid NDCG@10 {valid:.4f} below the floor {cfg.evaluate.ndcg_floor}")
+    elif any(valid < v for v in bars.values()):
         decision.update(promoted=False, reason=f"valid NDCG@10 {valid:.4f} below " +
-                        ", ".join(f"{b} {v:.4f}" for b, v in beaten.items()))
-    elif cur is not None and ndcg < cur - cfg.evaluate.tolerance:
-        decision.update(promoted=False, reason=f"NDCG@10 {ndcg:.4f} worse than the promoted {cur:.4f} "
+                        ", ".join(f"{b} {v:.4f}" for b, v in bars.items() if valid < v))
+    elif cur is not None and valid < cur - cfg.evaluate.tolerance:
+        decision.update(promoted=False, reason=f"valid NDCG@10 {valid:.4f} worse than the promoted {cur:.4f} "
                                                f"by more than {cfg.evaluate.tolerance}")
     else:
-        metrics = {"test_ndcg@10": ndcg, "test_recall@10": main["test"]["recall@10"], "valid_ndcg@10": valid}
+        metrics = {"test_ndcg@10": test, "test_recall@10": main["test"]["recall@10"], "valid_ndcg@10": valid}
         try:  # compare-and-swap against the pointer the gate compared with
             ck.promote(storage, BUNDLE, train_out["run_id"], train_out["prefix"], metrics, train_out["manifest"],
                        {k: v for k, v in train_out["lineage"].items() if k != "config"}, expected=token)
-            decision.update(promoted=True, reason="cleared the gate")
+            decision.update(promoted=True, reason="cleared the gate (decided on valid)")
         except ck.PromotionConflict as exc:
             decision.update(promoted=False, reason=f"another run promoted meanwhile ({exc}); gate not re-run")
     return decision

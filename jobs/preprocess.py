@@ -28,6 +28,7 @@ from components.shards import ShardReader, describe_missing, list_shards
 from components.sources import RawSource, prepare_source
 from components.storage import Storage
 from jobs import telemetry
+from jobs.progress import stage as progress_stage
 from jobs.runtime import ray_session, run_cli
 
 log = logging.getLogger("jobs.preprocess")
@@ -82,11 +83,14 @@ def run(cfg: Any, engine: str = "ray") -> Dict[str, Any]:
     iterate = iter_validated_ray if engine == "ray" else iter_validated_local
     t_read = time.perf_counter()
     try:
-        for table in iterate(events, shards):
-            stream.add_events(table)
-        if items is not None and item_shards:
-            for table in iterate(items, item_shards):
-                stream.add_items(table)
+        with progress_stage("preprocess", unit="row") as bar:  # rows read and validated (total unknown)
+            for table in iterate(events, shards):
+                stream.add_events(table)
+                bar.update(table.num_rows, kind="events")
+            if items is not None and item_shards:
+                for table in iterate(items, item_shards):
+                    stream.add_items(table)
+                    bar.update(table.num_rows, kind="items")
     finally:
         sink.close()
     read_s = time.perf_counter() - t_read

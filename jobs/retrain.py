@@ -15,7 +15,8 @@ One pass:
    recomputed over the merged input, the new shards are the delta;
 4. embeds the catalog with the parent's LLM and fine-tunes the retriever and ranker with Ray Train
    + DeepSpeed, warm-started from the parent (ID rows matched by item id);
-5. evaluates the new model and the parent (mapped onto the new vocabulary) on the new test split,
+5. evaluates the new model and the parent (mapped onto the new vocabulary) on the new split (the
+   gate decides on valid; test is reported),
    and the new model on the holdout of the newest feedback (test targets from the new shards); the
    gate compares the two on the same split, and promotion is a compare-and-swap against the
    pointer read in step 1: a failed or worse run never promotes, and a run never replaces a
@@ -125,7 +126,8 @@ def parent_on_new_split(cfg: Any, storage: Storage, pointer: Dict[str, Any], tra
     shutil.copy(new_dir / "lineage.json", folder / "lineage.json")  # the new dataset + text embeddings
     res = evaluate.evaluate_bundle(cfg, storage, folder, pointer["run_id"])["results"]
     shutil.rmtree(folder, ignore_errors=True)
-    return res["models"][res["main_model"]]["test"]
+    main = res["models"][res["main_model"]]
+    return {"valid": main["valid"], "test": main["test"]}
 
 
 def retrain_once(cfg: Any, storage: Optional[Storage] = None) -> Dict[str, Any]:
@@ -175,28 +177,34 @@ def retrain_once(cfg: Any, storage: Optional[Storage] = None) -> Dict[str, Any]:
                                              "feedback_shards": len(shards), "feedback_events": new.num_rows})
         timings["train_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    parent_test = parent_on_new_split(cfg, storage, pointer, trained)
-    # The parent measured on the new split: the gate compares like with like.
-    baseline = dict(pointer, metrics={**pointer.get("metrics", {}), "test_ndcg@10": parent_test["ndcg@10"],
-                                      "test_recall@10": parent_test["recall@10"]},
+    parent = parent_on_new_split(cfg, storage, pointer, trained)
+    # The parent measured on the new split: the gate compares like with like, on valid.
+    baseline = dict(pointer, metrics={"valid_ndcg@10": parent["valid"]["ndcg@10"],
+                                      "test_ndcg@10": parent["test"]["ndcg@10"],
+                                      "test_recall@10": parent["test"]["recall@10"]},
                     lineage={**pointer.get("lineage", {}), "dataset_version": ds.version})
     out = evaluate.run(cfg, storage, trained, expected=(baseline, token))
     timings["evaluate_s"] = round(time.perf_counter() - t, 1)
     holdout = feedback_holdout(storage, out["report_prefix"], ds.prefix, new)
     timings["total_s"] = round(time.perf_counter() - t0, 1)
-    main = out["results"]["models"][out["results"]["main_model"]]["test"]
+    child = out["results"]["models"][out["results"]["main_model"]]
+    main = child["test"]
     before = baseline["metrics"]
     p = out["promotion"]
     print(f"dataset {ds.name}/{ds.version}: {pre['stats'].get('interactions')} interactions "
           f"({new.num_rows} from feedback)")
-    print(f"model {pointer['run_id']} -> {run_id}, both on the new test split: NDCG@10 "
-          f"{_f(before.get('test_ndcg@10'))} -> {main['ndcg@10']:.4f}, "
+    print(f"model {pointer['run_id']} -> {run_id}, both on the new split: valid NDCG@10 "
+          f"{_f(before.get('valid_ndcg@10'))} -> {child['valid']['ndcg@10']:.4f} (the gate decides on this); "
+          f"test NDCG@10 {_f(before.get('test_ndcg@10'))} -> {main['ndcg@10']:.4f}, "
           f"Recall@10 {_f(before.get('test_recall@10'))} -> {main['recall@10']:.4f}; "
           f"newest-feedback holdout Recall@10 {holdout.get('recall@10')} (n={holdout['n']})")
+    bars = {b: out["results"]["models"][b]["test"]["ndcg@10"] for b in ("MostPopular", "ItemKNN")
+            if b in out["results"]["models"]}
+    print("baselines on the new split, test NDCG@10: " + ", ".join(f"{b} {v:.4f}" for b, v in bars.items()))
     print(f"promotion: {'PROMOTED' if p['promoted'] else 'not promoted'} ({p['reason']})")
     print(f"timings: {timings}", flush=True)
     return {"status": "promoted" if p["promoted"] else "rejected", "run_id": run_id, "parent": pointer["run_id"],
-            "parent_test": parent_test,
+            "parent_on_new_split": parent, "valid": child["valid"], "baselines_test_ndcg@10": bars,
             "dataset_version": ds.version, "new_events": new.num_rows, "holdout": holdout, "test": main,
             "promotion": p, "timings": timings}
 

@@ -42,6 +42,7 @@ from components.metrics import rank_and_topk, ranking_metrics
 from components.storage import Storage
 from components.warm_start import warm_start
 from components.text_encoder import TextEncoder, TextEncoderConfig, contrastive_loss, item_text
+from jobs.progress import Ticker, stage as progress_stage
 from jobs.runtime import ray_log_level, ray_session, run_cli
 from jobs import telemetry
 
@@ -218,6 +219,8 @@ def retriever_worker(config: Dict[str, Any]) -> None:
         progress["resumed_from"] = progress["epoch"]
     best_state = progress.pop("_best_state", None)
     best_config = {"retriever": to_dict_safe(rcfg), "kind": "retriever"}
+    ticker = Ticker(config.get("progress") if rank == 0 else None)
+    ticker.tick(0, total=budget.epochs * budget.steps_per_epoch, force=True)
     for epoch in range(progress["epoch"] + 1, budget.epochs):
         _maybe_fail(config, epoch, rank)
         t0 = time.perf_counter()
@@ -228,6 +231,7 @@ def retriever_worker(config: Dict[str, Any]) -> None:
             engine.backward(loss)
             engine.step()
             total, n = total + float(loss.item()), n + 1
+            ticker.tick(1, epoch=epoch)
         metrics = {"epoch": epoch, "loss": _mean_across_workers(total / max(n, 1)),
                    "epoch_s": round(time.perf_counter() - t0, 2), "resumed_from": progress["resumed_from"],
                    "warm_start_items_mapped": (warm or {}).get("items_mapped")}
@@ -246,8 +250,9 @@ def retriever_worker(config: Dict[str, Any]) -> None:
                 improved = True
             else:
                 progress["bad_evals"] += 1
-            if tcfg.patience and progress["bad_evals"] >= tcfg.patience:
-                last = True
+            early = bool(tcfg.patience) and progress["bad_evals"] >= tcfg.patience and epoch < budget.epochs - 1
+            last = last or early
+            ticker.tick(0, force=True, valid_ndcg10=m["ndcg@10"], **({"stopped": "early"} if early else {}))
         progress["epoch"] = epoch
         metrics["best_epoch"] = progress["best_epoch"]
         if rank == 0:  # Prometheus gauges through Ray's metrics API (jobs/telemetry.py)
@@ -297,6 +302,9 @@ def ranker_worker(config: Dict[str, Any]) -> None:
             m = ranker_holdout_metrics(engine.module, lists, held)
         progress.update(best=m, retriever_order_holdout_ndcg=m, best_metrics={"holdout_ndcg@10": m})
         best_state = _state(engine, config["zero_stage"])
+    ticker = Ticker(config.get("progress") if rank == 0 else None)
+    per_epoch = len(range(0, max(len(fit) // world - kcfg.batch_size + 1, 1), kcfg.batch_size))
+    ticker.tick(0, total=kcfg.epochs * per_epoch, force=True)
     for epoch in range(progress["epoch"] + 1, kcfg.epochs):
         engine.train()
         rng = np.random.default_rng([7, epoch])
@@ -313,8 +321,10 @@ def ranker_worker(config: Dict[str, Any]) -> None:
             engine.backward(loss)
             engine.step()
             total, n = total + float(loss.item()), n + 1
+            ticker.tick(1, epoch=epoch)
         with full_params(engine, config["zero_stage"]):
             m = ranker_holdout_metrics(engine.module, lists, held)
+        ticker.tick(0, force=True, holdout_ndcg10=m)
         metrics = {"epoch": epoch, "loss": _mean_across_workers(total / max(n, 1)), "holdout_ndcg@10": m,
                    "retriever_order_holdout_ndcg@10": progress.get("retriever_order_holdout_ndcg"),
                    "train_lists": int(len(fit)), "holdout_lists": int(len(held))}
@@ -352,6 +362,8 @@ def llm_worker(config: Dict[str, Any]) -> None:
     rng = np.random.default_rng(11)
     total = 0.0
     steps = lcfg["steps"]
+    ticker = Ticker(config.get("progress") if rank == 0 else None)
+    ticker.tick(0, total=steps, force=True)
     for step in range(progress["epoch"] + 1, steps):
         pick = rng.integers(0, len(a), lcfg["batch_size"] * world)[rank * lcfg["batch_size"]:(rank + 1) * lcfg["batch_size"]]
         tok = encoder.tokenize([texts[k] for k in a[pick]] + [texts[k] for k in b[pick]])
@@ -363,6 +375,7 @@ def llm_worker(config: Dict[str, Any]) -> None:
         total += float(loss.item())
         progress["epoch"] = step
         last = step == steps - 1
+        ticker.tick(1, force=last, loss=float(loss.item()))
         if last:
             state = _state(engine, config["zero_stage"])
             progress["best_metrics"] = {"contrastive_loss": _mean_across_workers(total / steps)}
@@ -413,14 +426,21 @@ def ranker_holdout_metrics(model: RankerMLP, lists: Dict[str, Any], rows: np.nda
 
 # -- driver --------------------------------------------------------------------------------------
 def run_stage(name: str, worker, loop_config: Dict[str, Any], cfg: Any, storage: Storage, run_id: str) -> Path:
-    """One TorchTrainer run; returns a local folder with the exported best weights."""
+    """One TorchTrainer run, with a progress bar the workers tick; returns a local folder with
+    the exported best weights."""
+    storage_path = storage.path("ray_train")
+    if not storage.is_s3:
+        Path(storage_path).mkdir(parents=True, exist_ok=True)
+    with progress_stage(f"train {name}", unit="step", remote=True) as bar:
+        return _fit(name, worker, {**loop_config, "progress": bar.actor_name}, cfg, storage, storage_path, run_id)
+
+
+def _fit(name: str, worker, loop_config: Dict[str, Any], cfg: Any, storage: Storage, storage_path: str,
+         run_id: str) -> Path:
     import pyarrow.fs as pafs
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    storage_path = storage.path("ray_train")
-    if not storage.is_s3:
-        Path(storage_path).mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         worker,
         train_loop_config=loop_config,

@@ -59,3 +59,32 @@ def test_recording_without_ray_does_nothing_and_never_raises(monkeypatch):
     telemetry.record("llmrec_train_loss", 1.0, stage="x", run="y")  # no Ray: a no-op
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     telemetry.record("no_such_metric", 1.0)  # an unknown name is logged, not raised
+
+
+def test_a_stage_bar_follows_ticks_from_a_worker_process(ray_local):
+    """Ray Train workers tick the driver's stage bar through a named actor (jobs/progress.py)."""
+    import io
+
+    from jobs.progress import Ticker, stage
+
+    ray = ray_local
+
+    @ray.remote(num_cpus=0)
+    def worker(actor_name):  # rank 0 of a training stage, in its own process
+        t = Ticker(actor_name)
+        t.tick(0, total=30, force=True)
+        for step in range(30):
+            t.tick(1, force=step == 29, epoch=step // 10)
+        return True
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Tty()
+    with stage("train ranker", unit="step", remote=True, file=out) as bar:
+        assert ray.get(worker.remote(bar.actor_name))
+    assert (bar.n, bar.total) == (30, 30)
+    assert "30/30" in out.getvalue().split("\r")[-1] and "epoch=2" in out.getvalue()
+    with pytest.raises(ValueError):  # the stage's actor is gone with the stage
+        ray.get_actor(bar.actor_name, namespace="llmrec")

@@ -4,8 +4,9 @@ from components.storage import Storage
 from jobs.evaluate import gate_and_promote
 
 
-def _res(ndcg, version="v1", knn_valid=None):
-    models = {"hybrid": {"test": {"ndcg@10": ndcg, "recall@10": 2 * ndcg}, "valid": {"ndcg@10": ndcg}}}
+def _res(ndcg, version="v1", knn_valid=None, test=None):
+    test = ndcg if test is None else test
+    models = {"hybrid": {"test": {"ndcg@10": test, "recall@10": 2 * test}, "valid": {"ndcg@10": ndcg}}}
     if knn_valid is not None:
         models["ItemKNN"] = {"valid": {"ndcg@10": knn_valid}, "test": {"ndcg@10": knn_valid}}
         models["MostPopular"] = {"valid": {"ndcg@10": knn_valid / 2}, "test": {"ndcg@10": knn_valid / 2}}
@@ -39,4 +40,21 @@ def test_gate_requires_beating_the_baselines_and_ignores_other_splits(tmp_path):
     assert gate_and_promote(cfg, st, _res(0.10, knn_valid=0.08), _train_out("r1"))["promoted"] is True
     # A lower figure on another dataset version is not a regression: it is not comparable.
     d = gate_and_promote(cfg, st, _res(0.05, version="v2", knn_valid=0.04), _train_out("r2"))
-    assert d["promoted"] is True and d["current"] is None and "not compared" in d["note"]
+    assert d["promoted"] is True and d["current_valid_ndcg@10"] is None and "not compared" in d["note"]
+
+
+def test_gate_decides_on_valid_never_on_test(tmp_path):
+    """Selection on test would make the promoted model's test figure optimistic: every decision
+    reads valid; test is only reported (issue 14.4)."""
+    st = Storage(str(tmp_path))
+    cfg = load_config(["evaluate.ndcg_floor=0.05", "evaluate.tolerance=0.0"])
+    d = gate_and_promote(cfg, st, _res(0.04, test=0.30), _train_out("r0"))  # great test, valid under the floor
+    assert d["promoted"] is False and "valid" in d["reason"] and d["decided_on"] == "valid"
+    assert gate_and_promote(cfg, st, _res(0.10, test=0.01), _train_out("r1"))["promoted"] is True
+    assert ck.read_pointer(st, "recommender")["metrics"] == {"test_ndcg@10": 0.01, "test_recall@10": 0.02,
+                                                             "valid_ndcg@10": 0.10}
+    d = gate_and_promote(cfg, st, _res(0.09, test=0.50), _train_out("r2"))  # better test, worse valid
+    assert d["promoted"] is False and "worse than the promoted 0.1000" in d["reason"]
+    assert d["current_test_ndcg@10"] == 0.01 and d["test_ndcg@10"] == 0.50  # reported, not decided on
+    d = gate_and_promote(cfg, st, _res(0.11, test=0.001), _train_out("r3"))  # better valid, worse test
+    assert d["promoted"] is True
