@@ -249,6 +249,8 @@ VARIANTS: Dict[str, Any] = {
     "fused+throughput": (CONFIGS["fused"], THROUGHPUT),
     "fused+throughput+haproxy": (CONFIGS["fused"], HAPROXY),
     "graph+throughput+haproxy": (CONFIGS["graph"], HAPROXY),
+    # the shipped path with the live state sharded by user over two EventStore deployments
+    "fused+throughput+haproxy+2shards": (CONFIGS["fused"], HAPROXY, {"live_state_shards": 2}),
 }
 
 
@@ -261,13 +263,14 @@ def measure_serve(variant: str, storage_root: str, users: List[str], n: int, por
     from components.storage import Storage
     from serve import runner
 
-    config, env = VARIANTS[variant]
+    config, env, *more = VARIANTS[variant]
+    args = more[0] if more else {}
     storage = Storage(storage_root)
-    r: Dict[str, Any] = {"config": config, "env": env}
+    r: Dict[str, Any] = {"config": config, "env": env, "args": args}
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         t0 = time.perf_counter()
-        url = runner.start(config, {"storage_root": storage_root}, port=port)
+        url = runner.start(config, {"storage_root": storage_root, **args}, port=port)
         r["startup_s"] = round(time.perf_counter() - t0, 1)
         r["serve"] = {}
         for c in (1, 8, 32):

@@ -143,7 +143,8 @@ class EventsRequest(_Strict):
 
 class EventsResponse(BaseModel):
     accepted: int
-    shard: str = Field(description="the feedback shard holding these events")
+    shard: str = Field(description="the feedback shard holding these events (with live state sharded by "
+                                   "user, the shards, comma-separated, when the batch spans several)")
     unknown_items: List[str] = Field(default_factory=list,
                                      description="items not in the catalog yet: stored, not used for recommendations")
 

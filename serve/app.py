@@ -38,8 +38,8 @@ from components.storage import Storage
 from serve import api, auth
 from serve.bundle import ModelWatcher
 from serve.flow import HandleBackend, recommend
-from serve.feedback import (GroupCommitLog, RecentIds, SessionState, list_feedback_shards, read_feedback, shard_key,
-                            table_bytes)
+from serve.feedback import (GroupCommitLog, RecentIds, SessionState, list_feedback_shards, merge_covisit,
+                            read_feedback, shard_key, shard_rows, table_bytes, user_shard)
 from serve.models import (ENCODER_PARTS, RANKER_PARTS, RETRIEVER_PARTS, TEXT_PARTS, RankerModel, RetrievalModel,
                           TextModel, UserEncoderModel)
 
@@ -87,6 +87,10 @@ class ServeSettings:
     # Store and look up users by keyed pseudonym (HMAC under $LLMREC_PRIVACY_KEY): must match
     # the dataset's preprocess.pseudonymize_users (a mismatch is logged at rebuild).
     pseudonymize_users: bool = False
+    # Live state sharded by user (crc32 of the stored user id): EventStore0..N-1, each the holder
+    # of its users' histories, live co-visits and feedback writes, rebuilt from the shared
+    # feedback log after a restart. 1 = the single EventStore deployment.
+    live_state_shards: int = 1
 
     @classmethod
     def from_args(cls, args: Optional[Dict[str, Any]]) -> "ServeSettings":
@@ -98,6 +102,8 @@ class ServeSettings:
         out = cls(**args)
         if out.mode not in ("graph", "fused"):
             raise ValueError(f"serve args mode must be graph or fused, got {out.mode!r}")
+        if not isinstance(out.live_state_shards, int) or not 1 <= out.live_state_shards <= 256:
+            raise ValueError(f"serve args live_state_shards must be an integer 1..256, got {out.live_state_shards!r}")
         if out.rate_limit:
             from limits import parse
 
@@ -322,8 +328,9 @@ def _embeddings(rows: List[Dict[str, Any]]) -> Optional[np.ndarray]:
 class EventStore:
     """Live per-user state and the durable feedback log (one holder; rebuilt from storage on start)."""
 
-    def __init__(self, args: Dict[str, Any]):
+    def __init__(self, args: Dict[str, Any], shard: int = 0):
         s = ServeSettings.from_args(args)
+        self.shard, self.shards = shard, s.live_state_shards
         self.storage = s.storage()
         self.state = SessionState(s.history_len, s.live_users_max)
         self.log = GroupCommitLog(self.storage, s.feedback_linger_ms / 1000.0, s.feedback_max_events)
@@ -358,10 +365,10 @@ class EventStore:
                 except Exception as exc:
                     log.warning("history from %s/%s unavailable: %s", prefix, split, exc)
                     continue
-                out["dataset_events"] += self.state.add_table(t)
+                out["dataset_events"] += self.state.add_table(shard_rows(t, self.shard, self.shards))
         shards = list_feedback_shards(self.storage, after=lin.get("feedback_watermark", ""))
         out["feedback_shards"] = len(shards)
-        feedback = read_feedback(self.storage, shards, event_ids=True)
+        feedback = shard_rows(read_feedback(self.storage, shards, event_ids=True), self.shard, self.shards)
         for eid in feedback["event_id"].drop_null().to_pylist():  # a retry after the restart counts once too
             self.acked_ids.seen(eid)
         out["feedback_events"] = self.state.add_table(feedback.drop_columns(["event_id"]), covisit=True)
@@ -387,8 +394,15 @@ class EventStore:
         """History and live co-visits for one recommendation (``SessionState.context``)."""
         return self.state.context(self._uid(user_id) if user_id else None, recent_items)
 
+    async def covisit(self, items: List[str]) -> Dict[str, Any]:
+        """Live co-visits of ``items`` among this shard's users (the requester lives elsewhere)."""
+        return self.state.covisit_rows(items)
+
     async def users(self, limit: int) -> List[str]:
         return self.state.users(limit)
+
+    async def ranked_users(self, limit: int) -> List[tuple]:
+        return [(u, len(self.state.history(u))) for u in self.state.users(limit)]
 
     async def forget(self, user_id: str) -> Dict[str, Any]:
         """Forget the user everywhere: live state now, then every stored table (privacy.forget_user)
@@ -401,11 +415,79 @@ class EventStore:
         return {**record, "live_events_removed": live}
 
     async def status(self) -> Dict[str, Any]:
-        return {"users": len(self.state), "users_spilled": self.state.spilled, "users_reloaded": self.state.reloaded,
+        return {"shard": self.shard, "shards": self.shards,
+                "users": len(self.state), "users_spilled": self.state.spilled, "users_reloaded": self.state.reloaded,
                 "rebuilt": self.rebuilt, "shards_written": self.log.shards_written,
                 "events_written": self.log.events_written, "write_failures": self.log.write_failures,
                 "last_write_ms": round(self.log.last_write_s * 1000, 2),
                 "live_covisit_events": self.state.covisit.events, "live_covisit_items": len(self.state.covisit.pairs)}
+
+
+class ShardedEvents:
+    """The EventStore shards behind the one interface the ingress calls (``h.method.remote``):
+    per-user calls go to the shard that owns the user, event batches are split by owner and
+    acknowledged once every part is stored, co-visits of the requester's items are summed over
+    all shards (``merge_covisit``), listings and status gather every shard."""
+
+    def __init__(self, handles: List[Any], pseudonymize: bool):
+        self.handles = list(handles)
+        self.pseudo = privacy.Pseudonymizer.from_env() if pseudonymize else None
+        for name in ("append", "context", "history", "users", "forget", "status"):
+            setattr(self, name, _Remote(getattr(self, "_" + name)))
+
+    def _index(self, user_id: str) -> int:
+        return user_shard(self.pseudo(user_id) if self.pseudo is not None else user_id, len(self.handles))
+
+    def owner(self, user_id: str):
+        return self.handles[self._index(user_id)]
+
+    async def _append(self, rows: List[Dict[str, Any]]) -> str:
+        """Stored (every part durable) before it returns; a failed part fails the call, and the
+        client's retry with the same event_ids counts the parts already stored once."""
+        parts: Dict[int, List[Dict[str, Any]]] = {}
+        for r in rows:
+            parts.setdefault(self._index(r["user_id"]), []).append(r)
+        return ",".join(await asyncio.gather(*[self.handles[k].append.remote(p) for k, p in parts.items()]))
+
+    async def _context(self, user_id: Optional[str], recent_items: List[str]) -> Dict[str, Any]:
+        if not user_id:  # anonymous: only co-visits of the request's items, from every shard
+            parts = await asyncio.gather(*[h.covisit.remote(recent_items) for h in self.handles])
+            return {"history": [], "covisit": merge_covisit(parts)}
+        owner = self.owner(user_id)
+        own = await owner.context.remote(user_id, recent_items)
+        items = [e[0] for e in own["history"]] + list(recent_items)
+        others = await asyncio.gather(*[h.covisit.remote(items) for h in self.handles if h is not owner])
+        return {"history": own["history"], "covisit": merge_covisit([own["covisit"], *others])}
+
+    async def _history(self, user_id: str) -> List[tuple]:
+        return await self.owner(user_id).history.remote(user_id)
+
+    async def _users(self, limit: int) -> List[str]:
+        parts = await asyncio.gather(*[h.ranked_users.remote(limit) for h in self.handles])
+        return [u for u, _ in sorted((x for p in parts for x in p), key=lambda x: -x[1])[:limit]]
+
+    async def _forget(self, user_id: str) -> Dict[str, Any]:
+        return await self.owner(user_id).forget.remote(user_id)
+
+    async def _status(self) -> Dict[str, Any]:
+        parts = await asyncio.gather(*[h.status.remote() for h in self.handles])
+        out: Dict[str, Any] = {k: sum(p[k] for p in parts) for k in (
+            "users", "users_spilled", "users_reloaded", "shards_written", "events_written", "write_failures",
+            "live_covisit_events", "live_covisit_items")}
+        out.update(shards=len(parts), last_write_ms=max(p["last_write_ms"] for p in parts), per_shard=parts,
+                   rebuilt={k: sum(p["rebuilt"].get(k) or 0 for p in parts)
+                            for k in ("dataset_events", "feedback_events", "feedback_shards", "seconds")})
+        return out
+
+
+class _Remote:
+    """``obj.method.remote(...)`` for a coroutine function, like a DeploymentHandle method."""
+
+    def __init__(self, fn):
+        self._fn = fn
+
+    def remote(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
 
 
 class LocalHandle:
@@ -519,6 +601,8 @@ def _metrics():
         "events": Counter("llmrec_events_ingested", "events stored durably", registry=reg),
         "version": Gauge("llmrec_model_info", "model version served (value 1)", ["deployment", "version"], registry=reg),
         "swaps": Gauge("llmrec_model_swaps", "hot swaps since replica start", ["deployment"], registry=reg),
+        "stale": Counter("llmrec_stale_version_retries", "requests re-pinned because a replica did not hold "
+                         "their model version (a swap or a new replica between two hops)", registry=reg),
     }
 
 
@@ -551,6 +635,8 @@ class Ingress:
             encoder = LocalHandle(UserEncoder.func_or_class(args))
             retriever = LocalHandle(Retriever.func_or_class(args))
             ranker = LocalHandle(Ranker.func_or_class(args))
+        if isinstance(events, list):  # live state sharded by user (live_state_shards > 1)
+            events = ShardedEvents(events, self.settings.pseudonymize_users)
         self.encoder, self.retriever, self.ranker, self.text, self.events = encoder, retriever, ranker, text, events
         self.backend = HandleBackend(encoder, retriever, ranker, events)
         self.registry, self.m = _metrics()
@@ -603,6 +689,7 @@ class Ingress:
                 except StaleVersion:  # a swap between two hops: re-pin to the version now served
                     if time.perf_counter() - t0 > STALE_WAIT_S:
                         raise
+                    self.m["stale"].inc()
                     await asyncio.sleep(min(0.05 * 2 ** attempt, 0.5))
                     attempt += 1
         except Exception as exc:
@@ -698,7 +785,10 @@ def build(args: Optional[Dict[str, Any]] = None) -> serve.Application:
         return d.options(**options[d.name]) if d.name in options else d
 
     text = dep(TextEmbedder).bind(a)
-    events = dep(EventStore).bind(a)
+    if s.live_state_shards == 1:
+        events = dep(EventStore).bind(a)
+    else:  # one deployment per user shard, each with the EventStore options of the config
+        events = [dep(EventStore).options(name=f"EventStore{k}").bind(a, k) for k in range(s.live_state_shards)]
     if s.mode == "fused":
         return dep(Ingress).bind(None, None, None, text, events, a)
     encoder = dep(UserEncoder).bind(a)

@@ -24,11 +24,13 @@ import tempfile
 import threading
 import time
 import uuid
+import zlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from components.schemas import EVENT_CODE, EVENT_SCHEMA, FEEDBACK_SCHEMA
@@ -214,6 +216,40 @@ def drop_retried(table: pa.Table) -> pa.Table:
         if i is not None:
             seen.add(i)
     return table.filter(pa.array(keep))
+
+
+def user_shard(user_id: str, shards: int) -> int:
+    """The live-state shard that owns ``user_id`` (the id as stored: a pseudonym when users are
+    pseudonymized). crc32, not ``hash()``: every process and restart must agree."""
+    return zlib.crc32(user_id.encode()) % shards if shards > 1 else 0
+
+
+def shard_rows(table: pa.Table, shard: int, shards: int) -> pa.Table:
+    """The rows of ``table`` whose ``user_id`` belongs to ``shard`` (all of them with one shard)."""
+    if shards <= 1 or table.num_rows == 0:
+        return table
+    users = table["user_id"].cast(pa.string())
+    unique = pc.unique(users)
+    mine = pa.array([user_shard(u, shards) == shard for u in unique.to_pylist()])
+    return table.filter(pc.take(mine, pc.index_in(users, value_set=unique)))
+
+
+def merge_covisit(parts: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Live co-visits answered by several user shards, as one holder would count them: a
+    co-visit is counted once per user and pair and every user lives in one shard, so pair counts
+    and per-item user totals add up. One approximation: a neighbour's user total is summed over
+    the shards that list it, so a shard holding users of that item but no pair with the request's
+    items leaves them out (its norm is undercounted until the next retrain folds the log in)."""
+    if len(parts) == 1:
+        return parts[0]
+    pairs: Dict[Tuple[str, str], int] = {}
+    users: Dict[str, int] = {}
+    for part in parts:
+        for a, b, c in part["pairs"]:
+            pairs[(a, b)] = pairs.get((a, b), 0) + c
+        for item, n in part["users"].items():
+            users[item] = users.get(item, 0) + n
+    return {"pairs": [(a, b, c) for (a, b), c in pairs.items()], "users": users}
 
 
 class RecentIds:
@@ -420,6 +456,11 @@ class SessionState:
         with self._lock:
             hist = list(self._get(user_id, create=False) or ()) if user_id else []
             return {"history": hist, "covisit": self.covisit.rows([e[0] for e in hist] + list(recent_items))}
+
+    def covisit_rows(self, items: Sequence[str]) -> Dict[str, Any]:
+        """The live co-visits of ``items`` alone (another shard holds the requesting user)."""
+        with self._lock:
+            return self.covisit.rows(list(items))
 
     def forget(self, user_id: str) -> int:
         """Drop the user's live state (memory and spill file); returns how many events it held."""

@@ -175,3 +175,32 @@ def test_live_co_visits_are_bounded_and_replayed_from_the_log_in_time_order():
     assert rebuilt.add_table(table, covisit=True) == 5
     assert rebuilt.covisit.pairs == live.covisit.pairs and rebuilt.covisit.users == live.covisit.users
     assert [e[0] for e in rebuilt.history("u")] == ["a", "b", "c"]
+
+
+def test_user_shards_split_the_state_and_their_co_visits_add_up_to_one_holder():
+    """Live state sharded by user (issue 11.3): a stable owner per user, a rebuild keeps only the
+    shard's users, and co-visits summed over the shards equal one holder's."""
+    from serve.feedback import merge_covisit, shard_rows, user_shard
+
+    users = [f"u{k:03d}" for k in range(40)]
+    owners = {u: user_shard(u, 2) for u in users}
+    assert set(owners.values()) == {0, 1} and all(user_shard(u, 1) == 0 for u in users)
+    assert owners == {u: user_shard(u, 2) for u in users}  # crc32: the same in every process
+    rows = [_ev(u, f"i{(k + j) % 7}", 10 * j + k) for k, u in enumerate(users) for j in range(4)]
+    table = pa.table({c: [r[c] for r in rows] for c in ("user_id", "item_id", "ts", "event")})
+    parts = [shard_rows(table, k, 2) for k in (0, 1)]
+    assert parts[0].num_rows + parts[1].num_rows == table.num_rows
+    assert all(owners[u] == k for k in (0, 1) for u in parts[k]["user_id"].to_pylist())
+    assert shard_rows(table, 0, 1) is table
+
+    one, shards = SessionState(), [SessionState(), SessionState()]
+    for r in sorted(rows, key=lambda r: r["ts"]):
+        one.add(r["user_id"], r["item_id"], r["event"], r["ts"])
+        shards[owners[r["user_id"]]].add(r["user_id"], r["item_id"], r["event"], r["ts"])
+    items = ["i0", "i3", "i5"]
+    merged = merge_covisit([s.covisit_rows(items) for s in shards])
+    want = one.covisit_rows(items)
+    assert sorted(merged["pairs"]) == sorted(want["pairs"]) and merged["users"] == want["users"]
+    assert merge_covisit([want]) is want
+    assert shards[owners["u007"]].history("u007") == one.history("u007")
+    assert shards[1 - owners["u007"]].history("u007") == []

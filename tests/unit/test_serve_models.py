@@ -176,3 +176,27 @@ def test_watcher_swaps_to_a_new_version_and_refuses_a_corrupt_one(bundle, tmp_pa
     json.dumps(status)  # served by /v1/version
     # put the good pointer back for the other tests of this module
     ck.promote(storage, "recommender", bundle["run_id"], bundle["prefix"], {}, bundle["manifest"])
+
+
+def test_a_replica_never_answers_a_request_pinned_to_a_version_it_does_not_hold():
+    """A request is pinned to one model version for all its hops; a replica that does not hold it
+    (it started after the swap, or dropped the version) refuses with StaleVersion instead of
+    answering with another model (issue 14.6). The models here are stand-ins carrying a version:
+    the logic under test is the version bookkeeping, not the models."""
+    from types import SimpleNamespace
+
+    from serve.app import StaleVersion, _Versioned
+
+    replica = _Versioned()
+    replica._init_versions()
+    replica.watcher = SimpleNamespace(current=SimpleNamespace(version="v2"))
+    assert replica.model_for("v2").version == "v2" and replica.model_for(None).version == "v2"
+    with pytest.raises(StaleVersion, match="v1 is not loaded here"):  # a replica started on v2
+        replica.model_for("v1")
+    replica._remember(SimpleNamespace(version="v1"))  # a replica that swapped v1 -> v2 keeps v1
+    assert replica.model_for("v1").version == "v1"
+    out = replica.per_version([{"version": "v1"}, {"version": "v2"}, {"version": "v1"}],
+                              lambda model, batch: [model.version] * len(batch))
+    assert out == ["v1", "v2", "v1"]  # one dynamic batch, one sub-batch per pinned version
+    with pytest.raises(StaleVersion):
+        replica.per_version([{"version": "v2"}, {"version": "v0"}], lambda model, batch: [0] * len(batch))
