@@ -36,6 +36,7 @@ bench: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/python -m benchmarks.preprocess_throughput $(ARGS)
 
 bench-serving: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
 	RAY_AUTH_MODE=disabled $(BIN)/python -m benchmarks.serving $(ARGS)
 
 bench-reliability: $(STAMP)

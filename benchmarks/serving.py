@@ -254,8 +254,11 @@ VARIANTS: Dict[str, Any] = {
 }
 
 
+SHIPPED = "fused+throughput+haproxy"
+
+
 def measure_serve(variant: str, storage_root: str, users: List[str], n: int, port: int, overhead: bool,
-                  pointer) -> Dict[str, Any]:
+                  pointer, profile: bool = False) -> Dict[str, Any]:
     """One Serve variant on a fresh local Ray (run in a child process with the variant's env)."""
     import ray
     from ray import serve
@@ -280,6 +283,14 @@ def measure_serve(variant: str, storage_root: str, users: List[str], n: int, por
         r["event_to_effect"] = event_to_effect(url, users, 50)
         print(f"{variant}: swap ...", flush=True)
         r["swap"] = swap(url, storage, pointer, users)
+        if profile:
+            from benchmarks.profile_serving import run_profile
+
+            print(f"{variant}: profile (CPU per process, py-spy in the ingress and the holder) ...", flush=True)
+            try:
+                r["profile"] = run_profile(url, users, load)
+            except Exception as exc:  # a profiler failure must not cost the run's figures
+                r["profile"] = {"error": repr(exc)}
         if overhead:
             print("hop cost ...", flush=True)
             r["ray_serve_overhead"] = hop_cost(url)
@@ -330,6 +341,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--variants", default="bare," + ",".join(VARIANTS),
                     help="side by side: bare (uvicorn, no Ray) and Serve variants " + ", ".join(VARIANTS))
+    ap.add_argument("--profile", default=SHIPPED,
+                    help="variants to profile: CPU per process and py-spy samples (benchmarks/profile_serving.py)")
     ap.add_argument("--out", default=str(ROOT / "results/serving_ml-latest-small.json"))
     ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one Serve variant, JSON to --out
     args = ap.parse_args()
@@ -343,8 +356,9 @@ def main() -> None:
                                  columns=["user_id"])["user_id"].cast("string").to_pylist()
     random.Random(0).shuffle(users)
     if args.child:
-        variant, overhead = args.child.split(":")
-        out = measure_serve(variant, storage.root, users, args.requests, args.port, overhead == "1", pointer)
+        variant, overhead, prof = args.child.split(":")
+        out = measure_serve(variant, storage.root, users, args.requests, args.port, overhead == "1", pointer,
+                            prof == "1")
         Path(args.out).write_text(json.dumps(out))
         return
 
@@ -367,7 +381,8 @@ def main() -> None:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             subprocess.run([sys.executable, "-m", "benchmarks.serving", "--data", args.data, "--storage", args.storage,
                             "--requests", str(args.requests), "--port", str(args.port), "--out", f.name,
-                            "--child", f"{variant}:{overhead}"], cwd=ROOT, env=env, check=True)
+                            "--child", f"{variant}:{overhead}:{int(variant in args.profile.split(','))}"],
+                           cwd=ROOT, env=env, check=True)
             r = json.loads(Path(f.name).read_text())
         if "ray_serve_overhead" in r:
             result["ray_serve_overhead"] = r.pop("ray_serve_overhead")
@@ -391,6 +406,13 @@ def print_table(result: Dict[str, Any]) -> None:
     if o:
         print(f"\nRay Serve overhead: empty HTTP request p50 {o['hops_0']['p50_ms']} ms, "
               f"+{o['per_hop_p50_ms']} ms per handle call (graph mode makes 5 per recommendation, fused 1)")
+    for name, r in result["variants"].items():
+        p = r.get("profile")
+        if p and "error" not in p:
+            print(f"\n{name}, where the CPU goes at concurrency 8 ({p['throughput_rps']} req/s), ms per request: "
+                  + ", ".join(f"{k} {v}" for k, v in p["cpu_ms_per_request"].items()))
+            for role, cats in (p.get("py_spy_share_of_samples") or {}).items():
+                print(f"  {role}, py-spy samples: " + ", ".join(f"{k} {v:.0%}" for k, v in cats.items()))
     for name, r in result["variants"].items():
         e = r["event_to_effect"]
         line = (f"{name}: event -> 202 p50 {e['ack_p50_ms']} / p99 {e['ack_p99_ms']} ms; event -> effect p50 "

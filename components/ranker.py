@@ -47,6 +47,13 @@ class RankerConfig:
     holdout: float = 0.2
 
 
+def holdout_rows(rows: np.ndarray, fraction: float) -> np.ndarray:
+    """The valid-list rows held out from ranker training (a fixed hash of the row, so the
+    training job and the evaluation pick the same ones)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return rows[(rows * 2654435761 % 1000) < fraction * 1000]
+
+
 class RankerMLP(nn.Module):
     def __init__(self, cfg: RankerConfig):
         super().__init__()

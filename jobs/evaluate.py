@@ -29,7 +29,7 @@ from components.evaluation import (baseline_rankings, final_ranking, fit_retriev
 from components.metrics import popularity_deciles, sliced_metrics
 from components.baselines import item_counts
 from components.channels import describe as describe_fusion
-from components.ranker import RankerConfig, RankerMLP
+from components.ranker import RankerConfig, RankerMLP, holdout_rows
 from components.retriever import RetrieverConfig
 from components.retriever_training import RetrieverTrainConfig
 from components.storage import Storage
@@ -90,6 +90,12 @@ def evaluate_bundle(cfg: Any, storage: Storage, bundle: Path, run_id: str) -> Di
                 results["models"].setdefault(name, {})[split] = summarize(r, top, h.num_items, ev.ks)
             bar.update(1, last=f"baselines {split}")
         _trained_baselines(cfg, trained, h, data, cats, rankings, results, bar)
+    if ranker is not None:  # the ranker trained on most valid lists: its figure on the held-out rest
+        r, top, _, _ = rankings[(main_name, "valid")]
+        held = holdout_rows(np.arange(len(r)), ranker.cfg.holdout)
+        for name in {main_name, fused, kind, "MostPopular", "ItemKNN"}:
+            r, top = rankings[(name, "valid")][:2]
+            results["models"][name]["valid_ranker_holdout"] = summarize(r[held], top[held], h.num_items, ev.ks)
     _slices_and_variant(cfg, h, data, cats, lineage, storage, rankings, results, main_name)
     r_main, top_main, targets, users = rankings[(main_name, "test")]
     results["main_model"] = main_name
@@ -235,6 +241,9 @@ def report_markdown(res: Dict[str, Any]) -> str:
     if fusion:
         lines += ["", f"Channel fusion (weights fitted on valid): {describe_fusion(fusion)}; valid NDCG@10 "
                       f"{fusion['valid_ndcg@10']:.4f} fused vs {fusion['valid_ndcg@10_retriever']:.4f} retriever alone."]
+    if any("valid_ranker_holdout" in m for m in res["models"].values()):
+        lines += ["", "`valid_ranker_holdout`: the valid lists the ranker did not train on (it trains on the "
+                      "others): the main model's valid figure without the ranker's in-sample advantage."]
     lines += ["", "## Test slices (Recall@10 / NDCG@10, n)", "", "| slice | " + " | ".join(res["slices"]) + " |",
               "| --- |" + " ---: |" * len(res["slices"])]
     first = next(iter(res["slices"].values()))

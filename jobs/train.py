@@ -31,7 +31,7 @@ from safetensors.torch import load as load_safetensors
 from components import checkpoints as ck
 from components.config import to_dict
 from components.datasets import DatasetRef, load_training_data, resolve_dataset
-from components.ranker import RankerConfig, RankerMLP, listwise_loss
+from components.ranker import RankerConfig, RankerMLP, holdout_rows, listwise_loss
 from components.retriever import RetrieverConfig, SequenceRetriever
 from components.channels import Channels, describe as describe_fit
 from components.evaluation import fit_channels, scored_lists
@@ -288,7 +288,7 @@ def ranker_worker(config: Dict[str, Any]) -> None:
     lists = ranker_lists(retriever, channels, data, "valid", kcfg.candidates)
     keep = lists["positive"] >= 0
     users = np.flatnonzero(keep)
-    held = users[(users * 2654435761 % 1000) < kcfg.holdout * 1000]
+    held = holdout_rows(users, kcfg.holdout)
     fit = np.setdiff1d(users, held)
     torch.manual_seed(0)
     model = RankerMLP(kcfg)

@@ -255,3 +255,14 @@ def test_budget_is_derived_from_the_data_size():
     big = {"items": np.zeros((4000, 200)), "targets": np.ones((4000, 200))}
     b = plan_budget(RetrieverTrainConfig(batch_size=32, epochs=300, max_tokens=4_000_000), big, 2)
     assert b.batch_size == 32 and b.epochs == 5 and b.tokens_per_epoch == 800_000  # token budget caps epochs
+
+
+def test_ranker_holdout_rows_are_a_fixed_share_the_trainer_and_the_evaluation_agree_on():
+    from components.ranker import holdout_rows
+
+    rows = np.arange(5000)
+    held = holdout_rows(rows, 0.2)
+    assert 0.17 < len(held) / len(rows) < 0.23
+    assert np.array_equal(held, holdout_rows(rows, 0.2))  # no randomness: same rows every call
+    kept = rows[rows % 3 != 0]  # the trainer passes only rows whose target is a candidate
+    assert set(holdout_rows(kept, 0.2)) == set(held) & set(kept)
