@@ -52,7 +52,11 @@ def main(cfg: Any) -> Dict[str, Any]:
     p = out["promotion"]
     print(f"promotion: {'PROMOTED' if p['promoted'] else 'not promoted'} ({p['reason']})")
     print(f"report: {storage.uri(out['report_prefix'])}/report.md")
+    print(f"model:  {storage.uri(trained['prefix'])}" + ("  (promoted: registry/recommender/latest.json)"
+                                                         if p["promoted"] else ""))
     print(f"timings: {timings}", flush=True)
+    if not cfg.serve.enabled:
+        print(f"serve it: llmrec serve storage.root={storage.root}   (then open http://127.0.0.1:8000)", flush=True)
     result = {"preprocess": pre, "train": trained, "evaluate": out, "timings": timings}
     if cfg.serve.enabled:
         serve_promoted(cfg, storage)
