@@ -97,8 +97,9 @@ def _cpu(pids: Dict[int, str]) -> Dict[int, float]:
     return out
 
 
-def _read_raw(path: Path) -> Counter:
-    """py-spy raw (collapsed) output -> category -> samples."""
+def _read_raw(path: Path, unclassified: Optional[Counter] = None) -> Counter:
+    """py-spy raw (collapsed) output -> category -> samples (``unclassified``: innermost frames
+    of the stacks no category names, to see what "other" is)."""
     cats: Counter = Counter()
     if not path.is_file():
         return cats
@@ -107,60 +108,69 @@ def _read_raw(path: Path) -> Counter:
         if not stack or not count.isdigit():
             continue
         frames = stack.split(";")
-        cats[classify(frames[1:] if frames and frames[0].startswith(("process", "thread")) else frames)] += int(count)
+        frames = frames[1:] if frames and frames[0].startswith(("process", "thread")) else frames
+        cat = classify(frames)
+        cats[cat] += int(count)
+        if cat == "other" and unclassified is not None and frames:
+            unclassified[frames[-1]] += int(count)
     return cats
 
 
-def profile(run_load: Callable[[], Dict[str, Any]], seconds: float = 12.0) -> Dict[str, Any]:
-    """Run ``run_load`` (a load at concurrency 8) with the CPU split and py-spy samples around it."""
+def cpu_split(run_load: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+    """One load with CPU seconds per process role read before and after (psutil)."""
     import psutil
 
     pids = _processes()
     me = psutil.Process(os.getpid())
-    spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
-    targets = [pid for pid, role in pids.items() if role in ("ingress replica(s)", "live-state holder(s)")]
-    tmp = Path(tempfile.mkdtemp(prefix="pyspy-"))
-    procs = []
-    if spy:
-        for pid in targets:
-            procs.append((pid, tmp / f"{pid}.txt", subprocess.Popen(
-                [spy, "record", "--pid", str(pid), "--format", "raw", "--nonblocking", "--rate", "250",
-                 "--duration", str(int(seconds)), "--output", str(tmp / f"{pid}.txt")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
-        time.sleep(1.0)  # py-spy attaches
     before, me0 = _cpu(pids), me.cpu_times()
     t0 = time.perf_counter()
-    loads = []
-    while True:  # keep the load on for as long as py-spy samples
-        loads.append(run_load())
-        if not procs or time.perf_counter() - t0 >= seconds:
-            break
+    load = run_load()
     wall = time.perf_counter() - t0
     after, me1 = _cpu(pids), me.cpu_times()
-    requests = sum(x["n"] for x in loads)
     cpu: Counter = Counter()
     for pid, role in pids.items():
         if pid in before and pid in after:
             cpu[role] += after[pid] - before[pid]
     cpu["load generator (this process)"] = (me1.user + me1.system) - (me0.user + me0.system)
-    out: Dict[str, Any] = {
-        "requests": requests, "wall_s": round(wall, 2), "throughput_rps": round(requests / wall, 1),
-        "cpu_ms_per_request": {k: round(1000 * v / max(requests, 1), 2) for k, v in cpu.most_common()},
-        "cpu_share_of_machine": {k: round(v / (wall * (os.cpu_count() or 1)), 3) for k, v in cpu.most_common()},
-    }
+    n = max(load["n"], 1)
+    cores = os.cpu_count() or 1
+    return {"requests": load["n"], "wall_s": round(wall, 2), "throughput_rps": round(load["n"] / wall, 1),
+            "p50_ms": load["p50_ms"], "p99_ms": load["p99_ms"],
+            "cpu_ms_per_request": {k: round(1000 * v / n, 2) for k, v in cpu.most_common()},
+            "machine_busy_share": round(sum(cpu.values()) / (wall * cores), 3)}
+
+
+def profile(run_load: Callable[[], Dict[str, Any]], seconds: float = 12.0) -> Dict[str, Any]:
+    """The CPU split of one load (no profiler attached), then py-spy samples of the ingress and
+    holder processes over ``seconds`` of the same load (sampling slows them: shares, not times)."""
+    out = cpu_split(run_load)
+    pids = _processes()
+    spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
     if not spy:
         out["py_spy"] = "not installed (pip install -e '.[bench]')"
         return out
+    targets = [pid for pid, role in pids.items() if role in ("ingress replica(s)", "live-state holder(s)")]
+    tmp = Path(tempfile.mkdtemp(prefix="pyspy-"))
+    procs = [(pid, tmp / f"{pid}.txt", subprocess.Popen(
+        [spy, "record", "--pid", str(pid), "--format", "raw", "--nonblocking", "--rate", "100",
+         "--duration", str(int(seconds)), "--output", str(tmp / f"{pid}.txt")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)) for pid in targets]
+    time.sleep(1.0)  # py-spy attaches
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:  # keep the load on for as long as py-spy samples
+        run_load()
     samples: Dict[str, Counter] = {}
+    other: Counter = Counter()
     for pid, path, p in procs:
         _, err = p.communicate(timeout=seconds + 60)
-        cats = _read_raw(path)
+        cats = _read_raw(path, other)
         if not cats:
             out.setdefault("py_spy_errors", []).append(err.decode(errors="replace")[-300:])
             continue
         samples.setdefault(pids[pid], Counter()).update(cats)
     out["py_spy_share_of_samples"] = {
         role: {k: round(v / sum(c.values()), 3) for k, v in c.most_common()} for role, c in samples.items()}
+    out["py_spy_other_top_frames"] = dict(other.most_common(8))
     shutil.rmtree(tmp, ignore_errors=True)
     return out
 

@@ -367,10 +367,15 @@ def main() -> None:
 
     result: Dict[str, Any] = {"machine": f"{os.cpu_count()} CPU cores, no GPU", "model": pointer["run_id"],
                               "trained_in_process_s": model["trained_s"], "requests_per_level": args.requests}
+    # Every path starts from the same live state: the model's dataset, no feedback. (The scratch
+    # storage is reused across runs to skip training; feedback left by earlier runs' event tests
+    # would otherwise give later runs live co-visits the in-process floor does not have.)
+    storage.delete("feedback")
     print("in-process floor ...", flush=True)
     result["in_process_floor"] = floor(storage, pointer, users, args.requests)
     result["variants"] = {}
     for variant in args.variants.split(","):
+        storage.delete("feedback")
         if variant == "bare":
             result["variants"]["bare uvicorn"] = measure_bare(storage.root, users, args.requests, args.port + 5)
             continue
@@ -409,7 +414,8 @@ def print_table(result: Dict[str, Any]) -> None:
     for name, r in result["variants"].items():
         p = r.get("profile")
         if p and "error" not in p:
-            print(f"\n{name}, where the CPU goes at concurrency 8 ({p['throughput_rps']} req/s), ms per request: "
+            print(f"\n{name}, where the CPU goes at concurrency 8 ({p['throughput_rps']} req/s, machine "
+                  f"{p['machine_busy_share']:.0%} busy), CPU ms per request: "
                   + ", ".join(f"{k} {v}" for k, v in p["cpu_ms_per_request"].items()))
             for role, cats in (p.get("py_spy_share_of_samples") or {}).items():
                 print(f"  {role}, py-spy samples: " + ", ".join(f"{k} {v:.0%}" for k, v in cats.items()))

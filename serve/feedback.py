@@ -16,6 +16,7 @@ had just seen).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import io
 import json
 import logging
@@ -287,8 +288,13 @@ class LiveCovisitation:
     holds its lock around every call.
     """
 
-    def __init__(self, window: int = 50, neighbours: int = 200):
+    def __init__(self, window: int = 50, neighbours: int = 200, query_items: int = 20, query_neighbours: int = 32):
         self.window, self.neighbours = window, neighbours
+        # What one recommendation reads: the user's last ``query_items`` distinct items (the
+        # channel decays older ones: 0.9^20 = 0.12) and each one's ``query_neighbours`` most
+        # co-visited partners. Unbounded, 8.7k feedback events already made requests carry ~4.8k
+        # pairs (14k at most) and the in-process p99 went from 7 to 129 ms.
+        self.query_items, self.query_neighbours = query_items, query_neighbours
         self.pairs: Dict[str, Dict[str, int]] = {}
         self.users: Dict[str, int] = {}  # item -> users who interacted with it live
         self.events = 0
@@ -316,7 +322,8 @@ class LiveCovisitation:
             self.pairs[a] = dict(keep)
 
     def rows(self, items: Sequence[str]) -> Dict[str, Any]:
-        """The live pairs of the last ``window`` distinct ``items`` (most recent last):
+        """The live pairs of the last ``query_items`` distinct ``items`` (most recent last), each
+        item's ``query_neighbours`` most co-visited partners:
         ``{"pairs": [(item, neighbour, co-visits)], "users": {item: live users}}`` (empty when
         no live event touched them)."""
         pairs: List[Tuple[str, str, int]] = []
@@ -326,13 +333,15 @@ class LiveCovisitation:
             if a in seen:
                 continue
             seen.add(a)
-            if len(seen) > self.window:
+            if len(seen) > self.query_items:
                 break
             row = self.pairs.get(a)
             if not row:
                 continue
             users[a] = self.users.get(a, 0)
-            for b, c in row.items():
+            top = row.items() if len(row) <= self.query_neighbours else \
+                heapq.nlargest(self.query_neighbours, row.items(), key=lambda kv: kv[1])
+            for b, c in top:
                 pairs.append((a, b, c))
                 users[b] = self.users.get(b, 0)
         return {"pairs": pairs, "users": users}

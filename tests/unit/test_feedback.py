@@ -204,3 +204,22 @@ def test_user_shards_split_the_state_and_their_co_visits_add_up_to_one_holder():
     assert merge_covisit([want]) is want
     assert shards[owners["u007"]].history("u007") == one.history("u007")
     assert shards[1 - owners["u007"]].history("u007") == []
+
+
+def test_what_one_request_reads_of_the_live_co_visits_is_bounded_to_the_strongest_pairs():
+    """The per-request payload stays small however many live events there are: the last
+    query_items distinct items, each with its query_neighbours most co-visited partners."""
+    from serve.feedback import LiveCovisitation
+
+    cv = LiveCovisitation(query_items=3, query_neighbours=4)
+    for k in range(40):  # 40 users pair "a" with a partner each; p0..p3 again and again
+        cv.observe(["a"], f"n{k}")
+    for rep in range(5):
+        for j in range(4):
+            cv.observe([f"x{rep}", "a"], f"p{j}") if rep == 0 else cv._bump("a", f"p{j}")
+    out = cv.rows(["old1", "old2", "a"])
+    assert sorted(b for a, b, _ in out["pairs"] if a == "a") == ["p0", "p1", "p2", "p3"]
+    assert len(cv.pairs["a"]) > 40  # all kept; only the read is bounded
+    cv.observe(["q"], "z")
+    assert cv.rows(["q", "b1", "b2", "b3"])["pairs"] == []  # q is 4th from the end: not read
+    assert [p[:2] for p in cv.rows(["q", "b1", "b2"])["pairs"]] == [("q", "z")]
