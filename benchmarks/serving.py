@@ -111,7 +111,9 @@ async def load(url: str, users: List[str], n: int, concurrency: int) -> Dict[str
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
                                      headers=client_headers()) as session:
-        await asyncio.gather(*[worker(session) for _ in range(min(concurrency, n))])  # warm-up
+        # warm-up: two requests per connection (the queue is shared: every worker drains it)
+        queue[:] = list(range(min(2 * concurrency, n)))
+        await asyncio.gather(*[worker(session) for _ in range(min(concurrency, n))])  # its errors count
         queue[:] = list(range(n))
         lat.clear()
         t0 = time.perf_counter()

@@ -4,9 +4,10 @@
 
 Writes ``reports/<run_id>/``: report.md, metrics.json, PNG plots and predictions.parquet
 (``user_id``, ``items`` = top-100 original item ids in rank order, for every test user). Promotes
-``registry/recommender/latest.json`` when valid NDCG@10 clears ``evaluate.ndcg_floor``, MostPopular
-and ItemKNN on the same split, and is not worse than the promoted model's (same split) by more
-than ``evaluate.tolerance``. Test figures are reported, never used to decide.
+``registry/recommender/latest.json`` when its NDCG@10 on the selection split (valid, or the valid
+lists the ranker did not train on) clears ``evaluate.ndcg_floor``, MostPopular and ItemKNN on
+the same lists, and is not worse than the promoted model's (same split) by more than
+``evaluate.tolerance``. Test figures are reported, never used to decide.
 """
 
 from __future__ import annotations
@@ -265,50 +266,63 @@ def report_markdown(res: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+HOLDOUT = "valid_ranker_holdout"
+
+
+def selection_split(model: Dict[str, Any]) -> str:
+    """Where a model is judged: the valid lists its ranker did not train on when it has a ranker
+    (the ranker trains on the others, so the full valid figure is in-sample for it), else valid."""
+    return HOLDOUT if HOLDOUT in model else "valid"
+
+
 def gate_and_promote(cfg: Any, storage: Storage, res: Dict[str, Any], train_out: Dict[str, Any],
                      expected: Any = None) -> Dict[str, Any]:
     """Promote only a run that clears the floor, beats the non-neural baselines on the same
     split, and does not regress beyond the tolerance against a comparable promoted model.
 
-    Every comparison is made on **valid** (where models are selected); test is reported, never
-    decided on, so the promoted model's test figure stays an unbiased estimate. The promoted
-    model's stored valid NDCG@10 is compared only when it was measured on the same dataset
-    version (another split's figure is not comparable, and is ignored with a note).
+    Every comparison is made on the selection split (``selection_split``: valid, or its lists
+    the ranker did not train on); test is reported, never decided on, so the promoted model's
+    test figure stays an unbiased estimate. The promoted model's stored selection figure is
+    compared only when it was measured on the same dataset version and the same kind of split
+    (otherwise it is not comparable, and is ignored with a note).
     ``expected``: (pointer, token) the run started from (retraining: its metrics are the parent's
     on the new split); the promotion is then a compare-and-swap against that pointer, so a run
     never replaces a pointer that moved while it trained. Default: the pointer read here."""
     main = res["models"][res["main_model"]]
+    split = selection_split(main)
     test = main["test"]["ndcg@10"]
-    valid = main.get("valid", {}).get("ndcg@10")
+    score = main.get(split, {}).get("ndcg@10")
     current, token = expected if expected is not None else ck.read_pointer_versioned(storage, BUNDLE)
     same_split = (current or {}).get("lineage", {}).get("dataset_version") == res.get("dataset_version")
-    cur = (current or {}).get("metrics", {}).get("valid_ndcg@10") if same_split else None
-    bars = {b: res["models"][b]["valid"]["ndcg@10"] for b in ("MostPopular", "ItemKNN")
-            if b in res["models"] and "valid" in res["models"][b]}
-    decision = {"decided_on": "valid", "valid_ndcg@10": valid, "test_ndcg@10": test,
-                "floor": cfg.evaluate.ndcg_floor, "current_valid_ndcg@10": cur,
-                "current_test_ndcg@10": (current or {}).get("metrics", {}).get("test_ndcg@10") if same_split else None,
-                "tolerance": cfg.evaluate.tolerance, "baselines_valid_ndcg@10": bars}
+    cur_metrics = (current or {}).get("metrics", {})
+    cur = cur_metrics.get("selection_ndcg@10") if same_split and cur_metrics.get("selection_split") == split else None
+    bars = {b: res["models"][b][split]["ndcg@10"] for b in ("MostPopular", "ItemKNN")
+            if split in res["models"].get(b, {})}
+    decision = {"decided_on": split, "selection_ndcg@10": score, "valid_ndcg@10": main.get("valid", {}).get("ndcg@10"),
+                "test_ndcg@10": test, "floor": cfg.evaluate.ndcg_floor, "current_selection_ndcg@10": cur,
+                "current_test_ndcg@10": cur_metrics.get("test_ndcg@10") if same_split else None,
+                "tolerance": cfg.evaluate.tolerance, "baselines_selection_ndcg@10": bars}
     if current is not None and not same_split:
         decision["note"] = "the promoted model was measured on another dataset version: not compared"
     elif current is not None and cur is None:
-        decision["note"] = "the promoted model has no valid NDCG@10 on this split: not compared"
-    if valid is None:
-        decision.update(promoted=False, reason="no valid-split NDCG@10 to decide on")
-    elif valid < cfg.evaluate.ndcg_floor:
-        decision.update(promoted=False, reason=f"valid NDCG@10 {valid:.4f} below the floor {cfg.evaluate.ndcg_floor}")
-    elif any(valid < v for v in bars.values()):
-        decision.update(promoted=False, reason=f"valid NDCG@10 {valid:.4f} below " +
-                        ", ".join(f"{b} {v:.4f}" for b, v in bars.items() if valid < v))
-    elif cur is not None and valid < cur - cfg.evaluate.tolerance:
-        decision.update(promoted=False, reason=f"valid NDCG@10 {valid:.4f} worse than the promoted {cur:.4f} "
+        decision["note"] = f"the promoted model has no {split} NDCG@10 on this split: not compared"
+    if score is None:
+        decision.update(promoted=False, reason=f"no {split} NDCG@10 to decide on")
+    elif score < cfg.evaluate.ndcg_floor:
+        decision.update(promoted=False, reason=f"{split} NDCG@10 {score:.4f} below the floor {cfg.evaluate.ndcg_floor}")
+    elif any(score < v for v in bars.values()):
+        decision.update(promoted=False, reason=f"{split} NDCG@10 {score:.4f} below " +
+                        ", ".join(f"{b} {v:.4f}" for b, v in bars.items() if score < v))
+    elif cur is not None and score < cur - cfg.evaluate.tolerance:
+        decision.update(promoted=False, reason=f"{split} NDCG@10 {score:.4f} worse than the promoted {cur:.4f} "
                                                f"by more than {cfg.evaluate.tolerance}")
     else:
-        metrics = {"test_ndcg@10": test, "test_recall@10": main["test"]["recall@10"], "valid_ndcg@10": valid}
+        metrics = {"test_ndcg@10": test, "test_recall@10": main["test"]["recall@10"],
+                   "valid_ndcg@10": decision["valid_ndcg@10"], "selection_split": split, "selection_ndcg@10": score}
         try:  # compare-and-swap against the pointer the gate compared with
             ck.promote(storage, BUNDLE, train_out["run_id"], train_out["prefix"], metrics, train_out["manifest"],
                        {k: v for k, v in train_out["lineage"].items() if k != "config"}, expected=token)
-            decision.update(promoted=True, reason="cleared the gate (decided on valid)")
+            decision.update(promoted=True, reason=f"cleared the gate (decided on {split})")
         except ck.PromotionConflict as exc:
             decision.update(promoted=False, reason=f"another run promoted meanwhile ({exc}); gate not re-run")
     return decision

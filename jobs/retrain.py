@@ -126,8 +126,7 @@ def parent_on_new_split(cfg: Any, storage: Storage, pointer: Dict[str, Any], tra
     shutil.copy(new_dir / "lineage.json", folder / "lineage.json")  # the new dataset + text embeddings
     res = evaluate.evaluate_bundle(cfg, storage, folder, pointer["run_id"])["results"]
     shutil.rmtree(folder, ignore_errors=True)
-    main = res["models"][res["main_model"]]
-    return {"valid": main["valid"], "test": main["test"]}
+    return res["models"][res["main_model"]]
 
 
 def retrain_once(cfg: Any, storage: Optional[Storage] = None) -> Dict[str, Any]:
@@ -179,7 +178,9 @@ def retrain_once(cfg: Any, storage: Optional[Storage] = None) -> Dict[str, Any]:
     t = time.perf_counter()
     parent = parent_on_new_split(cfg, storage, pointer, trained)
     # The parent measured on the new split: the gate compares like with like, on valid.
-    baseline = dict(pointer, metrics={"valid_ndcg@10": parent["valid"]["ndcg@10"],
+    split = evaluate.selection_split(parent)
+    baseline = dict(pointer, metrics={"selection_split": split, "selection_ndcg@10": parent[split]["ndcg@10"],
+                                      "valid_ndcg@10": parent["valid"]["ndcg@10"],
                                       "test_ndcg@10": parent["test"]["ndcg@10"],
                                       "test_recall@10": parent["test"]["recall@10"]},
                     lineage={**pointer.get("lineage", {}), "dataset_version": ds.version})
@@ -193,8 +194,11 @@ def retrain_once(cfg: Any, storage: Optional[Storage] = None) -> Dict[str, Any]:
     p = out["promotion"]
     print(f"dataset {ds.name}/{ds.version}: {pre['stats'].get('interactions')} interactions "
           f"({new.num_rows} from feedback)")
-    print(f"model {pointer['run_id']} -> {run_id}, both on the new split: valid NDCG@10 "
-          f"{_f(before.get('valid_ndcg@10'))} -> {child['valid']['ndcg@10']:.4f} (the gate decides on this); "
+    decided = p["decided_on"]
+    print(f"model {pointer['run_id']} -> {run_id}, both on the new split: {decided} NDCG@10 "
+          f"{_f(before.get('selection_ndcg@10') if before.get('selection_split') == decided else None)} -> "
+          f"{_f(child.get(decided, {}).get('ndcg@10'))} (the gate decides on this; valid "
+          f"{_f(before.get('valid_ndcg@10'))} -> {child['valid']['ndcg@10']:.4f}); "
           f"test NDCG@10 {_f(before.get('test_ndcg@10'))} -> {main['ndcg@10']:.4f}, "
           f"Recall@10 {_f(before.get('test_recall@10'))} -> {main['recall@10']:.4f}; "
           f"newest-feedback holdout Recall@10 {holdout.get('recall@10')} (n={holdout['n']})")

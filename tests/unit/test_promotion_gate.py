@@ -40,7 +40,7 @@ def test_gate_requires_beating_the_baselines_and_ignores_other_splits(tmp_path):
     assert gate_and_promote(cfg, st, _res(0.10, knn_valid=0.08), _train_out("r1"))["promoted"] is True
     # A lower figure on another dataset version is not a regression: it is not comparable.
     d = gate_and_promote(cfg, st, _res(0.05, version="v2", knn_valid=0.04), _train_out("r2"))
-    assert d["promoted"] is True and d["current_valid_ndcg@10"] is None and "not compared" in d["note"]
+    assert d["promoted"] is True and d["current_selection_ndcg@10"] is None and "not compared" in d["note"]
 
 
 def test_gate_decides_on_valid_never_on_test(tmp_path):
@@ -51,10 +51,31 @@ def test_gate_decides_on_valid_never_on_test(tmp_path):
     d = gate_and_promote(cfg, st, _res(0.04, test=0.30), _train_out("r0"))  # great test, valid under the floor
     assert d["promoted"] is False and "valid" in d["reason"] and d["decided_on"] == "valid"
     assert gate_and_promote(cfg, st, _res(0.10, test=0.01), _train_out("r1"))["promoted"] is True
-    assert ck.read_pointer(st, "recommender")["metrics"] == {"test_ndcg@10": 0.01, "test_recall@10": 0.02,
-                                                             "valid_ndcg@10": 0.10}
+    assert ck.read_pointer(st, "recommender")["metrics"] == {
+        "test_ndcg@10": 0.01, "test_recall@10": 0.02, "valid_ndcg@10": 0.10, "selection_split": "valid",
+        "selection_ndcg@10": 0.10}
     d = gate_and_promote(cfg, st, _res(0.09, test=0.50), _train_out("r2"))  # better test, worse valid
     assert d["promoted"] is False and "worse than the promoted 0.1000" in d["reason"]
     assert d["current_test_ndcg@10"] == 0.01 and d["test_ndcg@10"] == 0.50  # reported, not decided on
     d = gate_and_promote(cfg, st, _res(0.11, test=0.001), _train_out("r3"))  # better valid, worse test
     assert d["promoted"] is True
+
+
+def test_with_a_ranker_the_gate_decides_on_the_valid_lists_the_ranker_did_not_train_on(tmp_path):
+    """The ranker trains on most valid lists, so its full valid figure is in-sample (a retrain
+    measured 0.156 on valid, 0.088 on the held-out lists, 0.076 on test): the gate reads the
+    held-out lists, for the model and the baselines alike."""
+    st = Storage(str(tmp_path))
+    cfg = load_config(["evaluate.tolerance=0.0"])
+    res = _res(0.30, knn_valid=0.10)
+    res["models"]["hybrid"]["valid_ranker_holdout"] = {"ndcg@10": 0.08}
+    res["models"]["ItemKNN"]["valid_ranker_holdout"] = {"ndcg@10": 0.09}
+    res["models"]["MostPopular"]["valid_ranker_holdout"] = {"ndcg@10": 0.02}
+    d = gate_and_promote(cfg, st, res, _train_out("r0"))
+    assert d["promoted"] is False and d["decided_on"] == "valid_ranker_holdout" and "ItemKNN 0.0900" in d["reason"]
+    res["models"]["hybrid"]["valid_ranker_holdout"] = {"ndcg@10": 0.095}
+    assert gate_and_promote(cfg, st, res, _train_out("r1"))["promoted"] is True
+    assert ck.read_pointer(st, "recommender")["metrics"]["selection_split"] == "valid_ranker_holdout"
+    # a later run judged on plain valid is not compared with a held-out figure
+    d = gate_and_promote(cfg, st, _res(0.12, knn_valid=0.05), _train_out("r2"))
+    assert d["promoted"] is True and d["current_selection_ndcg@10"] is None and "not compared" in d["note"]
