@@ -58,8 +58,13 @@ class Bar:
         if self._enabled:
             from tqdm.auto import tqdm
 
+            import shutil
+
+            # the terminal's size (a pseudo-terminal without one reports 0 x 0, and tqdm would
+            # hide every bar "below" a 0-row screen)
+            size = shutil.get_terminal_size((100, 20))
             self._tqdm = tqdm(total=total, desc=f"{desc:<15}", unit=unit, file=self._file, leave=True,
-                              dynamic_ncols=True)
+                              ncols=max(size.columns, 60), nrows=max(size.lines, 20))
 
     def update(self, n: int = 1, total: Optional[int] = None, **postfix: Any) -> None:
         self.set(self.n + n, total, **postfix)
