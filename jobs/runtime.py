@@ -50,6 +50,11 @@ def ray_log_level() -> str:
     return "INFO" if verbose else "WARNING"
 
 
+class _AtLeastWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
 @contextmanager
 def ray_session(ray_cfg: Any) -> Iterator[None]:
     """Connect to the configured cluster ($RAY_ADDRESS under ``ray job submit``) or start a local
@@ -76,7 +81,12 @@ def ray_session(ray_cfg: Any) -> Iterator[None]:
 
         DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Started Serve", "Deploying app ..."
+        # "Started Serve", "Application ... is ready": serve.start() re-configures this logger's
+        # level in the driver, so a filter (which it keeps) drops its INFO records instead.
+        serve_logger = logging.getLogger("ray.serve")
+        serve_logger.setLevel(logging.WARNING)
+        if not any(isinstance(f, _AtLeastWarning) for f in serve_logger.filters):
+            serve_logger.addFilter(_AtLeastWarning())
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
              logging_config=ray.LoggingConfig(log_level=level), **kwargs)
     try:
