@@ -475,8 +475,12 @@ class ShardedEvents:
             "users", "users_spilled", "users_reloaded", "shards_written", "events_written", "write_failures",
             "live_covisit_events", "live_covisit_items")}
         out.update(shards=len(parts), last_write_ms=max(p["last_write_ms"] for p in parts), per_shard=parts,
-                   rebuilt={k: sum(p["rebuilt"].get(k) or 0 for p in parts)
-                            for k in ("dataset_events", "feedback_events", "feedback_shards", "seconds")})
+                   # events: each shard rebuilt its own users'; shards and seconds: every shard read
+                   # the whole log, in parallel
+                   rebuilt={**{k: sum(p["rebuilt"].get(k) or 0 for p in parts) for k in ("dataset_events",
+                                                                                        "feedback_events")},
+                            **{k: max(p["rebuilt"].get(k) or 0 for p in parts) for k in ("feedback_shards",
+                                                                                        "seconds")}})
         return out
 
 
