@@ -3,8 +3,8 @@
 The driver opens a bar around each stage (``with stage("embed", total=n, unit="item") as bar``)
 and ticks it itself when the work streams through it (embedding, evaluation), or lets Ray Train
 workers tick it: ``stage(..., remote=True)`` starts a small named actor (no CPU) that rank 0
-reports to with ``tick(handle_name, n, total=..., **postfix)``, and the bar polls it twice a
-second. tqdm draws the bar and its ETA on a terminal; elsewhere (CI logs, ``ray job logs``,
+reports to through ``Ticker(bar.actor_name).tick(n, total=..., **postfix)``, and the bar polls
+it twice a second. tqdm draws the bar and its ETA on a terminal; elsewhere (CI logs, ``ray job logs``,
 captured output) bars are off and each stage's summary line is what prints.
 ``LLMREC_PROGRESS=1`` / ``0`` forces them on / off.
 """
@@ -12,6 +12,7 @@ captured output) bars are off and each stage's summary line is what prints.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import threading
 import time
@@ -52,13 +53,12 @@ class Bar:
 
     def __init__(self, desc: str, total: Optional[int], unit: str, file=None, enabled: Optional[bool] = None):
         self.desc, self.total, self.n = desc, total, 0
+        self.actor_name: Optional[str] = None  # set by stage(remote=True): what workers tick
         self._file = file or sys.stderr
         self._enabled = bars_enabled(self._file) if enabled is None else enabled
         self._tqdm = None
         if self._enabled:
             from tqdm.auto import tqdm
-
-            import shutil
 
             # the terminal's size (a pseudo-terminal without one reports 0 x 0, and tqdm would
             # hide every bar "below" a 0-row screen)
@@ -96,15 +96,14 @@ def stage(desc: str, total: Optional[int] = None, unit: str = "it", remote: bool
     """A bar for one stage. ``remote=True``: also a named actor that Ray workers tick
     (``bar.actor_name`` goes into their config); the bar follows it until the stage ends."""
     bar = Bar(desc, total, unit, file, enabled)
-    bar.actor_name = None
     actor, stop, poller = None, threading.Event(), None
     if remote:
         import ray
 
         bar.actor_name = f"progress-{os.getpid()}-{time.time_ns()}"
         bar.set(0, None, status="starting workers")
-        actor = ray.remote(num_cpus=0)(_Counter).options(name=bar.actor_name, namespace=NAMESPACE,
-                                                         lifetime=None).remote()
+        actor = ray.remote(num_cpus=0)(_Counter).options(name=bar.actor_name,
+                                                                          namespace=NAMESPACE).remote()
 
         def follow():
             while not stop.wait(POLL_S):
