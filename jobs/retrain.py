@@ -16,7 +16,8 @@ One pass:
 4. embeds the catalog with the parent's LLM and fine-tunes the retriever and ranker with Ray Train
    + DeepSpeed, warm-started from the parent (ID rows matched by item id);
 5. evaluates the new model and the parent (mapped onto the new vocabulary) on the new split (the
-   gate decides on valid; test is reported),
+   gate decides on the selection split - valid, or the valid lists the rankers did not train
+   on - and test is reported),
    and the new model on the holdout of the newest feedback (test targets from the new shards); the
    gate compares the two on the same split, and promotion is a compare-and-swap against the
    pointer read in step 1: a failed or worse run never promotes, and a run never replaces a
@@ -177,7 +178,7 @@ def retrain_once(cfg: Any, storage: Optional[Storage] = None) -> Dict[str, Any]:
         timings["train_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     parent = parent_on_new_split(cfg, storage, pointer, trained)
-    # The parent measured on the new split: the gate compares like with like, on valid.
+    # The parent measured on the new split: the gate compares like with like, on the selection split.
     split = evaluate.selection_split(parent)
     baseline = dict(pointer, metrics={"selection_split": split, "selection_ndcg@10": parent[split]["ndcg@10"],
                                       "valid_ndcg@10": parent["valid"]["ndcg@10"],
