@@ -45,6 +45,9 @@ DATASETS = {
 }
 
 
+HOLDOUT = "valid_ranker_holdout"  # the valid lists the ranker did not train on (jobs.evaluate)
+
+
 def ranks_from_predictions(pred_users: List[str], pred_items: List[List[str]], targets: Dict[str, str]) -> np.ndarray:
     """0-based rank of each test user's target in their top-100 list (100 when absent)."""
     lists = dict(zip(pred_users, pred_items))
@@ -166,7 +169,7 @@ def bench(name: str, args, work: Path) -> Dict[str, Any]:
         "python": platform.python_version(), "contract_command": run["cmd"], "pipeline_wall_s": run["wall_s"],
         "main_model": main, "promoted": proj["promoted"], "fusion": res.get("fusion"),
         "project_test_scored_here": metrics(proj["ranks"]),
-        "jobs_evaluate": {m: {"test": s.get("test"), "valid": s.get("valid")} for m, s in res["models"].items()},
+        "jobs_evaluate": {m: {k: s[k] for k in ("test", "valid", HOLDOUT) if k in s} for m, s in res["models"].items()},
         "test_ranks": {"users": proj["users"], "project": proj["ranks"].tolist()},
     }
     if not args.no_id_only:
@@ -201,7 +204,21 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
         if "hybrid_minus_id_only_test_ndcg@10" in r:
             d = r["hybrid_minus_id_only_test_ndcg@10"]
             print(f"{'':<20}project - id-only NDCG@10: {d['diff']:+.4f} (95% CI {d['ci95'][0]:+.4f} .. {d['ci95'][1]:+.4f})")
+        held = ranker_vs_channels(r["jobs_evaluate"])
+        if held:
+            print(f"{'':<20}held-out valid lists NDCG@10: {held}")
         print(f"{'':<20}pipeline {r['pipeline_wall_s'] / 60:.1f} min; fusion {r.get('fusion', {}) and r['fusion'].get('weights')}")
+
+
+def ranker_vs_channels(models: Dict[str, Any]) -> str:
+    """The ranker against the best model without it on the valid lists it did not train on."""
+    held = {m: s[HOLDOUT]["ndcg@10"] for m, s in models.items() if HOLDOUT in s}
+    ranked = {m: v for m, v in held.items() if "ranker" in m}
+    others = {m: v for m, v in held.items() if "ranker" not in m}
+    if not ranked or not others:
+        return ""
+    best = max(others, key=others.get)
+    return ", ".join(f"{m} {v:.4f}" for m, v in ranked.items()) + f" vs best without a ranker ({best}) {others[best]:.4f}"
 
 
 def main() -> None:

@@ -70,9 +70,19 @@ def load_serve_config(path: str | Path) -> Dict[str, Any]:
             "proxy_location": doc.get("proxy_location"), "app": apps[0]}
 
 
+def deployment_options(app: Dict[str, Any], more: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """The config's per-deployment options by name, each updated by ``more[name]`` (an option given
+    there replaces the config's whole value, e.g. all of autoscaling_config)."""
+    options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments") or []}
+    for name, extra in (more or {}).items():
+        options[name] = {**options.get(name, {}), **extra}
+    return options
+
+
 def start(config_path: str | Path, overrides: Optional[Dict[str, Any]] = None, host: Optional[str] = None,
           port: Optional[int] = None) -> str:
-    """Deploy the app (Ray must be initialised); returns its URL. ``overrides`` update the app args."""
+    """Deploy the app (Ray must be initialised); returns its URL. ``overrides`` update the app args;
+    its ``deployment_options`` ({deployment: {option: value}}) update the config's deployment options."""
     from ray import serve
 
     from serve.app import build
@@ -82,13 +92,15 @@ def start(config_path: str | Path, overrides: Optional[Dict[str, Any]] = None, h
     http = {**conf["http_options"], **({"host": host} if host else {}), **({"port": port} if port else {})}
     http.setdefault("host", "127.0.0.1")
     http.setdefault("port", 8000)
-    args = {**(app.get("args") or {}), **(overrides or {})}
+    overrides = dict(overrides or {})
+    more_options = overrides.pop("deployment_options", None) or {}
+    args = {**(app.get("args") or {}), **overrides}
     # Fail here, before anything is deployed, when an open API would face the network.
     check_bind(AccessPolicy.load(keys_file=args.get("keys_file"), require_read_key=bool(args.get("require_read_key"))),
                http["host"])
     if args.get("pseudonymize_users"):
         privacy_key()  # the key must be there before anything is deployed
-    options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments") or []}
+    options = deployment_options(app, more_options)
     opts = {k: http[k] for k in ("host", "port", "request_timeout_s", "keep_alive_timeout_s") if k in http}
     # logging_config here too: the controller and proxies log at the app's level (their INFO
     # banner and per-start lines stay out of the console)

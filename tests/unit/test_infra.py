@@ -187,3 +187,14 @@ def test_grafana_dashboard_charts_metrics_that_exist():
         else:
             base = re.sub(r"_(total|bucket|sum|count)$", "", n[len("ray_"):])
             assert f'"{base}"' in serve_src, n
+
+
+def test_deployment_options_from_the_config_are_overridden_per_deployment():
+    from serve.runner import deployment_options, load_serve_config
+
+    app = load_serve_config("configs/serve-fused.yaml")["app"]
+    two = {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2}}
+    opts = deployment_options(app, {"Ingress": two})
+    assert opts["Ingress"]["autoscaling_config"] == two["autoscaling_config"]
+    assert opts["Ingress"]["max_ongoing_requests"] == 64  # untouched options stay
+    assert opts["EventStore"] == deployment_options(app)["EventStore"]
