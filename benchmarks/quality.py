@@ -1,6 +1,7 @@
 """Recommendation quality, side by side with an outside peer, from the documented command.
 
     python -m benchmarks.quality [--datasets ml-latest-small,amazon-gift-cards] [--no-peer] [--no-id-only]
+    SHARED_DATA=/other/data python -m benchmarks.quality --datasets ml-latest-small --tag other  # same kind
 
 For every dataset in ../shared/data (or $SHARED_DATA), in one run on one machine:
   1. the contract command, as a user runs it (no --config: the source's preset applies):
@@ -226,6 +227,8 @@ def main() -> None:
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--no-id-only", action="store_true")
+    ap.add_argument("--tag", default="", help="results/quality_<dataset>-<tag>.json: a run on other data of the "
+                    "same kind ($SHARED_DATA pointing elsewhere) does not replace the shared datasets' figures")
     ap.add_argument("overrides", nargs="*", help="extra key=value settings for the contract command")
     args = ap.parse_args()
     rows = []
@@ -235,7 +238,9 @@ def main() -> None:
             if not r:
                 continue
             rows.append(r)
-            path = ROOT / "results" / f"quality_{name}.json"
+            if args.tag:
+                r["tag"], r["data_dir"] = args.tag, str(SHARED / DATASETS[name][1])
+            path = ROOT / "results" / f"quality_{name}{'-' + args.tag if args.tag else ''}.json"
             path.parent.mkdir(exist_ok=True)
             path.write_text(json.dumps(r, indent=1, default=str))
             print(f"wrote {path}", flush=True)
