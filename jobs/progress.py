@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterator, Optional
 NAMESPACE = "llmrec"
 POLL_S = 0.5
 _WORKER_MIN_INTERVAL_S = 0.5  # a worker sends at most two updates a second
+_FIND_S = 10.0  # how long a worker looks for the stage's actor, and waits for a forced update
 
 
 def bars_enabled(stream=None) -> bool:
@@ -123,17 +124,17 @@ def stage(desc: str, total: Optional[int] = None, unit: str = "it", remote: bool
             try:
                 import ray
 
-                _follow_once(bar, actor)
+                _follow_once(bar, actor, timeout_s=30.0)  # the final state, on a busy machine too
                 ray.kill(actor)
             except Exception:
                 pass
         bar.close()
 
 
-def _follow_once(bar: Bar, actor) -> None:
+def _follow_once(bar: Bar, actor, timeout_s: float = 5.0) -> None:
     import ray
 
-    done, total, postfix = ray.get(actor.read.remote(), timeout=5)
+    done, total, postfix = ray.get(actor.read.remote(), timeout=timeout_s)
     bar.set(done, total, **postfix)
 
 
@@ -144,12 +145,16 @@ class Ticker:
     def __init__(self, actor_name: Optional[str]):
         self._actor = None
         if actor_name:
-            try:
-                import ray
+            import ray
 
-                self._actor = ray.get_actor(actor_name, namespace=NAMESPACE)
-            except Exception:
-                self._actor = None
+            deadline = time.monotonic() + _FIND_S
+            while self._actor is None:  # the driver's actor may still be registering
+                try:
+                    self._actor = ray.get_actor(actor_name, namespace=NAMESPACE)
+                except Exception:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.1)
         self._pending, self._total, self._postfix, self._last = 0, None, {}, 0.0
 
     def tick(self, n: int = 1, total: Optional[int] = None, force: bool = False, **postfix: Any) -> None:
@@ -162,7 +167,11 @@ class Ticker:
         now = time.monotonic()
         if force or now - self._last >= _WORKER_MIN_INTERVAL_S:
             try:
-                self._actor.update.remote(self._pending, self._total, self._postfix)
+                ref = self._actor.update.remote(self._pending, self._total, self._postfix)
+                if force:  # an epoch's end or a stage's last step: there before the worker goes on
+                    import ray
+
+                    ray.get(ref, timeout=_FIND_S)
             except Exception:
                 return
             self._pending, self._postfix, self._last = 0, {}, now
