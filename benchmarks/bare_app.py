@@ -16,18 +16,19 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
-from components import checkpoints as ck
+from components import registry
 from components.storage import Storage
 from serve import api
 from serve.bundle import fetch_parts
-from serve.feedback import GroupCommitLog, SessionState, list_feedback_shards, read_feedback
+from components.online.feedback_log import GroupCommitLog, list_feedback_shards, read_feedback
+from components.online.live_state import SessionState
 from serve.flow import LocalBackend, recommend
 from serve.models import RANKER_PARTS, RETRIEVER_PARTS, RankerModel, RetrievalModel, UserEncoderModel
 
 
 def build(storage_root: str, candidates: int = 100, history_len: int = 200) -> FastAPI:
     storage = Storage(storage_root)
-    pointer = ck.read_pointer(storage, "recommender")
+    pointer = registry.read_pointer(storage, "recommender")
     if pointer is None:
         raise SystemExit(f"no promoted model under {storage_root}")
     d = fetch_parts(storage, pointer, RETRIEVER_PARTS + RANKER_PARTS, Path(tempfile.mkdtemp()))

@@ -35,7 +35,7 @@ def main() -> None:
     import torch.distributed as dist
     from transformers import Qwen2Config, Qwen2Model
 
-    from components.text_encoder import contrastive_loss
+    from components.models.text_encoder import contrastive_loss
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

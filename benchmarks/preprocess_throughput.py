@@ -105,7 +105,7 @@ def measure(engine: str, cpus: int, overrides: List[str]) -> Dict:
 
 def generate(root: str, events: int, shards: int) -> float:
     from components.config import load_config
-    from components.sources import prepare_source
+    from components.data.sources import prepare_source
     from components.storage import Storage
 
     cfg = load_config(_overrides(root, events, shards))

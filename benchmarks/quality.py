@@ -92,7 +92,7 @@ def run_contract(source: str, path: Path, extra: List[str], root: str, overrides
 
 
 def score_project(root: str) -> Dict[str, Any]:
-    from components import checkpoints as ck
+    from components import registry
     from components.storage import Storage
 
     storage = Storage(root)
@@ -104,7 +104,7 @@ def score_project(root: str) -> Dict[str, Any]:
     test = storage.read_parquet(f"{ds}/test", columns=["user_id", "item_id"])
     targets = dict(zip(test["user_id"].to_pylist(), test["item_id"].to_pylist()))
     ranks = ranks_from_predictions(pred["user_id"].to_pylist(), pred["items"].to_pylist(), targets)
-    pointer = ck.read_pointer(storage, "recommender")
+    pointer = registry.read_pointer(storage, "recommender")
     return {"run_id": run_id, "metrics_json": res, "ranks": ranks, "users": list(targets), "dataset_prefix": ds,
             "promoted": bool(pointer and pointer["run_id"] == run_id)}
 
@@ -113,10 +113,10 @@ def id_only_ranks(root: str, project: Dict[str, Any], source: str, extra: List[s
     """An ID-only retriever with the settings the contract command used (its preset + extras),
     fitted in-process; per-user ranks on valid and test (ordered as the dataset's targets)."""
     from components.config import load_config, preset_for
-    from components.datasets import load_training_data
-    from components.evaluation import final_ranking, fit_retriever_local
-    from components.retriever import RetrieverConfig
-    from components.retriever_training import RetrieverTrainConfig
+    from components.data.datasets import load_training_data
+    from components.evaluation.ranking import final_ranking, fit_retriever_local
+    from components.models.retriever import RetrieverConfig
+    from components.training.retriever import RetrieverTrainConfig
     from components.storage import Storage
     from jobs.evaluate import _local_train_config, _plain
 

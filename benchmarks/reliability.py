@@ -81,7 +81,7 @@ def load_test(seconds: float, concurrency: int, port: int) -> Dict[str, Any]:
 
     from benchmarks.serving import build_model, pct
     from serve import runner
-    from serve.feedback import list_feedback_shards, read_feedback
+    from components.online.feedback_log import list_feedback_shards, read_feedback
 
     storage_root = str(Path(tempfile.gettempdir()) / "llmrec-serving-bench")
     model = build_model(storage_root, str(ROOT.parent / "shared/data/ml-latest-small"), 4)

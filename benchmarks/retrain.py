@@ -80,19 +80,19 @@ def main() -> None:
     import requests
     from ray import serve
 
-    from components import checkpoints as ck
+    from components import registry
     from components.storage import Storage
     from serve import runner
 
     storage = Storage(args.storage)
-    if ck.read_pointer(storage, "recommender") is None:  # the pipeline's promoted model is the parent
+    if registry.read_pointer(storage, "recommender") is None:  # the pipeline's promoted model is the parent
         t = time.perf_counter()
         p = subprocess.run([sys.executable, "-m", "jobs.pipeline", "data.source=movielens", f"data.path={args.data}",
                             f"storage.root={storage.root}"], cwd=ROOT, capture_output=True, text=True)
-        if p.returncode != 0 or ck.read_pointer(storage, "recommender") is None:
+        if p.returncode != 0 or registry.read_pointer(storage, "recommender") is None:
             raise SystemExit(f"the pipeline did not promote a parent model:\n{(p.stdout + p.stderr)[-3000:]}")
         print(f"parent: jobs.pipeline on ml-latest-small, promoted in {time.perf_counter() - t:.0f} s")
-    pointer = ck.read_pointer(storage, "recommender")
+    pointer = registry.read_pointer(storage, "recommender")
     parent_report = storage.read_json(f"reports/{pointer['run_id']}/metrics.json")
     events = simulated_feedback(storage, pointer, args.frac)
     result: Dict[str, Any] = {
@@ -122,7 +122,7 @@ def main() -> None:
 
     def watch():
         while not stop.is_set():
-            p = ck.read_pointer(storage, "recommender")
+            p = registry.read_pointer(storage, "recommender")
             if p and p["run_id"] not in seen_versions:
                 seen_versions[p["run_id"]] = time.perf_counter()
             time.sleep(0.02)
@@ -145,7 +145,7 @@ def main() -> None:
                                                                              "promotion", "timings"))))
         if p.returncode != 0:
             raise SystemExit(f"retrain failed: {p.stderr[-3000:]}")
-        new = ck.read_pointer(storage, "recommender")
+        new = registry.read_pointer(storage, "recommender")
         promoted = new["run_id"] != pointer["run_id"]
         timings = json.loads(p.stdout.split("timings: ")[-1].splitlines()[0].replace("'", '"'))
         t_serving = None

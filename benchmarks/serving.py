@@ -46,12 +46,12 @@ def summary(lat_ms: List[float], wall_s: float, errors: int) -> Dict[str, Any]:
 
 
 def build_model(storage_root: str, data: str, epochs: int) -> Dict[str, Any]:
-    from components import checkpoints as ck
+    from components import registry
     from components.storage import Storage
     from jobs.quick_train import build_bundle
 
     storage = Storage(storage_root)
-    pointer = ck.read_pointer(storage, "recommender")
+    pointer = registry.read_pointer(storage, "recommender")
     if pointer is not None:
         return {"pointer": pointer, "storage": storage, "trained_s": 0.0}
     t0 = time.perf_counter()
@@ -64,7 +64,7 @@ def floor(storage, pointer, users: List[str], n: int) -> Dict[str, Any]:
     """The same flow (serve.flow.recommend) on in-process models: no HTTP, no Serve hops."""
     from serve import api
     from serve.bundle import fetch_parts
-    from serve.feedback import SessionState
+    from components.online.live_state import SessionState
     from serve.flow import LocalBackend, recommend
     from serve.models import RANKER_PARTS, RETRIEVER_PARTS, RankerModel, RetrievalModel, UserEncoderModel
 
@@ -195,7 +195,7 @@ def swap(url: str, storage, pointer, users: List[str], rounds: int = 2) -> Dict[
     every deployment reports it; count failed requests."""
     import requests
 
-    from components import checkpoints as ck
+    from components import registry
 
     results: List[int] = []
     stop = threading.Event()
@@ -221,7 +221,7 @@ def swap(url: str, storage, pointer, users: List[str], rounds: int = 2) -> Dict[
             run_id = f"bench-swap-{r}-{int(time.time())}"
             prefix = storage.upload_dir(src, f"checkpoints/recommender/{run_id}") and f"checkpoints/recommender/{run_id}"
             t0 = time.perf_counter()
-            ck.promote(storage, "recommender", run_id, prefix, pointer.get("metrics", {}), pointer["sha256"],
+            registry.promote(storage, "recommender", run_id, prefix, pointer.get("metrics", {}), pointer["sha256"],
                        pointer.get("lineage"))
             while True:
                 v = requests.get(url + "/v1/version", timeout=30).json()

@@ -1,9 +1,8 @@
-"""Model checkpoints and the model registry in object storage.
+"""Checkpoint folders: weights, side files and their manifest (the registry is components.registry).
 
 A checkpoint is a folder: ``model.safetensors`` (weights; nothing is unpickled), ``config.json``,
 optional extra files (tokenizer, item tables), ``metrics.json``, ``lineage.json`` and
-``manifest.json`` (sha256 of every file). ``registry/<model>/latest.json`` points at one and is
-replaced atomically.
+``manifest.json`` (sha256 of every file).
 """
 
 from __future__ import annotations
@@ -12,12 +11,12 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from components.storage import PreconditionFailed, Storage
+from components.storage import Storage
 
 WEIGHTS = "model.safetensors"
 
@@ -167,49 +166,3 @@ def fetch(storage: Storage, prefix: str, dest: str | Path, verify: bool = True) 
     if verify:
         verify_local(dest)
     return dest
-
-
-class PromotionConflict(RuntimeError):
-    """Another run moved the registry pointer after this one read it; nothing was written."""
-
-
-def pointer_path(model: str) -> str:
-    return f"registry/{model}/latest.json"
-
-
-def read_pointer(storage: Storage, model: str) -> Optional[Dict[str, Any]]:
-    rel = pointer_path(model)
-    return storage.read_json(rel) if storage.is_file(rel) else None
-
-
-def read_pointer_versioned(storage: Storage, model: str) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
-    """(pointer or None, token): pass the token to ``promote(expected=...)``."""
-    data, token = storage.read_versioned(pointer_path(model))
-    return (json.loads(data) if data is not None else None), token
-
-
-_UNSET = object()
-
-
-def promote(storage: Storage, model: str, run_id: str, prefix: str, metrics: Dict[str, Any],
-            manifest: Dict[str, str], lineage: Optional[Dict[str, Any]] = None, expected: Any = _UNSET) -> Dict[str, Any]:
-    """Point ``registry/<model>/latest.json`` at a published checkpoint, atomically.
-
-    ``expected``: the token from ``read_pointer_versioned`` the caller's decision was based on
-    (None: there was no pointer). The write is then a compare-and-swap: if another run promoted
-    in between, ``PromotionConflict`` is raised and the pointer is left as the other run set it,
-    so two racing retrains can neither corrupt nor roll back the pointer. Without ``expected``
-    the write is unconditional (an operator's manual promotion).
-    """
-    pointer = {"model": model, "run_id": run_id, "uri": storage.uri(prefix), "prefix": prefix,
-               "sha256": manifest, "metrics": metrics, "lineage": lineage or {},
-               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    data = json.dumps(pointer, indent=2, sort_keys=True, default=str).encode()
-    if expected is _UNSET:
-        storage.write_bytes_atomic(pointer_path(model), data)
-        return pointer
-    try:
-        storage.compare_and_swap(pointer_path(model), data, expected)
-    except PreconditionFailed as exc:
-        raise PromotionConflict(f"not promoting {run_id}: {exc}") from None
-    return pointer

@@ -15,10 +15,10 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING re-exported for configs)
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from components.ranker import RankerConfig
-from components.retriever import RetrieverConfig
-from components.retriever_training import RetrieverTrainConfig
-from components.text_encoder import TextEncoderConfig
+from components.models.ranker import RankerConfig
+from components.models.retriever import RetrieverConfig
+from components.training.retriever import RetrieverTrainConfig
+from components.models.text_encoder import TextEncoderConfig
 
 SOURCES = ("synthetic", "movielens", "amazon", "mind", "files")
 SPLITS = ("loo", "temporal")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from components.sources.download import DATASETS, download
+from components.data.sources.download import DATASETS, download
 from jobs.runtime import run_cli
 
 

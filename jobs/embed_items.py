@@ -19,9 +19,9 @@ import pyarrow as pa
 
 from components.checkpoints import load_local, new_run_id
 from components.config import to_dict
-from components.datasets import DatasetRef, resolve_dataset
+from components.data.datasets import DatasetRef, resolve_dataset
 from components.storage import Storage
-from components.text_encoder import TextEncoder, TextEncoderConfig, item_text
+from components.models.text_encoder import TextEncoder, TextEncoderConfig, item_text
 from jobs.progress import stage as progress_stage
 from jobs.runtime import ray_session, run_cli
 

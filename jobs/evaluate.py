@@ -24,15 +24,17 @@ import pyarrow as pa
 import torch
 
 from components import checkpoints as ck
-from components.datasets import load_text_embeddings, load_training_data
-from components.evaluation import (baseline_rankings, final_ranking, fit_retriever_local, new_item_histories,
+from components import registry
+from components import layout
+from components.data.datasets import load_text_embeddings, load_training_data
+from components.evaluation.ranking import (baseline_rankings, final_ranking, fit_retriever_local, new_item_histories,
                                    slice_masks, summarize, timed)
-from components.metrics import popularity_deciles, sliced_metrics
-from components.baselines import item_counts
-from components.channels import describe as describe_fusion
-from components.ranker import RankerConfig, RankerMLP, holdout_rows
-from components.retriever import RetrieverConfig
-from components.retriever_training import RetrieverTrainConfig
+from components.evaluation.metrics import popularity_deciles, sliced_metrics
+from components.models.baselines import item_counts
+from components.models.channels import describe as describe_fusion
+from components.models.ranker import RankerConfig, RankerMLP, holdout_rows
+from components.models.retriever import RetrieverConfig
+from components.training.retriever import RetrieverTrainConfig
 from components.storage import Storage
 from jobs import telemetry
 from jobs.progress import stage as progress_stage
@@ -43,7 +45,7 @@ log = logging.getLogger("jobs.evaluate")
 
 
 def load_ranker(folder: Path) -> Optional[RankerMLP]:
-    if not (folder / ck.WEIGHTS).is_file():
+    if not (folder / layout.WEIGHTS).is_file():
         return None
     state, config, _ = ck.load_local(folder)
     model = RankerMLP(RankerConfig(**config["ranker"]))
@@ -292,7 +294,7 @@ def gate_and_promote(cfg: Any, storage: Storage, res: Dict[str, Any], train_out:
     split = selection_split(main)
     test = main["test"]["ndcg@10"]
     score = main.get(split, {}).get("ndcg@10")
-    current, token = expected if expected is not None else ck.read_pointer_versioned(storage, BUNDLE)
+    current, token = expected if expected is not None else registry.read_pointer_versioned(storage, BUNDLE)
     same_split = (current or {}).get("lineage", {}).get("dataset_version") == res.get("dataset_version")
     cur_metrics = (current or {}).get("metrics", {})
     cur = cur_metrics.get("selection_ndcg@10") if same_split and cur_metrics.get("selection_split") == split else None
@@ -320,10 +322,10 @@ def gate_and_promote(cfg: Any, storage: Storage, res: Dict[str, Any], train_out:
         metrics = {"test_ndcg@10": test, "test_recall@10": main["test"]["recall@10"],
                    "valid_ndcg@10": decision["valid_ndcg@10"], "selection_split": split, "selection_ndcg@10": score}
         try:  # compare-and-swap against the pointer the gate compared with
-            ck.promote(storage, BUNDLE, train_out["run_id"], train_out["prefix"], metrics, train_out["manifest"],
+            registry.promote(storage, BUNDLE, train_out["run_id"], train_out["prefix"], metrics, train_out["manifest"],
                        {k: v for k, v in train_out["lineage"].items() if k != "config"}, expected=token)
             decision.update(promoted=True, reason=f"cleared the gate (decided on {split})")
-        except ck.PromotionConflict as exc:
+        except registry.PromotionConflict as exc:
             decision.update(promoted=False, reason=f"another run promoted meanwhile ({exc}); gate not re-run")
     return decision
 
@@ -344,7 +346,7 @@ def main(cfg: Any) -> Dict[str, Any]:
     storage = Storage.from_config(cfg.storage)
     run_id = cfg.evaluate.run_id
     if not run_id:
-        pointer = ck.read_pointer(storage, BUNDLE)
+        pointer = registry.read_pointer(storage, BUNDLE)
         if pointer is None:
             raise FileNotFoundError("evaluate.run_id not given and no promoted model in the registry")
         run_id = pointer["run_id"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any, Dict
 
-from components import privacy
+from components.data import privacy
 from components.storage import Storage
 from jobs.runtime import run_cli
 

@@ -16,7 +16,8 @@ import time
 from typing import Any, Dict
 
 from components import checkpoints as ck
-from components.datasets import resolve_dataset
+from components import registry
+from components.data.datasets import resolve_dataset
 from components.storage import Storage
 from jobs import evaluate, preprocess, telemetry, train
 from jobs.embed_items import embed_items
@@ -41,7 +42,7 @@ def main(cfg: Any) -> Dict[str, Any]:
             timings["embed_s"] = round(time.perf_counter() - t, 1)
             print(f"embedded {emb['rows']} items with the LLM (dim {emb['dim']}) in {emb['seconds']}s", flush=True)
         t = time.perf_counter()
-        trained = train.train(cfg, storage, ds, run_id, text_prefix, parent=ck.read_pointer(storage, train.BUNDLE))
+        trained = train.train(cfg, storage, ds, run_id, text_prefix, parent=registry.read_pointer(storage, train.BUNDLE))
         timings["train_s"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
         out = evaluate.run(cfg, storage, trained)  # in the Ray session: its metrics go out with the others
@@ -67,7 +68,7 @@ def serve_promoted(cfg: Any, storage: Storage) -> None:
     """Serve registry/recommender/latest.json until interrupted (jobs.pipeline serve.enabled=true)."""
     from serve import runner
 
-    if ck.read_pointer(storage, train.BUNDLE) is None:
+    if registry.read_pointer(storage, train.BUNDLE) is None:
         raise FileNotFoundError(f"nothing to serve: no promoted model under {storage.uri('registry')}")
     overrides = {"storage_root": storage.root, "storage_endpoint": cfg.storage.endpoint_url}
     if cfg.preprocess.pseudonymize_users:  # the service must store feedback under the dataset's pseudonyms
@@ -112,7 +113,7 @@ def feedback_demo(cfg: Any, storage: Storage, url: str) -> None:
     WATCHED = 4  # each user watches 4 of the 6 parts in order, starting at a different part
     print(f"service up on {url}; first, the feedback loop demo (serve.demo_feedback=true)", flush=True)
     users = http.get(url + f"/v1/users?limit={cfg.serve.demo_users}", timeout=30).json()["users"]
-    pointer = ck.read_pointer(storage, train.BUNDLE)
+    pointer = registry.read_pointer(storage, train.BUNDLE)
     items = storage.read_parquet(f"{pointer['prefix']}/items", columns=["item_id", "title", "text", "categories"]
                                  ).to_pylist()
     category = Counter(c for it in items for c in it["categories"] or []).most_common(1)[0][0]
@@ -146,7 +147,7 @@ def feedback_demo(cfg: Any, storage: Storage, url: str) -> None:
     if p.returncode != 0:
         print(f"  retrain failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-1:]}", flush=True)
         return
-    new = ck.read_pointer(storage, train.BUNDLE)
+    new = registry.read_pointer(storage, train.BUNDLE)
     if new["run_id"] == pointer["run_id"]:
         print(f"  the gate kept {pointer['run_id']} serving: the retrained model was not better on the same split "
               f"({time.perf_counter() - t0:.0f}s for the whole loop)\n", flush=True)

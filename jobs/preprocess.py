@@ -19,13 +19,13 @@ from typing import Any, Dict, Iterator, List
 
 import pyarrow as pa
 
-from components import privacy
+from components.data import privacy
 from components.config import to_dict
-from components.dataset_version import (QuarantineSink, ShardValidator, ValidatedStream, build_dataset,
+from components.data.dataset_version import (QuarantineSink, ShardValidator, ValidatedStream, build_dataset,
                                         fingerprint, write_dataset)
-from components.schemas import ITEM_SCHEMA
-from components.shards import ShardReader, describe_missing, list_shards
-from components.sources import RawSource, prepare_source
+from components.data.schemas import ITEM_SCHEMA
+from components.data.shards import ShardReader, describe_missing, list_shards
+from components.data.sources import RawSource, prepare_source
 from components.storage import Storage
 from jobs import telemetry
 from jobs.progress import stage as progress_stage

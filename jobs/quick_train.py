@@ -22,12 +22,14 @@ import numpy as np
 import torch
 
 from components import checkpoints as ck
+from components import registry
+from components.bundle import save_interactions
 from components.config import load_config, to_dict
-from components.datasets import load_training_data, resolve_dataset
-from components.evaluation import fit_channels, fit_retriever_local
-from components.ranker import RankerConfig, RankerMLP, listwise_loss
-from components.retriever import RetrieverConfig
-from components.retriever_training import RetrieverTrainConfig
+from components.data.datasets import load_training_data, resolve_dataset
+from components.evaluation.ranking import fit_channels, fit_retriever_local
+from components.models.ranker import RankerConfig, RankerMLP, listwise_loss
+from components.models.retriever import RetrieverConfig
+from components.training.retriever import RetrieverTrainConfig
 from components.storage import Storage
 from jobs import preprocess
 from jobs.embed_items import ItemEmbedder
@@ -88,6 +90,7 @@ def build(cfg: Any, run_id: str, epochs: int, ranker: bool = True, promote: bool
         ck.save_local(bundle / "ranker", mlp.state_dict(), {"ranker": asdict(kcfg), "kind": "ranker"})
     storage.download_dir(text_prefix, bundle / "text")
     storage.download_dir(f"{ds.prefix}/items", bundle / "items")
+    save_interactions(bundle, data.histories.items, data.histories.ts)
     lineage = {"run_id": run_id, "dataset": ds.name, "dataset_version": ds.version, "text_embeddings": text_prefix,
                "text_embeddings_base": text_prefix,  # no LLM fine-tuning here
                "parent_run": None, "config": to_dict(cfg), "fusion": fusion}
@@ -95,7 +98,7 @@ def build(cfg: Any, run_id: str, epochs: int, ranker: bool = True, promote: bool
     manifest = ck.write_manifest(bundle)
     prefix = ck.publish(storage, bundle, BUNDLE, run_id)
     shutil.rmtree(bundle, ignore_errors=True)
-    pointer = ck.promote(storage, BUNDLE, run_id, prefix, {}, manifest, lineage) if promote else None
+    pointer = registry.promote(storage, BUNDLE, run_id, prefix, {}, manifest, lineage) if promote else None
     return {"storage": storage, "dataset": ds, "run_id": run_id, "prefix": prefix, "manifest": manifest,
             "pointer": pointer, "items": storage.read_parquet(f"{ds.prefix}/items"), "cfg": cfg}
 

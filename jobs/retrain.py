@@ -40,12 +40,14 @@ import pyarrow as pa
 from omegaconf import OmegaConf
 
 from components import checkpoints as ck
-from components.datasets import resolve_dataset
+from components import registry
+from components import layout
+from components.data.datasets import resolve_dataset
 from components.storage import Storage
 from jobs import evaluate, preprocess, train
 from jobs.embed_items import embed_items
 from jobs.runtime import ray_session, run_cli
-from serve.feedback import list_feedback_shards, read_feedback, shard_key
+from components.online.feedback_log import list_feedback_shards, read_feedback, shard_key
 
 log = logging.getLogger("jobs.retrain")
 EVENT_COLUMNS = ["user_id", "item_id", "ts", "event", "value"]
@@ -109,20 +111,20 @@ def parent_on_new_split(cfg: Any, storage: Storage, pointer: Dict[str, Any], tra
     import torch
     from safetensors.torch import load as load_safetensors
 
-    from components.retriever import RetrieverConfig, SequenceRetriever
-    from components.warm_start import warm_start
+    from components.models.retriever import RetrieverConfig, SequenceRetriever
+    from components.training.warm_start import warm_start
 
     new_dir = Path(trained["local_dir"])
     rcfg = RetrieverConfig(**json.loads((new_dir / "retriever/config.json").read_text())["retriever"])
     model = SequenceRetriever(rcfg)
-    parent_state = load_safetensors(storage.read_bytes(f"{pointer['prefix']}/retriever/{ck.WEIGHTS}"))
+    parent_state = load_safetensors(storage.read_bytes(f"{pointer['prefix']}/retriever/{layout.WEIGHTS}"))
     parent_ids = storage.read_parquet(f"{pointer['prefix']}/items").sort_by("item_idx")["item_id"].to_pylist()
     new_ids = storage.read_parquet(f"{trained['prefix']}/items").sort_by("item_idx")["item_id"].to_pylist()
     with torch.no_grad():
         warm_start(model, parent_state, parent_ids, new_ids, zero_unmapped=True)
     folder = Path(tempfile.mkdtemp(prefix="parent-eval-"))
     ck.save_local(folder / "retriever", model.state_dict(), {"retriever": asdict(rcfg), "kind": "retriever"})
-    if storage.is_file(f"{pointer['prefix']}/ranker/{ck.WEIGHTS}"):
+    if storage.is_file(f"{pointer['prefix']}/ranker/{layout.WEIGHTS}"):
         storage.download_dir(f"{pointer['prefix']}/ranker", folder / "ranker")
     shutil.copy(new_dir / "lineage.json", folder / "lineage.json")  # the new dataset + text embeddings
     res = evaluate.evaluate_bundle(cfg, storage, folder, pointer["run_id"])["results"]
@@ -133,7 +135,7 @@ def parent_on_new_split(cfg: Any, storage: Storage, pointer: Dict[str, Any], tra
 def retrain_once(cfg: Any, storage: Optional[Storage] = None) -> Dict[str, Any]:
     t0 = time.perf_counter()
     storage = storage or Storage.from_config(cfg.storage)
-    pointer, token = ck.read_pointer_versioned(storage, train.BUNDLE)
+    pointer, token = registry.read_pointer_versioned(storage, train.BUNDLE)
     if pointer is None:
         raise FileNotFoundError(f"no promoted model under {storage.uri('registry')}: run jobs.pipeline first")
     parent_lineage = storage.read_json(f"{pointer['prefix']}/lineage.json")
@@ -168,7 +170,7 @@ def retrain_once(cfg: Any, storage: Optional[Storage] = None) -> Dict[str, Any]:
             t = time.perf_counter()
             llm = f"{pointer['prefix']}/llm"  # the parent's fine-tuned LLM, read by the actors from storage
             text_prefix = embed_items(cfg, storage, ds, f"{run_id}-text",
-                                      llm_prefix=llm if storage.is_file(f"{llm}/{ck.WEIGHTS}") else None)["prefix"]
+                                      llm_prefix=llm if storage.is_file(f"{llm}/{layout.WEIGHTS}") else None)["prefix"]
             timings["embed_s"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
         trained = train.train(cfg, storage, ds, run_id, text_prefix, parent=pointer,

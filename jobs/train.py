@@ -29,19 +29,21 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from components import checkpoints as ck
+from components import layout
+from components.bundle import save_interactions
 from components.config import to_dict
-from components.datasets import DatasetRef, load_training_data, resolve_dataset
-from components.ranker import RankerConfig, RankerMLP, holdout_rows, listwise_loss
-from components.retriever import RetrieverConfig, SequenceRetriever
-from components.channels import Channels, describe as describe_fit
-from components.evaluation import fit_channels, scored_lists
-from components.retriever_training import (RetrieverTrainConfig, batches, log_q_from_counts, lr_schedule,
+from components.data.datasets import DatasetRef, load_training_data, resolve_dataset
+from components.models.ranker import RankerConfig, RankerMLP, holdout_rows, listwise_loss
+from components.models.retriever import RetrieverConfig, SequenceRetriever
+from components.models.channels import Channels, describe as describe_fit
+from components.evaluation.ranking import fit_channels, scored_lists
+from components.training.retriever import (RetrieverTrainConfig, batches, log_q_from_counts, lr_schedule,
                                            plan_budget, retriever_scores)
-from components.sequences import training_windows
-from components.metrics import rank_and_topk, ranking_metrics
+from components.data.sequences import training_windows
+from components.evaluation.metrics import rank_and_topk, ranking_metrics
 from components.storage import Storage
-from components.warm_start import warm_start
-from components.text_encoder import TextEncoder, TextEncoderConfig, contrastive_loss, item_text
+from components.training.warm_start import warm_start
+from components.models.text_encoder import TextEncoder, TextEncoderConfig, contrastive_loss, item_text
 from jobs.progress import Ticker, stage as progress_stage
 from jobs.runtime import ray_log_level, ray_session, run_cli
 from jobs import telemetry
@@ -131,7 +133,7 @@ def _resume(engine) -> Optional[Dict[str, Any]]:
         engine.load_checkpoint(d, tag="state", load_module_strict=True)
         progress = json.loads((Path(d) / "progress.json").read_text())
         best = Path(d) / "best"
-        progress["_best_state"] = ck.load_local(best)[0] if (best / ck.WEIGHTS).is_file() else None
+        progress["_best_state"] = ck.load_local(best)[0] if (best / layout.WEIGHTS).is_file() else None
     return progress
 
 
@@ -174,7 +176,7 @@ def _warm_start(model: torch.nn.Module, config: Dict[str, Any], part: str,
     if not prefix:
         return None
     storage: Storage = config["storage"]
-    rel = f"{prefix}/{part}/{ck.WEIGHTS}"
+    rel = f"{prefix}/{part}/{layout.WEIGHTS}"
     if not storage.is_file(rel):
         log.warning("warm start: parent %s has no %s; training %s from scratch", prefix, part, part)
         return None
@@ -462,7 +464,7 @@ def _fit(name: str, worker, loop_config: Dict[str, Any], cfg: Any, storage: Stor
         raise RuntimeError(f"training stage {name} reported no checkpoint")
     out = Path(tempfile.mkdtemp(prefix=f"{name}-"))
     with result.checkpoint.as_directory() as d:
-        if not (Path(d) / "best" / ck.WEIGHTS).is_file():
+        if not (Path(d) / "best" / layout.WEIGHTS).is_file():
             raise RuntimeError(f"training stage {name}: the last checkpoint has no exported weights")
         shutil.copytree(Path(d) / "best", out, dirs_exist_ok=True)
         progress = json.loads((Path(d) / "progress.json").read_text())
@@ -524,11 +526,13 @@ def train(cfg: Any, storage: Storage, ds: DatasetRef, run_id: str, text_prefix: 
                           cfg, storage, run_id)
         shutil.copytree(k_dir, bundle / "ranker")
         timings["ranker_s"] = round(time.perf_counter() - t0, 1)
-    if llm_dir is None and llm_from and storage.is_file(f"{llm_from}/llm/{ck.WEIGHTS}"):
+    if llm_dir is None and llm_from and storage.is_file(f"{llm_from}/llm/{layout.WEIGHTS}"):
         storage.download_dir(f"{llm_from}/llm", bundle / "llm")
     if text_prefix:
         storage.download_dir(text_prefix, bundle / "text")
     storage.download_dir(f"{ds.prefix}/items", bundle / "items")
+    h = load_training_data(storage, ds.prefix, None).histories
+    save_interactions(bundle, h.items, h.ts)
     lineage = {"run_id": run_id, "dataset": ds.name, "dataset_version": ds.version, "text_embeddings": text_prefix,
                "text_embeddings_base": base_text_prefix, "parent_run": (parent or {}).get("run_id"), "warm_start": warm_start_prefix, "config": to_dict(cfg),
                "timings": timings, "fusion": fusion, **(extra_lineage or {})}

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from components.schemas import EVENT_TYPES
+from components.data.schemas import EVENT_TYPES
 
 MAX_K = 100
 MAX_EVENTS = 1000  # per POST /v1/events

@@ -31,15 +31,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from components import checkpoints as ck
-from components import privacy
-from components.schemas import EVENT_TYPES
+from components import registry
+from components.data import privacy
+from components.data.schemas import EVENT_TYPES
 from components.storage import Storage
 from serve import api, auth
 from serve.bundle import ModelWatcher
 from serve.flow import HandleBackend, recommend
-from serve.feedback import (GroupCommitLog, RecentIds, SessionState, list_feedback_shards, merge_covisit,
-                            read_feedback, shard_key, shard_rows, table_bytes, user_shard)
+from components.online.feedback_log import GroupCommitLog, RecentIds, list_feedback_shards, read_feedback, shard_key, table_bytes
+from components.online.live_state import SessionState, merge_covisit, shard_rows, user_shard
 from serve.models import (ENCODER_PARTS, RANKER_PARTS, RETRIEVER_PARTS, TEXT_PARTS, RankerModel, RetrievalModel,
                           TextModel, UserEncoderModel)
 
@@ -346,7 +346,7 @@ class EventStore:
 
     def _rebuild(self, model: str) -> Dict[str, Any]:
         out = {"dataset_events": 0, "feedback_events": 0, "feedback_shards": 0}
-        pointer = ck.read_pointer(self.storage, model)
+        pointer = registry.read_pointer(self.storage, model)
         lin = (pointer or {}).get("lineage", {})
         if lin.get("dataset") and lin.get("dataset_version"):
             prefix = f"datasets/{lin['dataset']}/{lin['dataset_version']}"

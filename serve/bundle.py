@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
 from components import checkpoints as ck
+from components import registry
 from components.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class ModelWatcher:
 
     def check_once(self) -> bool:
         """One poll: returns True when a new version was swapped in."""
-        pointer = ck.read_pointer(self.storage, self.model)
+        pointer = registry.read_pointer(self.storage, self.model)
         if pointer is None:
             self.last_error = f"no promoted model at {self.storage.uri(f'registry/{self.model}/latest.json')}"
             return False

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from components.schemas import EVENT_CODE
+from components.data.schemas import EVENT_CODE
 from serve import api
 
 

@@ -29,12 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from components import checkpoints as ck
-from components.channels import Channels
-from components.ranker import NUM_CONTEXT, RankerConfig, RankerMLP, item_stats
-from components.retriever import RetrieverConfig, SequenceRetriever, gap_buckets
-from components.sequences import histories_from_tables
+from components import layout
+from components.models.channels import Channels
+from components.models.ranker import NUM_CONTEXT, RankerConfig, RankerMLP, item_stats
+from components.models.retriever import RetrieverConfig, SequenceRetriever, gap_buckets
+from components.data.sequences import histories_from_tables
 from components.storage import Storage
-from components.text_encoder import TextEncoder, TextEncoderConfig, item_text
+from components.models.text_encoder import TextEncoder, TextEncoderConfig, item_text
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class RankerModel:
         self.version = version
         path = Path(folder) / "ranker"
         self.model: Optional[RankerMLP] = None
-        if (path / ck.WEIGHTS).is_file():
+        if (path / layout.WEIGHTS).is_file():
             state, config, _ = ck.load_local(path, verify=False)
             self.model = RankerMLP(RankerConfig(**config["ranker"]))
             self.model.load_state_dict(state)
@@ -133,7 +134,7 @@ class TextModel:
         self.version = version
         folder = Path(folder)
         path = folder / "llm"
-        if (path / ck.WEIGHTS).is_file():
+        if (path / layout.WEIGHTS).is_file():
             state, config, _ = ck.load_local(path, verify=False)
             self.encoder = TextEncoder(TextEncoderConfig(**config["text"]))
             self.encoder.load_state_dict(state, strict=False)
@@ -182,7 +183,7 @@ class RetrievalModel:
         with torch.no_grad():
             emb = torch.cat([torch.zeros(1, text.shape[1]), text]) if text is not None else None
             self.vectors = self.model.item_vectors(emb).numpy().astype(np.float32)  # [n + 1, d]
-        # Candidate channels fused with the retriever (components.channels), the same object
+        # Candidate channels fused with the retriever (components.models.channels), the same object
         # jobs.evaluate scores with; None for a bundle without them (retriever order alone).
         self.channels = Channels.load(folder / "channels", text) if (folder / "channels" / "fusion.json").is_file() else None
         self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
@@ -339,7 +340,7 @@ class RetrievalModel:
     def context(self, cand: np.ndarray, scores: np.ndarray, hist_rows: Sequence[int], hist_ts: Sequence[int],
                 hist_events: Sequence[int], channels: Optional[Dict[str, np.ndarray]] = None) -> np.ndarray:
         """Ranker features [C, NUM_CONTEXT] (the same features the ranker was trained on)."""
-        from components.ranker import context_features
+        from components.models.ranker import context_features
 
         ctx = context_features(self.stats, (np.asarray(cand) - 1)[None], np.asarray(scores)[None],
                                [np.asarray(hist_rows, dtype=np.int64) - 1], [np.asarray(hist_ts, dtype=np.int64)],

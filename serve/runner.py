@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 
 import yaml
 
-from components.privacy import privacy_key
+from components.data.privacy import privacy_key
 from serve.auth import AccessPolicy, check_bind
 
 log = logging.getLogger(__name__)

@@ -140,11 +140,11 @@ def test_two_nodes_share_only_s3_pipeline_serve_feedback_retrain_swap(two_nodes,
         assert len(set().union(*replicas.values())) == 2, replicas
 
         # Everything the nodes exchanged is in the bucket: the registry, the bundle, the dataset.
-        from components import checkpoints as ck
+        from components import registry
         from components.storage import Storage
 
         storage = Storage(root)
-        pointer = ck.read_pointer(storage, "recommender")
+        pointer = registry.read_pointer(storage, "recommender")
         assert pointer and pointer["prefix"].startswith("checkpoints/recommender/")
 
         # Feedback through the endpoint, stored in S3, then a retrain submitted as a job.
@@ -159,7 +159,7 @@ def test_two_nodes_share_only_s3_pipeline_serve_feedback_retrain_swap(two_nodes,
         r = _submit(two_nodes, "-m", "jobs.retrain", f"storage.root={root}", "retrain.epochs=3", "ranker.epochs=3")
         assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
         assert "promotion:" in r.stdout, r.stdout[-4000:]
-        new = ck.read_pointer(storage, "recommender")
+        new = registry.read_pointer(storage, "recommender")
         if "PROMOTED" in r.stdout:  # every replica, on either node, swaps to it from S3
             assert new["run_id"] != pointer["run_id"] and new["lineage"]["feedback_events"] == len(events)
             deadline = time.time() + 60

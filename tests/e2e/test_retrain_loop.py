@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 import requests
 
-from components import checkpoints as ck
+from components import registry
 from jobs.quick_train import build_bundle
 from serve import runner
 from tests.conftest import ROOT, free_port
@@ -70,7 +70,7 @@ def test_feedback_retrain_swap_with_no_failed_request(ray_local, tmp_path):
         assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
         print(p.stdout[-1500:])
         assert "PROMOTED" in p.stdout, p.stdout[-3000:]
-        pointer = ck.read_pointer(base["storage"], "recommender")
+        pointer = registry.read_pointer(base["storage"], "recommender")
         new_run = pointer["run_id"]
         assert new_run != "loop-base" and pointer["lineage"]["parent_run"] == "loop-base"
         assert pointer["lineage"]["feedback_events"] == len(events)
@@ -92,7 +92,7 @@ def test_feedback_retrain_swap_with_no_failed_request(ray_local, tmp_path):
         p2 = subprocess.run([sys.executable, "-m", "jobs.retrain", f"storage.root={root}"], cwd=ROOT, env=ENV,
                             capture_output=True, text=True, timeout=300)
         assert p2.returncode == 0 and "nothing to do" in p2.stdout
-        assert ck.read_pointer(base["storage"], "recommender")["run_id"] == new_run
+        assert registry.read_pointer(base["storage"], "recommender")["run_id"] == new_run
     finally:
         stop.set()
         t.join()

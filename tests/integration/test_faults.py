@@ -19,7 +19,7 @@ import requests
 from components.storage import Storage
 from jobs.quick_train import build_bundle
 from serve import runner
-from serve.feedback import list_feedback_shards, read_feedback
+from components.online.feedback_log import list_feedback_shards, read_feedback
 from tests.conftest import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.s3]

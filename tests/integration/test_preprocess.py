@@ -138,7 +138,7 @@ def test_registry_compare_and_swap_on_s3(s3_bucket):
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
     from werkzeug.serving import make_server
 
-    from components import checkpoints as ck
+    from components import registry
     from tests.conftest import free_port
 
     class SerialMotoServer(ThreadedMotoServer):
@@ -153,29 +153,29 @@ def test_registry_compare_and_swap_on_s3(s3_bucket):
             self._server.serve_forever()
 
     storage = Storage(f"{s3_bucket}/root")
-    ck.promote(storage, "m", "a", "checkpoints/m/a", {}, {}, expected=None)
-    with pytest.raises(ck.PromotionConflict):
-        ck.promote(storage, "m", "b", "checkpoints/m/b", {}, {}, expected=None)
+    registry.promote(storage, "m", "a", "checkpoints/m/a", {}, {}, expected=None)
+    with pytest.raises(registry.PromotionConflict):
+        registry.promote(storage, "m", "b", "checkpoints/m/b", {}, {}, expected=None)
     port = free_port()
     serial = SerialMotoServer("127.0.0.1", port, verbose=False)
     serial.start()
     try:
         racers = Storage(f"{s3_bucket}/root", endpoint_url=f"http://127.0.0.1:{port}")
         for round_ in range(3):
-            _, token = ck.read_pointer_versioned(storage, "m")
+            _, token = registry.read_pointer_versioned(storage, "m")
 
             def attempt(k):
                 try:
-                    ck.promote(racers, "m", f"r{round_}-{k}", f"checkpoints/m/r{k}", {}, {}, expected=token)
+                    registry.promote(racers, "m", f"r{round_}-{k}", f"checkpoints/m/r{k}", {}, {}, expected=token)
                     return k
-                except ck.PromotionConflict:
+                except registry.PromotionConflict:
                     return None
 
             with ThreadPoolExecutor(8) as ex:
                 winners = [k for k in ex.map(attempt, range(8)) if k is not None]
             assert len(winners) == 1, winners
-            assert ck.read_pointer(storage, "m")["run_id"] == f"r{round_}-{winners[0]}"
-            with pytest.raises(ck.PromotionConflict):
-                ck.promote(storage, "m", "late", "checkpoints/m/late", {}, {}, expected=token)
+            assert registry.read_pointer(storage, "m")["run_id"] == f"r{round_}-{winners[0]}"
+            with pytest.raises(registry.PromotionConflict):
+                registry.promote(storage, "m", "late", "checkpoints/m/late", {}, {}, expected=token)
     finally:
         serial.stop()

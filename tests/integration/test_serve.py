@@ -16,9 +16,9 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import negative_data_rejection, not_a_server_error
 
-from components import checkpoints as ck
+from components import registry
 from serve import runner
-from serve.feedback import list_feedback_shards, read_feedback
+from components.online.feedback_log import list_feedback_shards, read_feedback
 from tests.conftest import free_port
 from jobs.quick_train import build_bundle
 
@@ -181,7 +181,7 @@ def test_keys_decide_who_may_write_read_users_and_upsert(app):
 
 
 def test_delete_forgets_the_user_in_live_state_and_storage(app):
-    from components.privacy import mentions
+    from components.data.privacy import mentions
 
     url = app["url"]
     user = requests.get(url + "/v1/users?limit=50", headers=ADMIN, timeout=10).json()["users"][-1]
@@ -252,7 +252,7 @@ def test_hot_swap_with_a_client_running_fails_no_request_and_refuses_a_corrupt_m
         shutil.copytree(src, storage.path(bad_prefix))
         w = Path(storage.path(f"{bad_prefix}/retriever/model.safetensors"))
         w.write_bytes(w.read_bytes()[:-4] + b"oops")
-        ck.promote(storage, "recommender", "serve-test-bad", bad_prefix, {}, new["manifest"])
+        registry.promote(storage, "recommender", "serve-test-bad", bad_prefix, {}, new["manifest"])
         time.sleep(WATCH_S * 6)
         v = requests.get(url + "/v1/version", timeout=10).json()
         assert v["retriever"]["version"] == new["run_id"]

@@ -11,7 +11,7 @@ import pytest
 import requests
 import yaml
 
-from components import checkpoints as ck
+from components import registry
 from jobs.quick_train import build_bundle
 from serve import runner
 from tests.conftest import ROOT, free_port
@@ -76,7 +76,7 @@ def test_a_swap_during_scale_up_fails_no_request_and_pins_each_request_to_one_mo
         else:
             pytest.fail(f"no deployment scaled up under 8 concurrent clients: {states}")
         scaling_at_promotion = states
-        ck.promote(old["storage"], "recommender", new["run_id"], new["prefix"], {}, new["manifest"])
+        registry.promote(old["storage"], "recommender", new["run_id"], new["prefix"], {}, new["manifest"])
         deadline = time.time() + 90
         while time.time() < deadline:
             v = requests.get(url + "/v1/version", timeout=10).json()

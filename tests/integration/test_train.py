@@ -8,7 +8,7 @@ import torch
 
 from components import checkpoints as ck
 from components.config import load_config
-from components.datasets import load_training_data, resolve_dataset
+from components.data.datasets import load_training_data, resolve_dataset
 from components.storage import Storage
 from jobs import preprocess, train
 
@@ -41,8 +41,8 @@ def test_two_worker_deepspeed_resumes_after_killed_worker_and_checkpoints_to_s3(
     local = ck.fetch(storage, out["prefix"], tmp_path / "bundle")
     data = load_training_data(storage, ds.prefix, None)
     model, _ = train.load_retriever(local / "retriever", data)
-    from components.metrics import rank_and_topk, ranking_metrics
-    from components.retriever_training import retriever_scores
+    from components.evaluation.metrics import rank_and_topk, ranking_metrics
+    from components.training.retriever import retriever_scores
 
     s, t, h = retriever_scores(model, None, data.histories, "valid")
     ndcg = ranking_metrics(rank_and_topk(s, t, h)[0])["ndcg@10"]

@@ -1,12 +1,12 @@
-"""Candidate channels and their fusion (components.channels), and as-of ranker statistics."""
+"""Candidate channels and their fusion (components.models.channels), and as-of ranker statistics."""
 
 import numpy as np
 import torch
 
-from components.baselines import ItemKNN
-from components.channels import Channels, FusionConfig, covisitation
-from components.metrics import rank_and_topk, ranking_metrics
-from components.ranker import item_stats
+from components.models.baselines import ItemKNN
+from components.models.channels import Channels, FusionConfig, covisitation
+from components.evaluation.metrics import rank_and_topk, ranking_metrics
+from components.models.ranker import item_stats
 
 
 def _histories():

@@ -1,8 +1,8 @@
 import numpy as np
 import pyarrow as pa
 
-from components import interactions as ix
-from components.validation import normalize_events
+from components.data import interactions as ix
+from components.data.validation import normalize_events
 
 
 def _log(rows):
@@ -89,7 +89,7 @@ def test_each_target_sees_everything_of_its_user_before_it():
     test) every valid event, and its own split's earlier events; under loo this is the old rule."""
     import numpy as np
 
-    from components.sequences import UserHistories, history_for
+    from components.data.sequences import UserHistories, history_for
 
     def t(users, items, ts):
         return {"user_idx": np.array(users), "item_idx": np.array(items), "ts": np.array(ts),

@@ -3,8 +3,8 @@ import math
 import numpy as np
 import torch
 
-from components.baselines import ItemKNN, MostPopular
-from components.metrics import coverage, popularity_deciles, rank_and_topk, ranking_metrics
+from components.models.baselines import ItemKNN, MostPopular
+from components.evaluation.metrics import coverage, popularity_deciles, rank_and_topk, ranking_metrics
 
 
 def test_ranks_exclude_history_but_not_the_target():

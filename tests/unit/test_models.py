@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from components.ranker import NUM_CONTEXT, RankerConfig, RankerMLP, listwise_loss
-from components.retriever import RetrieverConfig, SequenceRetriever, gap_buckets
-from components.text_encoder import TextEncoder, TextEncoderConfig, contrastive_loss, item_text
+from components.models.ranker import NUM_CONTEXT, RankerConfig, RankerMLP, listwise_loss
+from components.models.retriever import RetrieverConfig, SequenceRetriever, gap_buckets
+from components.models.text_encoder import TextEncoder, TextEncoderConfig, contrastive_loss, item_text
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +14,7 @@ def tiny_encoder():
     """A random-init 2-layer BERT with the bundled tokenizer (no weights loaded)."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from components.text_encoder import default_model_path
+    from components.models.text_encoder import default_model_path
 
     tok = AutoTokenizer.from_pretrained(default_model_path())
     torch.manual_seed(0)
@@ -160,7 +160,7 @@ def test_sampled_softmax_corrects_scaled_logits_by_log_q():
 
 
 def test_one_cycle_schedule_warms_up_then_decays():
-    from components.retriever_training import RetrieverTrainConfig, lr_schedule, steps_per_epoch
+    from components.training.retriever import RetrieverTrainConfig, lr_schedule, steps_per_epoch
 
     windows = {"items": np.zeros((100, 4))}
     assert steps_per_epoch(windows, 32) == 4 and steps_per_epoch(windows, 32, world=2) == 2
@@ -214,7 +214,7 @@ def test_ranker_learns_to_pick_the_feature_marked_item():
 def test_lora_trains_only_adapters(tiny_encoder):
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from components.text_encoder import default_model_path
+    from components.models.text_encoder import default_model_path
 
     tok = AutoTokenizer.from_pretrained(default_model_path())
     base = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
@@ -247,7 +247,7 @@ def test_user_vector_does_not_depend_on_batch_padding():
 
 
 def test_budget_is_derived_from_the_data_size():
-    from components.retriever_training import RetrieverTrainConfig, plan_budget
+    from components.training.retriever import RetrieverTrainConfig, plan_budget
 
     small = {"items": np.zeros((450, 5)), "targets": np.ones((450, 5))}
     b = plan_budget(RetrieverTrainConfig(batch_size=64, min_steps_per_epoch=16, epochs=300, max_tokens=10**6), small, 2)
@@ -258,7 +258,7 @@ def test_budget_is_derived_from_the_data_size():
 
 
 def test_ranker_holdout_rows_are_a_fixed_share_the_trainer_and_the_evaluation_agree_on():
-    from components.ranker import holdout_rows
+    from components.models.ranker import holdout_rows
 
     rows = np.arange(5000)
     held = holdout_rows(rows, 0.2)

@@ -9,12 +9,12 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components import privacy
+from components.data import privacy
 from components.config import load_config
-from components.datasets import load_training_data
+from components.data.datasets import load_training_data
 from components.storage import Storage
 from jobs import preprocess
-from serve.feedback import events_table, shard_path, table_bytes
+from components.online.feedback_log import events_table, shard_path, table_bytes
 from tests.conftest import ROOT
 
 

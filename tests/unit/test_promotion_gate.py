@@ -1,4 +1,4 @@
-from components import checkpoints as ck
+from components import registry
 from components.config import load_config
 from components.storage import Storage
 from jobs.evaluate import gate_and_promote
@@ -22,12 +22,12 @@ def test_gate_promotes_refuses_below_floor_and_regressions(tmp_path):
     st = Storage(str(tmp_path))
     cfg = load_config(["evaluate.ndcg_floor=0.05", "evaluate.tolerance=0.01"])
     assert gate_and_promote(cfg, st, _res(0.04), _train_out("r0"))["promoted"] is False  # below the floor
-    assert ck.read_pointer(st, "recommender") is None
+    assert registry.read_pointer(st, "recommender") is None
     assert gate_and_promote(cfg, st, _res(0.10), _train_out("r1"))["promoted"] is True
     d = gate_and_promote(cfg, st, _res(0.085), _train_out("r2"))  # worse by more than the tolerance
     assert d["promoted"] is False and "worse" in d["reason"]
     assert gate_and_promote(cfg, st, _res(0.095), _train_out("r3"))["promoted"] is True  # within tolerance
-    pointer = ck.read_pointer(st, "recommender")
+    pointer = registry.read_pointer(st, "recommender")
     assert pointer["run_id"] == "r3" and pointer["metrics"]["test_ndcg@10"] == 0.095
     assert "config" not in pointer["lineage"]
 
@@ -51,7 +51,7 @@ def test_gate_decides_on_valid_never_on_test(tmp_path):
     d = gate_and_promote(cfg, st, _res(0.04, test=0.30), _train_out("r0"))  # great test, valid under the floor
     assert d["promoted"] is False and "valid" in d["reason"] and d["decided_on"] == "valid"
     assert gate_and_promote(cfg, st, _res(0.10, test=0.01), _train_out("r1"))["promoted"] is True
-    assert ck.read_pointer(st, "recommender")["metrics"] == {
+    assert registry.read_pointer(st, "recommender")["metrics"] == {
         "test_ndcg@10": 0.01, "test_recall@10": 0.02, "valid_ndcg@10": 0.10, "selection_split": "valid",
         "selection_ndcg@10": 0.10}
     d = gate_and_promote(cfg, st, _res(0.09, test=0.50), _train_out("r2"))  # better test, worse valid
@@ -75,7 +75,7 @@ def test_with_a_ranker_the_gate_decides_on_the_valid_lists_the_ranker_did_not_tr
     assert d["promoted"] is False and d["decided_on"] == "valid_ranker_holdout" and "ItemKNN 0.0900" in d["reason"]
     res["models"]["hybrid"]["valid_ranker_holdout"] = {"ndcg@10": 0.095}
     assert gate_and_promote(cfg, st, res, _train_out("r1"))["promoted"] is True
-    assert ck.read_pointer(st, "recommender")["metrics"]["selection_split"] == "valid_ranker_holdout"
+    assert registry.read_pointer(st, "recommender")["metrics"]["selection_split"] == "valid_ranker_holdout"
     # a later run judged on plain valid is not compared with a held-out figure
     d = gate_and_promote(cfg, st, _res(0.12, knn_valid=0.05), _train_out("r2"))
     assert d["promoted"] is True and d["current_selection_ndcg@10"] is None and "not compared" in d["note"]

@@ -6,24 +6,24 @@ import multiprocessing as mp
 
 import pytest
 
-from components import checkpoints as ck
+from components import registry
 from components.storage import PreconditionFailed, Storage
 
 
 def _race(root, k, barrier, out):
     storage = Storage(root)
-    _, token = ck.read_pointer_versioned(storage, "m")
+    _, token = registry.read_pointer_versioned(storage, "m")
     barrier.wait()  # everyone has read the same pointer before anyone writes
     try:
-        ck.promote(storage, "m", f"run-{k}", f"checkpoints/m/run-{k}", {"k": k}, {}, expected=token)
+        registry.promote(storage, "m", f"run-{k}", f"checkpoints/m/run-{k}", {"k": k}, {}, expected=token)
         out.put(("won", k))
-    except ck.PromotionConflict:
+    except registry.PromotionConflict:
         out.put(("lost", k))
 
 
 def test_racing_promotions_have_exactly_one_winner_and_a_whole_pointer(tmp_path):
     root = str(tmp_path)
-    ck.promote(Storage(root), "m", "run-base", "checkpoints/m/run-base", {}, {})
+    registry.promote(Storage(root), "m", "run-base", "checkpoints/m/run-base", {}, {})
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(6), ctx.Queue()
     procs = [ctx.Process(target=_race, args=(root, k, barrier, out)) for k in range(6)]
@@ -40,15 +40,15 @@ def test_racing_promotions_have_exactly_one_winner_and_a_whole_pointer(tmp_path)
 
 def test_a_stale_promotion_is_refused_and_changes_nothing(tmp_path):
     storage = Storage(str(tmp_path))
-    pointer, token = ck.read_pointer_versioned(storage, "m")
+    pointer, token = registry.read_pointer_versioned(storage, "m")
     assert pointer is None and token is None
-    ck.promote(storage, "m", "a", "checkpoints/m/a", {}, {}, expected=None)
-    with pytest.raises(ck.PromotionConflict):  # "there was no pointer" is stale now
-        ck.promote(storage, "m", "b", "checkpoints/m/b", {}, {}, expected=None)
-    _, token_a = ck.read_pointer_versioned(storage, "m")
-    ck.promote(storage, "m", "c", "checkpoints/m/c", {}, {}, expected=token_a)
-    with pytest.raises(ck.PromotionConflict):  # a late run holding a's token cannot roll back to its view
-        ck.promote(storage, "m", "d", "checkpoints/m/d", {}, {}, expected=token_a)
-    assert ck.read_pointer(storage, "m")["run_id"] == "c"
+    registry.promote(storage, "m", "a", "checkpoints/m/a", {}, {}, expected=None)
+    with pytest.raises(registry.PromotionConflict):  # "there was no pointer" is stale now
+        registry.promote(storage, "m", "b", "checkpoints/m/b", {}, {}, expected=None)
+    _, token_a = registry.read_pointer_versioned(storage, "m")
+    registry.promote(storage, "m", "c", "checkpoints/m/c", {}, {}, expected=token_a)
+    with pytest.raises(registry.PromotionConflict):  # a late run holding a's token cannot roll back to its view
+        registry.promote(storage, "m", "d", "checkpoints/m/d", {}, {}, expected=token_a)
+    assert registry.read_pointer(storage, "m")["run_id"] == "c"
     with pytest.raises(PreconditionFailed):
         storage.compare_and_swap("registry/m/latest.json", b"{}", "not-a-token")

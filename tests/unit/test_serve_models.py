@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from components import checkpoints as ck
-from components.retriever import gap_buckets
+from components import registry
+from components.models.retriever import gap_buckets
 from serve.bundle import ModelWatcher, fetch_parts
 from serve.models import (ENCODER_PARTS, RANKER_PARTS, RETRIEVER_PARTS, RankerModel, RetrievalModel,
                           UserEncoderModel)
@@ -120,7 +121,7 @@ def test_live_co_visits_bring_a_new_item_to_the_users_whose_items_it_was_seen_wi
     """The co-visitation channel updated by live events (SessionState -> RetrievalModel): a new
     item whose text is unlike a cycling user's history climbs into their top-10 once live users
     take it after cycling items. Fusion weights as fitted where ItemKNN wins (small catalogs)."""
-    from serve.feedback import SessionState
+    from components.online.live_state import SessionState
 
     r, enc = loaded["retrieval"], loaded["encoder"]
     hist = _category_items(r, "Cycling", 9)[1:]
@@ -158,7 +159,7 @@ def test_watcher_swaps_to_a_new_version_and_refuses_a_corrupt_one(bundle, tmp_pa
     src = Path(storage.path(bundle["prefix"]))
     prefix2 = f"checkpoints/recommender/{bundle['run_id']}-b"
     storage.upload_dir(src, prefix2)
-    ck.promote(storage, "recommender", bundle["run_id"] + "-b", prefix2, {}, bundle["manifest"])
+    registry.promote(storage, "recommender", bundle["run_id"] + "-b", prefix2, {}, bundle["manifest"])
     assert w.check_once() and w.current == bundle["run_id"] + "-b" and w.swaps == 1
 
     # a corrupt third version: one weight file altered after the manifest was written
@@ -166,7 +167,7 @@ def test_watcher_swaps_to_a_new_version_and_refuses_a_corrupt_one(bundle, tmp_pa
     storage.upload_dir(src, prefix3)
     weights = Path(storage.path(f"{prefix3}/retriever/model.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
-    ck.promote(storage, "recommender", bundle["run_id"] + "-c", prefix3, {}, bundle["manifest"])
+    registry.promote(storage, "recommender", bundle["run_id"] + "-c", prefix3, {}, bundle["manifest"])
     assert not w.check_once()
     assert w.current == bundle["run_id"] + "-b"  # the old version keeps serving
     assert "sha256" in w.refused[bundle["run_id"] + "-c"]
@@ -175,7 +176,7 @@ def test_watcher_swaps_to_a_new_version_and_refuses_a_corrupt_one(bundle, tmp_pa
     assert status["version"] == bundle["run_id"] + "-b" and status["swaps"] == 1
     json.dumps(status)  # served by /v1/version
     # put the good pointer back for the other tests of this module
-    ck.promote(storage, "recommender", bundle["run_id"], bundle["prefix"], {}, bundle["manifest"])
+    registry.promote(storage, "recommender", bundle["run_id"], bundle["prefix"], {}, bundle["manifest"])
 
 
 def test_a_replica_never_answers_a_request_pinned_to_a_version_it_does_not_hold():

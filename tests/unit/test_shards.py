@@ -3,7 +3,7 @@ import gzip
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components.shards import ShardReader, list_shards
+from components.data.shards import ShardReader, list_shards
 from components.storage import Storage
 
 

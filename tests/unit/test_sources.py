@@ -8,7 +8,7 @@ import pyarrow.compute as pc
 import pytest
 
 from components.config import load_config
-from components.sources import movielens, mind, amazon, prepare_source, synthetic
+from components.data.sources import movielens, mind, amazon, prepare_source, synthetic
 from components.storage import Storage
 
 

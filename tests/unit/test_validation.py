@@ -2,7 +2,7 @@ import json
 
 import pyarrow as pa
 
-from components.validation import clean_text, normalize_events, normalize_items, parse_categories, to_epoch_ms
+from components.data.validation import clean_text, normalize_events, normalize_items, parse_categories, to_epoch_ms
 
 NOW = 1_800_000_000_000
 

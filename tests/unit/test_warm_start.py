@@ -2,8 +2,8 @@
 
 import torch
 
-from components.retriever import RetrieverConfig, SequenceRetriever
-from components.warm_start import warm_start
+from components.models.retriever import RetrieverConfig, SequenceRetriever
+from components.training.warm_start import warm_start
 
 
 def test_id_rows_follow_item_ids_and_new_items_keep_their_init():

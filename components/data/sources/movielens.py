@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from components.schemas import EVENT_SCHEMA, ITEM_SCHEMA
+from components.data.schemas import EVENT_SCHEMA, ITEM_SCHEMA
 from components.storage import Storage
 
 ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",

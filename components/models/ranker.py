@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from components.schemas import EVENT_TYPES
+from components.data.schemas import EVENT_TYPES
 
 DAY_MS = 86_400_000.0
 # fused score, rank, channel z-scores (retriever, co-visitation, text), popularity and recency as of
@@ -37,7 +37,7 @@ class RankerConfig:
     dropout: float = 0.2
     candidates: int = 100
     # Fuse the co-visitation, LLM-text and popularity channels with the retriever (weights fitted
-    # on valid; components.channels) to choose and feature the candidates; false: retriever only.
+    # on valid; components.models.channels) to choose and feature the candidates; false: retriever only.
     channels: bool = True
     epochs: int = 20
     lr: float = 1e-3

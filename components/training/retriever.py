@@ -9,8 +9,8 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
-from components.retriever import SequenceRetriever
-from components.sequences import UserHistories, history_for, inference_inputs, trim_padding
+from components.models.retriever import SequenceRetriever
+from components.data.sequences import UserHistories, history_for, inference_inputs, trim_padding
 
 
 @dataclass

@@ -20,9 +20,9 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from components.schemas import QUARANTINE_SCHEMA
+from components.data.schemas import QUARANTINE_SCHEMA
 from components.storage import Storage
-from components.validation import make_rejects
+from components.data.validation import make_rejects
 
 SHARD_SUFFIXES = (".parquet", ".jsonl", ".json", ".ndjson", ".csv", ".tsv",
                   ".jsonl.gz", ".json.gz", ".ndjson.gz", ".csv.gz", ".tsv.gz")

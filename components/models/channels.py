@@ -88,6 +88,10 @@ class Channels:
         cfg: fusion weights and settings.
     """
 
+    # Files of a saved instance (a bundle's channels/ part).
+    META = "fusion.json"
+    TABLES = "channels.safetensors"
+
     def __init__(self, sim: sp.csr_matrix, log_pop: np.ndarray, text: Optional[torch.Tensor],
                  cfg: Optional[FusionConfig] = None):
         self.sim = sim.tocsr()
@@ -265,14 +269,14 @@ class Channels:
         folder.mkdir(parents=True, exist_ok=True)
         s = self.sim.tocsr()
         save_file({"indptr": s.indptr.astype(np.int64), "indices": s.indices.astype(np.int64),
-                   "data": s.data.astype(np.float32), "log_pop": self.log_pop}, str(folder / "channels.safetensors"))
-        (folder / "fusion.json").write_text(json.dumps({"num_items": self.num_items, **asdict(self.cfg)}, indent=2))
+                   "data": s.data.astype(np.float32), "log_pop": self.log_pop}, str(folder / self.TABLES))
+        (folder / self.META).write_text(json.dumps({"num_items": self.num_items, **asdict(self.cfg)}, indent=2))
 
     @classmethod
     def load(cls, folder: str | Path, text: Optional[torch.Tensor]) -> "Channels":
         folder = Path(folder)
-        meta = json.loads((folder / "fusion.json").read_text())
-        t = load_file(str(folder / "channels.safetensors"))
+        meta = json.loads((folder / cls.META).read_text())
+        t = load_file(str(folder / cls.TABLES))
         n = int(meta.pop("num_items"))
         sim = sp.csr_matrix((t["data"], t["indices"], t["indptr"]), shape=(n, n))
         return cls(sim, t["log_pop"], text, FusionConfig(**meta))

@@ -20,12 +20,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from components import interactions as ix
-from components.privacy import drop_forgotten, drop_forgotten_records
-from components.schemas import EVENT_SCHEMA, ITEM_SCHEMA, QUARANTINE_SCHEMA
-from components.shards import ShardReader
+from components.data import interactions as ix
+from components.data.privacy import drop_forgotten, drop_forgotten_records
+from components.data.schemas import EVENT_SCHEMA, ITEM_SCHEMA, QUARANTINE_SCHEMA
+from components.data.shards import ShardReader
 from components.storage import Storage
-from components.validation import normalize_events, normalize_items
+from components.data.validation import normalize_events, normalize_items
 
 OUTPUT_SHARD_ROWS = 1_000_000
 REJECT_COLUMNS = [f"_q_{name}" for name in QUARANTINE_SCHEMA.names]
@@ -134,10 +134,10 @@ class ValidatedStream:
     log: ix.InteractionLog = field(default_factory=ix.InteractionLog)
     items: List[pa.Table] = field(default_factory=list)
     rows_in: int = 0
-    # digest -> forgotten_at_ms (components.privacy): those users' events up to then are dropped
+    # digest -> forgotten_at_ms (components.data.privacy): those users' events up to then are dropped
     forgotten: Dict[str, int] = field(default_factory=dict)
     forgotten_rows: int = 0
-    # components.privacy.Pseudonymizer: stored user ids become keyed pseudonyms, and quarantined
+    # components.data.privacy.Pseudonymizer: stored user ids become keyed pseudonyms, and quarantined
     # raw records (which would name users) keep only their shard and reason.
     pseudonymize: Optional[Callable] = None
 

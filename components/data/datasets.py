@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from components.sequences import UserHistories, histories_from_tables
+from components.data.sequences import UserHistories, histories_from_tables
 from components.storage import Storage
 
 

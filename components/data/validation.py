@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from components.schemas import (
+from components.data.schemas import (
     EVENT_REQUIRED,
     EVENT_SCHEMA,
     EVENT_TYPES,

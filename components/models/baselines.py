@@ -8,7 +8,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from components.channels import covisitation
+from components.models.channels import covisitation
 
 
 def item_counts(histories: Sequence[np.ndarray], num_items: int) -> np.ndarray:
@@ -27,7 +27,7 @@ class MostPopular:
 class ItemKNN:
     """score(u, i) = sum over history items j of cos(j, i), with cosine over user co-occurrence
     (shrunk by ``shrink``) keeping the ``neighbors`` most similar items per item. The same
-    matrix is the recommender's co-visitation channel (``components.channels``)."""
+    matrix is the recommender's co-visitation channel (``components.models.channels``)."""
 
     def __init__(self, train_histories: Sequence[np.ndarray], num_items: int, neighbors: int = 100,
                  shrink: float = 10.0):

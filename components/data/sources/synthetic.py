@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from components.schemas import EVENT_SCHEMA, ITEM_SCHEMA
+from components.data.schemas import EVENT_SCHEMA, ITEM_SCHEMA
 
 # name: (nouns, adjectives, phrases). Words are chosen to be distinct across categories.
 CATEGORIES: Dict[str, Tuple[List[str], List[str], List[str]]] = {

@@ -12,8 +12,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
-from components.retriever import gap_buckets
-from components.schemas import EVENT_CODE
+from components.models.retriever import gap_buckets
+from components.data.schemas import EVENT_CODE
 
 
 @dataclass

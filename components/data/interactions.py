@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from components.schemas import EVENT_CODE, EVENT_TYPES
+from components.data.schemas import EVENT_CODE, EVENT_TYPES
 
 SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST = 0, 1, 2
 

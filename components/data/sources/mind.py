@@ -7,7 +7,7 @@ from typing import Tuple
 
 import pyarrow as pa
 
-from components.schemas import EVENT_SCHEMA, ITEM_SCHEMA
+from components.data.schemas import EVENT_SCHEMA, ITEM_SCHEMA
 from components.storage import Storage
 
 EXPECTED = "behaviors.tsv and news.tsv"

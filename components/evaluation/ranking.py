@@ -10,14 +10,14 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from components.baselines import ItemKNN, MostPopular, item_counts
-from components.channels import Channels
-from components.metrics import coverage, evaluate_scorer, popularity_deciles, rank_and_topk, ranking_metrics
-from components.ranker import RankerMLP, context_features, item_stats
-from components.retriever import RetrieverConfig, SequenceRetriever
-from components.retriever_training import (RetrieverTrainConfig, batches, item_table, log_q_from_counts,
+from components.models.baselines import ItemKNN, MostPopular, item_counts
+from components.models.channels import Channels
+from components.evaluation.metrics import coverage, evaluate_scorer, popularity_deciles, rank_and_topk, ranking_metrics
+from components.models.ranker import RankerMLP, context_features, item_stats
+from components.models.retriever import RetrieverConfig, SequenceRetriever
+from components.training.retriever import (RetrieverTrainConfig, batches, item_table, log_q_from_counts,
                                            lr_schedule, plan_budget, retriever_scores, user_vectors)
-from components.sequences import UserHistories, history_for, training_windows
+from components.data.sequences import UserHistories, history_for, training_windows
 
 
 def fit_retriever_local(h: UserHistories, text: Optional[torch.Tensor], rcfg: RetrieverConfig,

@@ -8,7 +8,7 @@ from typing import List, Tuple
 
 import pyarrow as pa
 
-from components.schemas import EVENT_SCHEMA, ITEM_SCHEMA
+from components.data.schemas import EVENT_SCHEMA, ITEM_SCHEMA
 from components.storage import Storage
 
 EXPECTED = "<Category>_5.json.gz (or .json) and optionally meta_<Category>.json.gz"

@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 import pyarrow as pa
 
 from components.config import to_dict
-from components.shards import list_shards
+from components.data.shards import list_shards
 from components.storage import Storage
 
 SHARD_ROWS = 1_000_000
@@ -77,7 +77,7 @@ def prepare_source(cfg, storage: Storage) -> RawSource:
 def _write_source(cfg, storage: Storage, ev_prefix: str, it_prefix: str):
     src = cfg.data.source
     if src == "synthetic":
-        from components.sources import synthetic
+        from components.data.sources import synthetic
 
         world = synthetic.build_world(cfg.data.synthetic, cfg.data.seed)
         n = shards = 0
@@ -89,15 +89,15 @@ def _write_source(cfg, storage: Storage, ev_prefix: str, it_prefix: str):
 
     src_storage = Storage.from_config(cfg.storage, root=cfg.data.path)
     if src == "movielens":
-        from components.sources import movielens as adapter
+        from components.data.sources import movielens as adapter
 
         events, items = adapter.load(src_storage)
     elif src == "amazon":
-        from components.sources import amazon as adapter
+        from components.data.sources import amazon as adapter
 
         events, items = adapter.load(src_storage)
     elif src == "mind":
-        from components.sources import mind as adapter
+        from components.data.sources import mind as adapter
 
         events, items = adapter.load(src_storage, include_skips=cfg.data.mind_include_skips)
     else:  # validated in config

@@ -1,0 +1,160 @@
+"""Save and load every part of a model bundle, once: training, evaluation, retraining and serving
+all go through these functions.
+
+A bundle (``checkpoints/<model>/<run_id>/``, see ``components.layout``) is self-contained: serving
+loads a model from its parts alone, without the dataset it was trained on.
+
+    retriever/     weights + config of the sequence retriever
+    ranker/        weights + config of the ranker (absent: no ranker)
+    channels/      fitted candidate channels and their fusion weights (absent: retriever order)
+    llm/           the fine-tuned text encoder (absent: the base encoder named in the lineage)
+    text/          item text embeddings in vocabulary order
+    items/         the catalog in vocabulary order
+    interactions/  the training (item, ts) pairs: popularity and recency features
+    lineage.json   dataset, version, text embeddings, config, timings, fusion fit
+    manifest.json  sha256 of every file
+
+Every loader takes the bundle's root folder (or a folder holding some of its parts).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from components import checkpoints as ck
+from components import layout
+from components.models.channels import Channels
+from components.models.ranker import RankerConfig, RankerMLP
+from components.models.retriever import RetrieverConfig, SequenceRetriever
+from components.models.text_encoder import TextEncoder, TextEncoderConfig
+
+# The key each weights part keeps its model config under in config.json.
+CONFIG_KEYS = {layout.RETRIEVER: "retriever", layout.RANKER: "ranker", layout.LLM: "text"}
+
+
+def has(folder: str | Path, part: str) -> bool:
+    """Whether ``folder`` holds ``part`` (weights parts: their weights file)."""
+    p = Path(folder) / part
+    if part in CONFIG_KEYS:
+        return (p / layout.WEIGHTS).is_file()
+    if part == layout.CHANNELS:
+        return (p / Channels.META).is_file()
+    return p.is_dir() and any(p.rglob("*.parquet"))
+
+
+# -- weights parts -----------------------------------------------------------------------------
+def save_weights(folder: str | Path, part: str, state: Dict[str, torch.Tensor], model_cfg: Any,
+                 metrics: Optional[Dict[str, Any]] = None) -> Path:
+    """Write a weights part (``retriever``, ``ranker`` or ``llm``) into ``folder/part``."""
+    cfg = asdict(model_cfg) if is_dataclass(model_cfg) else dict(model_cfg)
+    return ck.save_local(Path(folder) / part, state, {CONFIG_KEYS[part]: cfg, "kind": part}, metrics=metrics)
+
+
+def part_config(part: str, model_cfg: Any) -> Dict[str, Any]:
+    """The ``config.json`` a weights part is saved with (for writers that save it themselves)."""
+    cfg = asdict(model_cfg) if is_dataclass(model_cfg) else dict(model_cfg)
+    return {CONFIG_KEYS[part]: cfg, "kind": part}
+
+
+def _weights(folder: str | Path, part: str, verify: bool) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    state, config, _ = ck.load_local(Path(folder) / part, verify=verify)
+    return state, config[CONFIG_KEYS[part]]
+
+
+def load_retriever(folder: str | Path, verify: bool = True) -> SequenceRetriever:
+    """The bundle's retriever, in eval mode."""
+    state, cfg = _weights(folder, layout.RETRIEVER, verify)
+    model = SequenceRetriever(RetrieverConfig(**cfg))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load_ranker(folder: str | Path, verify: bool = True) -> Optional[RankerMLP]:
+    """The bundle's ranker in eval mode, or None for a bundle without one."""
+    if not has(folder, layout.RANKER):
+        return None
+    state, cfg = _weights(folder, layout.RANKER, verify)
+    model = RankerMLP(RankerConfig(**cfg))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load_text_encoder(folder: str | Path, base_cfg: Optional[Dict[str, Any]] = None,
+                      verify: bool = True) -> TextEncoder:
+    """The bundle's fine-tuned LLM (``llm/``), else the base encoder of ``base_cfg`` (default: the
+    text config recorded in the bundle's lineage). In eval mode."""
+    if has(folder, layout.LLM):
+        state, cfg = _weights(folder, layout.LLM, verify)
+        encoder = TextEncoder(TextEncoderConfig(**cfg))
+        encoder.load_state_dict(state, strict=False)
+    else:
+        cfg = base_cfg if base_cfg is not None else read_lineage(folder).get("config", {}).get("text", {})
+        encoder = TextEncoder(TextEncoderConfig(**cfg))
+    return encoder.eval()
+
+
+# -- tables --------------------------------------------------------------------------------------
+def read_parquet_dir(folder: str | Path, name: Optional[str] = None) -> pa.Table:
+    """Every Parquet file under ``folder`` (or the one named ``name``), as one table."""
+    folder = Path(folder)
+    files = [folder / name] if name else sorted(p for p in folder.rglob("*.parquet"))
+    if not files or not files[0].is_file():
+        raise ck.CheckpointError(f"{folder}: no Parquet files{' named ' + name if name else ''}")
+    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+
+
+def load_catalog(folder: str | Path) -> pa.Table:
+    """The catalog (item_idx, item_id, title, text, categories, ...) in vocabulary order."""
+    return read_parquet_dir(Path(folder) / layout.ITEMS).sort_by("item_idx")
+
+
+def embeddings_tensor(table: pa.Table) -> torch.Tensor:
+    """[rows, dim] float32 from a text-embeddings table (sorted by item_idx)."""
+    return torch.as_tensor(np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32))
+
+
+def load_text_embeddings(folder: str | Path) -> Optional[torch.Tensor]:
+    """[num_items, dim] LLM embeddings (0-based rows), or None for a bundle without text."""
+    if not has(folder, layout.TEXT):
+        return None
+    return embeddings_tensor(read_parquet_dir(Path(folder) / layout.TEXT, layout.TEXT_EMBEDDINGS).sort_by("item_idx"))
+
+
+def load_channels(folder: str | Path, text: Optional[torch.Tensor]) -> Optional[Channels]:
+    """The bundle's fitted channels over ``text`` (0-based rows), or None for a bundle without them."""
+    return Channels.load(Path(folder) / layout.CHANNELS, text) if has(folder, layout.CHANNELS) else None
+
+
+def save_interactions(folder: str | Path, items: List[np.ndarray], ts: List[np.ndarray]) -> None:
+    """The training histories' (item, ts) pairs, flattened: what popularity and recency need."""
+    flat = np.concatenate(items).astype(np.int64) if len(items) else np.empty(0, np.int64)
+    flat_ts = np.concatenate(ts).astype(np.int64) if len(ts) else np.empty(0, np.int64)
+    out = Path(folder) / layout.INTERACTIONS
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"item_idx": flat, "ts": flat_ts}), out / "train.parquet")
+
+
+def load_interactions(folder: str | Path) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+    """(items, ts) as lists of arrays (one array: the flattened training pairs); empty lists for
+    a bundle without them (neutral popularity and recency features)."""
+    if not has(folder, layout.INTERACTIONS):
+        return [], []
+    t = read_parquet_dir(Path(folder) / layout.INTERACTIONS)
+    return [t["item_idx"].to_numpy().astype(np.int64)], [t["ts"].to_numpy().astype(np.int64)]
+
+
+def read_lineage(folder: str | Path) -> Dict[str, Any]:
+    p = Path(folder) / layout.LINEAGE
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def write_lineage(folder: str | Path, lineage: Dict[str, Any]) -> None:
+    (Path(folder) / layout.LINEAGE).write_text(json.dumps(lineage, indent=2, default=str))
