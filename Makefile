@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-all bench bench-serving bench-reliability clean
+.PHONY: setup run test test-fast test-all bench bench-serving bench-reliability clean
 
 setup: $(STAMP)
 
@@ -25,9 +25,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/python -m jobs.pipeline serve.enabled=true serve.demo_feedback=true $(ARGS)
 
-# The default suite (what CI runs).
+# The default suite (what CI runs): unit, integration and e2e; `make test-fast` runs the unit part.
 test: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -m "not slow and not gpu" $(ARGS)
+
+# The fast part: tests/unit only (components, configs, manifests; no Ray, no network), in seconds
+# to a couple of minutes. tests/integration and tests/e2e carry the markers `integration` and `e2e`.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests/unit -m "not slow and not gpu" $(ARGS)
 
 test-all: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -m "not gpu" $(ARGS)

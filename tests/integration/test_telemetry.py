@@ -52,13 +52,27 @@ def test_job_metrics_are_exported_in_prometheus_format(ray_local):
     assert not any('kind="note"' in ln for ln in lines)  # only numbers are recorded
 
 
-def test_recording_without_ray_does_nothing_and_never_raises(monkeypatch):
+def test_recording_without_ray_does_nothing_and_never_raises(monkeypatch, caplog):
     import ray
 
+    sets = []
+
+    class Gauge:  # stands in for ray.util.metrics.Gauge: what would be exported
+        def set(self, value, tags):
+            sets.append((value, tags))
+
+    real_gauge = telemetry._gauge
+    monkeypatch.setattr(telemetry, "_gauge", lambda name: Gauge())
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     telemetry.record("llmrec_train_loss", 1.0, stage="x", run="y")  # no Ray: a no-op
+    assert sets == []
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    telemetry.record("llmrec_train_loss", 2, stage="x", run=7)  # the same call with Ray is recorded
+    assert sets == [(2.0, {"stage": "x", "run": "7"})]
+    monkeypatch.setattr(telemetry, "_gauge", real_gauge)
+    caplog.set_level("DEBUG", logger=telemetry.log.name)
     telemetry.record("no_such_metric", 1.0)  # an unknown name is logged, not raised
+    assert "no_such_metric not recorded" in caplog.text and "no_such_metric" not in telemetry._gauges
 
 
 def test_a_stage_bar_follows_ticks_from_a_worker_process(ray_local):

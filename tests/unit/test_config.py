@@ -45,10 +45,30 @@ def test_cli_config_flag_and_missing_file(tmp_path):
 def test_repo_yaml_configs_load():
     from pathlib import Path
 
+    from omegaconf import OmegaConf
+
+    def leaves(node, prefix=""):  # ("train.retriever.epochs", 40), ...: every setting the file makes
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    loaded = []
     for path in sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")):
         if path.name.startswith("serve"):
             continue
-        load_config(["data.path=/x"] if "synthetic" not in path.name and "default" not in path.name else [], path)
+        overrides = ["data.path=/x"] if "synthetic" not in path.name and "default" not in path.name else []
+        cfg = load_config(overrides, path)
+        settings = dict(leaves(OmegaConf.to_container(OmegaConf.load(path))))
+        assert settings, f"{path.name} sets nothing"
+        for key, value in settings.items():  # every key of the file took effect, unchanged (key=value aside)
+            if key != "data.path" or not overrides:
+                got = OmegaConf.select(cfg, key)
+                got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+                assert got == value, f"{path.name}: {key} = {got!r}, the file says {value!r}"
+        loaded.append(path.stem)
+    assert {"amazon", "movielens", "mind", "synthetic"} <= set(loaded)  # the data presets parse_cli applies
 
 
 def test_unknown_lr_schedule_is_refused_at_load_time():

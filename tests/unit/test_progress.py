@@ -42,4 +42,21 @@ def test_bars_off_write_nothing_and_still_count():
 def test_a_ticker_without_its_actor_does_nothing():
     t = Ticker(None)  # a stage run outside a remote-fed bar (e.g. a worker started by a test)
     t.tick(3, total=9, force=True)
-    Ticker("no-such-progress-actor").tick(1, force=True)  # no Ray here: ignored, not raised
+    assert t._actor is None and (t._pending, t._total) == (0, None)  # nothing queued, nothing sent
+    lost = Ticker("no-such-progress-actor")
+    lost.tick(1, force=True)  # no Ray here: ignored, not raised
+    assert lost._actor is None and lost._pending == 0
+
+    class Counter:  # stands in for the stage's actor: what a worker that found it would send
+        def __init__(self):
+            self.sent = []
+            self.update = self
+
+        def remote(self, n, total, postfix):
+            self.sent.append((n, total, dict(postfix)))
+
+    found = Ticker(None)
+    found._actor = actor = Counter()
+    found.tick(3, total=9, epoch=1)  # the first tick goes out at once
+    found.tick(2)  # within half a second of it: batched, not sent
+    assert actor.sent == [(3, 9, {"epoch": 1})] and found._pending == 2

@@ -1,0 +1,311 @@
+"""The figure tables of README.md and docs/*.md, generated from results/*.json.
+
+    python -m benchmarks.tables            # rewrite every table block from results/
+    python -m benchmarks.tables --check    # rewrite nothing; exit 1 naming the blocks that are stale
+
+A block in a markdown file is::
+
+    <!-- table:NAME -->
+    (whatever is there: replaced)
+    <!-- /table:NAME -->
+
+and NAME is a key of ``RENDERERS``: a function of the results folder that returns the markdown
+table. Benchmarks write the JSON; nobody types a figure into a table, so every number in one
+traces to a file in results/ and none goes stale unseen. Standard library only: it runs anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = re.compile(r"(<!-- table:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
+
+
+def load(results: Path, name: str) -> Dict[str, Any]:
+    """``results/<name>.json`` as a dict."""
+    return json.loads((Path(results) / f"{name}.json").read_text())
+
+
+def markdown_table(header: Sequence[str], align: str, rows: Iterable[Sequence[str]]) -> str:
+    """A markdown table; ``align`` has one letter per column: ``l`` left, ``r`` right."""
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = [header, rule, *rows]
+    return "\n".join("| " + " | ".join(str(c) for c in line) + " |" for line in lines)
+
+
+def _signed(x: float, digits: int = 4) -> str:
+    return f"{'+' if x >= 0 else '−'}{abs(x):.{digits}f}"  # a real minus sign, as in the prose
+
+
+def _pair(metrics: Dict[str, float]) -> str:
+    return f"{metrics['recall@10']:.4f} / {metrics['ndcg@10']:.4f}"
+
+
+# ---- quality (benchmarks/quality.py) ----------------------------------------------------------
+
+QUALITY_LABELS = {"ml-latest-small": "ml-latest-small", "amazon-gift-cards": "Amazon Gift Cards 2018, 5-core",
+                  "ml-latest-small-pre2008": "ml-latest-small, ratings before 2008"}
+
+
+def _quality_rows(r: Dict[str, Any]) -> List[str]:
+    ev = r["jobs_evaluate"]
+    peer, boot, fusion = r["peer_sasrec_ce"], r["hybrid_minus_id_only_test_ndcg@10"], r["fusion"]
+    holdout = ev[r["main_model"]]["valid_ranker_holdout"]
+    without = max(ev[m]["valid_ranker_holdout"]["ndcg@10"] for m in ("hybrid", "hybrid+channels"))
+    w = fusion["weights"]
+    lo, hi = boot["ci95"]
+    return [
+        f"**{_pair(r['project_test_scored_here'])}**",
+        _pair(ev["hybrid+channels"]["test"]),
+        _pair(ev["hybrid"]["test"]),
+        _pair(r["id_only"]["test"]),
+        f"{_pair(peer['test'])} (fit {peer['fit_s']:.0f} s)",
+        _pair(ev["ItemKNN"]["test"]),
+        _pair(ev["MostPopular"]["test"]),
+        f"{_signed(boot['diff'])} [{_signed(lo)}, {_signed(hi)}]",
+        f"{holdout['ndcg@10']:.4f} / {without:.4f} ({holdout['n']} users)",
+        f"{r['pipeline_wall_s'] / 60:.1f} min",
+        f"{w['retriever']:g} / {w['covisit']:g} / {w['text']:g} / {w['popularity']:g}, {fusion['decay']:.1f}",
+    ]
+
+
+QUALITY_ROW_NAMES = [
+    "**hybrid+channels+ranker** (shipped, contract command)",
+    "hybrid+channels (fusion, no ranker)",
+    "hybrid retriever alone",
+    "ID-only retriever (in-process, same settings)",
+    "peer SASRec-CE (outside program)",
+    "ItemKNN",
+    "MostPopular",
+    "shipped − ID-only, NDCG@10, paired bootstrap 95%",
+    "held-out valid lists (the ranker did not train on them), NDCG@10: shipped / best without a ranker",
+    "contract command wall time",
+    "fitted fusion (retriever / co-visit / text / popularity, decay)",
+]
+
+
+def quality(results: Path, datasets: Sequence[str]) -> str:
+    """Test Recall@10 / NDCG@10 of every model, one column per ``results/quality_<dataset>.json``."""
+    runs = [load(results, f"quality_{d}") for d in datasets]
+    header = ["test, Recall@10 / NDCG@10"] + [
+        f"{QUALITY_LABELS.get(d, d)} ({r['project_test_scored_here']['n']} test users)" for d, r in zip(datasets, runs)]
+    columns = [_quality_rows(r) for r in runs]
+    rows = [[name, *(col[i] for col in columns)] for i, name in enumerate(QUALITY_ROW_NAMES)]
+    return markdown_table(header, "l" + "r" * len(runs), rows)
+
+
+# ---- preprocessing throughput (benchmarks/preprocess_throughput.py) ---------------------------
+
+def preprocess(results: Path) -> str:
+    """Events/s, wall time and peak PSS of each engine and CPU count, per input size."""
+    rows = []
+    for row in load(results, "preprocess_throughput")["rows"]:
+        if row["engine"] == "local":
+            variant, ratio = "single-process pyarrow", 1.0
+        else:
+            variant = f"Ray Data, {row['cpus']} CPU{'s' if row['cpus'] > 1 else ''}"
+            ratio = row["ratio_vs_single_process"]
+        rows.append([f"10^{round(math.log10(row['events']))}", variant, f"{row['events_per_s']:,}",
+                     f"{row['wall_s']:.1f} s", f"{row['peak_pss_gb']:.2f} GB", f"{ratio:.2f}x"])
+    return markdown_table(["events", "variant", "events/s", "wall", "peak PSS", "vs single process"],
+                          "rlrrrr", rows)
+
+
+# ---- serving (benchmarks/serving.py) ----------------------------------------------------------
+
+SHIPPED = "fused+throughput+haproxy"
+SERVING_LABELS = [  # variant key in the JSON -> row label, in the order the table shows them
+    ("bare uvicorn", "bare uvicorn, no Ray"),
+    ("graph", "Serve graph, Serve defaults"),
+    ("fused", "Serve fused, Serve defaults"),
+    ("fused+throughput", "fused + `RAY_SERVE_THROUGHPUT_OPTIMIZED=1`"),
+    (SHIPPED, "fused + throughput-optimized + HAProxy (shipped)"),
+    ("graph+throughput+haproxy", "graph + throughput-optimized + HAProxy"),
+    ("fused+throughput+haproxy+2shards", "shipped + `live_state_shards: 2`"),
+    ("fused+throughput+haproxy+2ingress", "shipped + two ingress replicas from the start"),
+]
+
+
+def _serving_row(label: str, v: Dict[str, Any]) -> List[str]:
+    s = v["serve"]
+    return [label, f"{s['c1']['p50_ms']:.1f} / {s['c1']['p99_ms']:.1f}",
+             f"{s['c8']['p50_ms']:.1f} / {s['c8']['p99_ms']:.1f}", f"{s['c8']['throughput_rps']:.0f}",
+             f"{s['c32']['p99_ms']:.0f}", f"{s['c32']['throughput_rps']:.0f}",
+             f"{v['event_to_effect']['effect_p99_ms']:.1f}"]
+
+
+def serving(results: Path, name: str = "serving_ml-latest-small") -> str:
+    """Latency, throughput and event -> effect of every serving variant measured in one run."""
+    r = load(results, name)
+    floor = r["in_process_floor"]
+    rows = [["in-process floor (sequential)", f"{floor['p50_ms']:.1f} / {floor['p99_ms']:.1f}", "",
+             f"{floor['throughput_rps']:.0f} (c=1)", "", "", ""]]
+    for key, label in SERVING_LABELS:
+        if key not in r["variants"]:
+            continue
+        row = _serving_row(label, r["variants"][key])
+        rows.append([f"**{c}**" for c in row] if key == SHIPPED else row)
+    header = ["path", "c=1 p50 / p99 ms", "c=8 p50 / p99 ms", "c=8 req/s", "c=32 p99 ms", "c=32 req/s",
+              "event -> effect p99 ms"]
+    return markdown_table(header, "lrrrrrr", rows)
+
+
+# ---- feedback retraining (benchmarks/retrain.py) ----------------------------------------------
+
+def _from_summary(lines: Sequence[str], pattern: str) -> Tuple[str, ...]:
+    """The groups of ``pattern`` in the retrain pass's own summary lines (kept in the JSON)."""
+    for line in lines:
+        m = re.search(pattern, line)
+        if m:
+            return m.groups()
+    raise KeyError(f"retrain_summary has no line matching {pattern!r}")
+
+
+def retrain(results: Path) -> str:
+    """One feedback retraining pass under load: times, failed requests, parent -> retrained metrics."""
+    r = load(results, "retrain_ml-latest-small")
+    t, lines = r["retrain_timings"], r["retrain_summary"]
+    valid = _from_summary(lines, r"valid NDCG@10 ([\d.]+) -> ([\d.]+)")
+    test = _from_summary(lines, r"test NDCG@10 ([\d.]+) -> ([\d.]+), Recall@10 ([\d.]+) -> ([\d.]+)")
+    pop, knn = _from_summary(lines, r"MostPopular ([\d.]+), ItemKNN ([\d.]+)")
+    recall, users = _from_summary(lines, r"holdout Recall@10 ([\d.]+) \(n=(\d+)\)")
+    rows = [
+        [f"retrain wall time (preprocess {t['preprocess_s']:.0f} s, embed {t['embed_s']:.0f} s, retriever + ranker "
+         f"warm start {t['train_s']:.0f} s, evaluate {t['evaluate_s']:.0f} s)", f"{r['retrain_wall_s']:.0f} s"],
+        ["event posted -> in a dataset version (pass started at once; a cron adds up to its period)",
+         f"{r['event_to_dataset_version_s']:.1f} s"],
+        ["promotion -> every deployment serving the new version (`watch_interval_s: 2`)",
+         f"{r['promotion_to_all_replicas_s']:.2f} s"],
+        ["failed requests while retraining and swapping", f"{r['failed_requests']:,} of {r['requests_during']:,}"],
+        ["valid NDCG@10 on the new split, parent -> retrained (in-sample for the ranker: see "
+         "[evaluation](evaluation.md))", f"{valid[0]} -> {valid[1]}"],
+        ["test NDCG@10 / Recall@10 on the new split, parent -> retrained",
+         f"{test[0]} -> {test[1]} / {test[2]} -> {test[3]}"],
+        ["the same split's baselines, test NDCG@10", f"MostPopular {pop}, ItemKNN {knn}"],
+        [f"newest-feedback holdout Recall@10 ({users} users)", f"{float(recall):.3f}"],
+    ]
+    return markdown_table(["measure", "value"], "lr", rows)
+
+
+# ---- reliability (benchmarks/reliability.py, tests/integration/test_faults.py) -----------------
+
+def faults(results: Path) -> str:
+    """What the clients saw during each injected fault, and what storage held afterwards."""
+    f = load(results, "reliability")["faults"]
+    s3, kill = f["s3_outage"], f["replica_kills"]
+    ev, rec = s3["event_requests"], s3["recommend"]
+    failures = ", ".join(f"{k} x {v}" for k, v in kill["failures"].items()) or "none"
+    rows = [
+        [f"S3 unreachable for {s3['outage_s']:.0f} s (listener and every open connection cut)",
+         f"events: {ev.get('202', 0)} x 202, {ev.get('503', 0)} x 503 (all with `Retry-After: 1`, slowest "
+         f"{s3['slowest_503_s']:.1f} s); the {s3['answered_while_down']} answered while S3 was down were all 503; "
+         f"recommend: {rec.get('200', 0)} x 200, {sum(v for k, v in rec.items() if k != '200')} failed "
+         "(live state is in memory)",
+         f"{s3['acknowledged']} events acknowledged, {s3['stored_copies']} stored copies; each counted once in the "
+         "feedback log and in live state"],
+        ["the ingress replica (models, fused) killed, 8 s later the live-state holder killed",
+         f"events: {kill['acknowledged']} acknowledged, {kill['failed_event_attempts']} failed attempt(s); "
+         f"recommend: {kill['recommend_ok']} ok, {kill['recommend_failed']} failed (failures: {failures}); "
+         "requests to the holder wait for its replacement (events again "
+         f"{kill['events_again_after_holder_kill_s']:.0f} s after the kill: a new actor plus the rebuild from S3 "
+         "on 2 busy cores)",
+         "stored events = acknowledged events; each of 20 users' live history equals their acknowledged events "
+         "(rebuilt from the feedback log, retries counted once)"],
+    ]
+    return markdown_table(["fault", "what the clients saw", "after"], "lll", rows)
+
+
+def reliability_load(results: Path) -> str:
+    """The sustained-load run: throughput, latency, errors per minute, autoscaling, lost events."""
+    run = load(results, "reliability")["load"]
+    rec, ev = run["recommend"], run["event"]
+    ingress = [p["Ingress"] for p in run["replicas"]]
+    scaled = next((p["t_s"] for p in run["replicas"] if p["Ingress"] > ingress[0]), None)
+    others = {k: max(p[k] for p in run["replicas"]) for k in run["replicas"][0] if k not in ("t_s", "Ingress")}
+    rows = [
+        ["concurrency, duration", f"{run['concurrency']}, {run['seconds'] / 60:.0f} min"],
+        ["recommendations/s (p50 / p95 / p99 ms)",
+         f"{rec['throughput_rps']:.1f} ({rec['p50_ms']:.0f} / {rec['p95_ms']:.0f} / {rec['p99_ms']:.0f})"],
+        ["events/s (p99 ms)", f"{ev['throughput_rps']:.1f} ({ev['p99_ms']:.0f})"],
+        ["errors in each minute", ", ".join(str(m["errors"]) for m in run["per_minute"])],
+        ["ingress replicas (Serve autoscaling)",
+         f"{ingress[0]} -> {max(ingress)}" + (f" (first seen at {scaled:.0f} s)" if scaled is not None else "")],
+        ["other deployments, most replicas", ", ".join(f"{k} {v}" for k, v in others.items())],
+        ["events acknowledged / lost", f"{run['events_acknowledged']:,} / {run['acknowledged_events_lost']}"],
+    ]
+    return markdown_table(["measure", "value"], "lr", rows)
+
+
+RENDERERS: Dict[str, Callable[[Path], str]] = {
+    "quality": lambda res: quality(res, ["ml-latest-small", "amazon-gift-cards"]),
+    "quality-pre2008": lambda res: quality(res, ["ml-latest-small-pre2008"]),
+    "preprocess": preprocess,
+    "serving": serving,
+    "retrain": retrain,
+    "faults": faults,
+    "reliability-load": reliability_load,
+}
+
+
+# ---- rewriting the documents ------------------------------------------------------------------
+
+def render_blocks(text: str, results: Path, renderers: Dict[str, Callable[[Path], str]] = RENDERERS
+                  ) -> Tuple[str, List[str]]:
+    """``text`` with every table block regenerated, and the names of the blocks that changed.
+
+    Raises:
+        KeyError: a block names no renderer.
+    """
+    changed: List[str] = []
+
+    def one(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in renderers:
+            raise KeyError(f"unknown table block {name!r}; known: {', '.join(sorted(renderers))}")
+        body = renderers[name](results).rstrip("\n") + "\n"
+        if body != m.group("body"):
+            changed.append(name)
+        return m.group(1) + body + m.group(4)
+
+    return BLOCK.sub(one, text), changed
+
+
+def documents(root: Path = ROOT) -> List[Path]:
+    """README.md and every docs/*.md under ``root``."""
+    return [p for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))] if p.is_file()]
+
+
+def update(root: Path = ROOT, results: Path | None = None, write: bool = True) -> List[str]:
+    """Regenerate the blocks of every document; returns ``path: block`` for each stale block
+    (rewritten when ``write``)."""
+    results = results or root / "results"
+    stale: List[str] = []
+    for path in documents(root):
+        text = path.read_text()
+        new, changed = render_blocks(text, results)
+        stale += [f"{path.relative_to(root)}: {name}" for name in changed]
+        if write and new != text:
+            path.write_text(new)
+    return stale
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.tables", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if a block is not current")
+    ap.add_argument("--root", type=Path, default=ROOT, help="folder with README.md, docs/ and results/")
+    args = ap.parse_args(argv)
+    stale = update(args.root, write=not args.check)
+    for s in stale:
+        print(f"{'stale' if args.check else 'rewrote'} {s}")
+    return 1 if (args.check and stale) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
