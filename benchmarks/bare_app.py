@@ -16,31 +16,32 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
-from components import registry
-from components.storage import Storage
-from serve import api
-from serve.bundle import fetch_parts
+from components import layout, registry
 from components.online.feedback_log import GroupCommitLog, list_feedback_shards, read_feedback
 from components.online.live_state import SessionState
+from components.storage import Storage
+from serve import api
 from serve.flow import LocalBackend, recommend
-from serve.models import RANKER_PARTS, RETRIEVER_PARTS, RankerModel, RetrievalModel, UserEncoderModel
+from serve.models import RankerModel, UserEncoderModel
+from serve.retrieval import RetrievalModel
+from serve.watcher import fetch_parts
 
 
 def build(storage_root: str, candidates: int = 100, history_len: int = 200) -> FastAPI:
     storage = Storage(storage_root)
-    pointer = registry.read_pointer(storage, "recommender")
+    pointer = registry.read_pointer(storage, layout.MODEL)
     if pointer is None:
         raise SystemExit(f"no promoted model under {storage_root}")
-    d = fetch_parts(storage, pointer, RETRIEVER_PARTS + RANKER_PARTS, Path(tempfile.mkdtemp()))
+    d = fetch_parts(storage, pointer, layout.RETRIEVER_PARTS + layout.RANKER_PARTS, Path(tempfile.mkdtemp()))
     v = pointer["run_id"]
     state = SessionState(history_len)
     lin = pointer["lineage"]
-    for split in ("train", "valid", "test"):
-        state.add_table(storage.read_parquet(f"datasets/{lin['dataset']}/{lin['dataset_version']}/{split}",
+    for split in layout.SPLITS:
+        state.add_table(storage.read_parquet(layout.join(layout.dataset(lin["dataset"], lin["dataset_version"]), split),
                                              columns=["user_id", "item_id", "ts", "event"]))
     state.add_table(read_feedback(storage, list_feedback_shards(storage, after=lin.get("feedback_watermark", ""))),
                     covisit=True)
-    backend = LocalBackend(UserEncoderModel(d, v), RetrievalModel(d, storage, v), RankerModel(d, v), state)
+    backend = LocalBackend(UserEncoderModel(d, v), RetrievalModel(d, v), RankerModel(d, v), state)
     feedback = GroupCommitLog(storage)
     app = FastAPI(title="llmrec (bare uvicorn reference)")
 

@@ -28,11 +28,14 @@ from typing import Any, Callable, Dict, List, Optional
 
 # innermost match wins; each entry: (category, substrings of a py-spy frame "function (file:line)")
 CATEGORIES = [
-    ("model work (torch, faiss, numpy)", ("serve/models.py", "/torch/", "faiss", "/numpy/", "components/")),
-    ("live state (serve/feedback.py)", ("serve/feedback.py",)),
+    # live state before model work: its frames are under components/ too
+    ("live state (components/online/, serve/events.py)", ("components/online/", "serve/events.py")),
+    ("model work (torch, faiss, numpy)", ("serve/models.py", "serve/retrieval.py", "/torch/", "faiss", "/numpy/",
+                                          "components/")),
     ("(de)serialisation", ("pickle", "serialization", "msgpack", "pydantic", "json", "encoders.py",
                            "_serialize", "_deserialize")),
-    ("request flow (serve/flow.py, serve/app.py)", ("serve/flow.py", "serve/app.py", "serve/auth.py")),
+    ("request flow (serve/flow.py, serve/ingress.py)", ("serve/flow.py", "serve/ingress.py", "serve/guard.py",
+                                                         "serve/auth.py", "serve/deployments.py", "serve/metrics.py")),
     ("HTTP (uvicorn, starlette, FastAPI)", ("uvicorn", "starlette", "fastapi", "h11", "httptools")),
     ("Serve router, handles, replica wrapper", ("ray/serve/",)),
     ("gRPC", ("grpc",)),

@@ -114,17 +114,17 @@ def id_only_ranks(root: str, project: Dict[str, Any], source: str, extra: List[s
     fitted in-process; per-user ranks on valid and test (ordered as the dataset's targets)."""
     from components.config import load_config, preset_for
     from components.data.datasets import load_training_data
-    from components.evaluation.ranking import final_ranking, fit_retriever_local
+    from components.evaluation.evaluate import _plain, local_train_config
+    from components.evaluation.ranking import final_ranking
     from components.models.retriever import RetrieverConfig
-    from components.training.retriever import RetrieverTrainConfig
+    from components.training.retriever import RetrieverTrainConfig, fit_retriever_local
     from components.storage import Storage
-    from jobs.evaluate import _local_train_config, _plain
 
     overrides = [f"data.source={source}", *extra, *overrides]
     cfg = load_config(overrides, preset_for(overrides))
     data = load_training_data(Storage(root), project["dataset_prefix"], None)
     rcfg = replace(RetrieverConfig(**_plain(cfg.retriever)), use_text=False)
-    tcfg: RetrieverTrainConfig = _local_train_config(cfg)
+    tcfg: RetrieverTrainConfig = local_train_config(cfg)
     t0 = time.perf_counter()
     model = fit_retriever_local(data.histories, None, rcfg, tcfg)
     out = {"fit_s": round(time.perf_counter() - t0, 1)}

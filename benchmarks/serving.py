@@ -62,19 +62,21 @@ def build_model(storage_root: str, data: str, epochs: int) -> Dict[str, Any]:
 
 def floor(storage, pointer, users: List[str], n: int) -> Dict[str, Any]:
     """The same flow (serve.flow.recommend) on in-process models: no HTTP, no Serve hops."""
-    from serve import api
-    from serve.bundle import fetch_parts
+    from components import layout
     from components.online.live_state import SessionState
+    from serve import api
     from serve.flow import LocalBackend, recommend
-    from serve.models import RANKER_PARTS, RETRIEVER_PARTS, RankerModel, RetrievalModel, UserEncoderModel
+    from serve.models import RankerModel, UserEncoderModel
+    from serve.retrieval import RetrievalModel
+    from serve.watcher import fetch_parts
 
-    d = fetch_parts(storage, pointer, RETRIEVER_PARTS + RANKER_PARTS, Path(tempfile.mkdtemp()))
+    d = fetch_parts(storage, pointer, layout.RETRIEVER_PARTS + layout.RANKER_PARTS, Path(tempfile.mkdtemp()))
     v = pointer["run_id"]
     state = SessionState(200)
     lin = pointer["lineage"]
-    for split in ("train", "valid", "test"):
-        state.add_table(storage.read_parquet(f"datasets/{lin['dataset']}/{lin['dataset_version']}/{split}"))
-    backend = LocalBackend(UserEncoderModel(d, v), RetrievalModel(d, storage, v), RankerModel(d, v), state)
+    for split in layout.SPLITS:
+        state.add_table(storage.read_parquet(layout.join(layout.dataset(lin["dataset"], lin["dataset_version"]), split)))
+    backend = LocalBackend(UserEncoderModel(d, v), RetrievalModel(d, v), RankerModel(d, v), state)
 
     async def run():
         lat = []

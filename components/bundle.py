@@ -31,10 +31,12 @@ import torch
 
 from components import checkpoints as ck
 from components import layout
+from components.data.sequences import UserHistories
 from components.models.channels import Channels
 from components.models.ranker import RankerConfig, RankerMLP
 from components.models.retriever import RetrieverConfig, SequenceRetriever
 from components.models.text_encoder import TextEncoder, TextEncoderConfig
+from components.storage import Storage
 
 # The key each weights part keeps its model config under in config.json.
 CONFIG_KEYS = {layout.RETRIEVER: "retriever", layout.RANKER: "ranker", layout.LLM: "text"}
@@ -64,14 +66,16 @@ def part_config(part: str, model_cfg: Any) -> Dict[str, Any]:
     return {CONFIG_KEYS[part]: cfg, "kind": part}
 
 
-def _weights(folder: str | Path, part: str, verify: bool) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+def load_weights(folder: str | Path, part: str, verify: bool = True) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(state dict, model config dict) of a weights part, for code that loads them into a model it
+    builds itself (a warm start into another vocabulary)."""
     state, config, _ = ck.load_local(Path(folder) / part, verify=verify)
     return state, config[CONFIG_KEYS[part]]
 
 
 def load_retriever(folder: str | Path, verify: bool = True) -> SequenceRetriever:
     """The bundle's retriever, in eval mode."""
-    state, cfg = _weights(folder, layout.RETRIEVER, verify)
+    state, cfg = load_weights(folder, layout.RETRIEVER, verify)
     model = SequenceRetriever(RetrieverConfig(**cfg))
     model.load_state_dict(state)
     return model.eval()
@@ -81,7 +85,7 @@ def load_ranker(folder: str | Path, verify: bool = True) -> Optional[RankerMLP]:
     """The bundle's ranker in eval mode, or None for a bundle without one."""
     if not has(folder, layout.RANKER):
         return None
-    state, cfg = _weights(folder, layout.RANKER, verify)
+    state, cfg = load_weights(folder, layout.RANKER, verify)
     model = RankerMLP(RankerConfig(**cfg))
     model.load_state_dict(state)
     return model.eval()
@@ -92,7 +96,7 @@ def load_text_encoder(folder: str | Path, base_cfg: Optional[Dict[str, Any]] = N
     """The bundle's fine-tuned LLM (``llm/``), else the base encoder of ``base_cfg`` (default: the
     text config recorded in the bundle's lineage). In eval mode."""
     if has(folder, layout.LLM):
-        state, cfg = _weights(folder, layout.LLM, verify)
+        state, cfg = load_weights(folder, layout.LLM, verify)
         encoder = TextEncoder(TextEncoderConfig(**cfg))
         encoder.load_state_dict(state, strict=False)
     else:
@@ -149,6 +153,20 @@ def load_interactions(folder: str | Path) -> Tuple[List[np.ndarray], List[np.nda
         return [], []
     t = read_parquet_dir(Path(folder) / layout.INTERACTIONS)
     return [t["item_idx"].to_numpy().astype(np.int64)], [t["ts"].to_numpy().astype(np.int64)]
+
+
+def add_data_parts(folder: str | Path, storage: Storage, dataset_prefix: str, text_prefix: Optional[str],
+                   histories: UserHistories) -> None:
+    """Copy what a model needs of its data into the bundle: the text embeddings it was trained
+    with (``text/``), the catalog (``items/``) and the training interactions."""
+    folder = Path(folder)
+    if text_prefix:
+        for name in (layout.TEXT_EMBEDDINGS, layout.TEXT_INDEX):
+            if storage.is_file(layout.join(text_prefix, name)):
+                (folder / layout.TEXT).mkdir(parents=True, exist_ok=True)
+                (folder / layout.TEXT / name).write_bytes(storage.read_bytes(layout.join(text_prefix, name)))
+    storage.download_dir(layout.join(dataset_prefix, layout.ITEMS), folder / layout.ITEMS)
+    save_interactions(folder, histories.items, histories.ts)
 
 
 def read_lineage(folder: str | Path) -> Dict[str, Any]:

@@ -16,10 +16,8 @@ from typing import Any, Dict, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from components import layout
 from components.storage import Storage
-
-WEIGHTS = "model.safetensors"
-
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, partial or corrupt; the message says which file."""
@@ -38,10 +36,10 @@ def save_local(folder: str | Path, state_dict: Dict[str, torch.Tensor], config: 
     """Write weights + JSON side files + manifest into ``folder`` (created)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(folder / WEIGHTS))
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(folder / layout.WEIGHTS))
+    (folder / layout.CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
     (folder / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, sort_keys=True, default=str))
-    (folder / "lineage.json").write_text(json.dumps(lineage or {}, indent=2, sort_keys=True, default=str))
+    (folder / layout.LINEAGE).write_text(json.dumps(lineage or {}, indent=2, sort_keys=True, default=str))
     write_manifest(folder)
     return folder
 
@@ -49,8 +47,8 @@ def save_local(folder: str | Path, state_dict: Dict[str, torch.Tensor], config: 
 def write_manifest(folder: str | Path) -> Dict[str, str]:
     folder = Path(folder)
     files = {p.relative_to(folder).as_posix(): sha256_file(p)
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"}
-    (folder / "manifest.json").write_text(json.dumps(files, indent=2, sort_keys=True))
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != layout.MANIFEST}
+    (folder / layout.MANIFEST).write_text(json.dumps(files, indent=2, sort_keys=True))
     return files
 
 
@@ -58,7 +56,7 @@ def verify_local(folder: str | Path) -> Dict[str, str]:
     """Check every file against manifest.json; raise CheckpointError on any mismatch."""
     folder = Path(folder)
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest = json.loads((folder / layout.MANIFEST).read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{folder}: missing or unreadable manifest.json ({exc})") from exc
     for rel, digest in manifest.items():
@@ -142,8 +140,8 @@ def load_local(folder: str | Path, verify: bool = True):
     folder = Path(folder)
     if verify:
         verify_local(folder)
-    state = load_file(str(folder / WEIGHTS))
-    config = json.loads((folder / "config.json").read_text())
+    state = load_file(str(folder / layout.WEIGHTS))
+    config = json.loads((folder / layout.CONFIG).read_text())
     metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
     return state, config, metrics
 
@@ -154,7 +152,7 @@ def new_run_id(prefix: str = "run") -> str:
 
 def publish(storage: Storage, folder: str | Path, model: str, run_id: str) -> str:
     """Upload a local checkpoint folder to ``checkpoints/<model>/<run_id>/``; returns its prefix."""
-    prefix = f"checkpoints/{model}/{run_id}"
+    prefix = layout.bundle(run_id, model)
     storage.upload_dir(folder, prefix)
     return prefix
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -116,6 +117,8 @@ class PreprocessConfig:
     pseudonymize_users: bool = False
     # Rows per Ray Data batch when normalising.
     batch_size: int = 200_000
+    # ray: validate shards in Ray Data tasks; local: in this process (no Ray; small data, tests).
+    engine: str = "ray"
     # Event weights used by training (a rating's weight is scaled by its value when given).
     event_weights: Dict[str, float] = field(
         default_factory=lambda: {
@@ -165,8 +168,25 @@ class TrainConfig:
     stages: List[str] = field(default_factory=lambda: ["llm", "retriever", "ranker"])
     # Fault injection for tests: worker rank 1 exits once when this epoch starts (-1: never).
     fail_at_epoch: int = -1
+    # A bundle prefix to start from (jobs.retrain sets the promoted one): the retriever and ranker
+    # start from its weights (item rows matched by id), its fine-tuned LLM embeds the catalog and
+    # is carried into the new bundle when the llm stage does not run.
+    warm_start: Optional[str] = None
+    # Extra entries for the bundle's lineage.json (jobs.retrain: the feedback watermark).
+    lineage: Dict[str, Any] = field(default_factory=dict)
     retriever: RetrieverTrainConfig = field(default_factory=RetrieverTrainConfig)
     llm: LLMFinetuneConfig = field(default_factory=LLMFinetuneConfig)
+
+
+@dataclass
+class EmbedConfig:
+    # jobs.embed_items writes indexes/<run_id>/ (empty: a new id).
+    run_id: Optional[str] = None
+    # A fine-tuned text encoder to embed with (a bundle's llm/ part, as a storage prefix); empty:
+    # the base encoder of the `text` settings.
+    llm: Optional[str] = None
+    # Actors of the Ray Data embedding pass (each loads the encoder once).
+    concurrency: int = 2
 
 
 @dataclass
@@ -189,6 +209,10 @@ class EvaluateConfig:
     # tolerance below the currently promoted model.
     ndcg_floor: float = 0.0
     tolerance: float = 0.005
+    # The promoted run this one was trained from (jobs.retrain): it is mapped onto this run's
+    # dataset version and evaluated on the same split, the gate compares with that, and the
+    # promotion happens only while the registry still points at it.
+    parent: Optional[str] = None
 
 
 @dataclass
@@ -209,6 +233,52 @@ class ServeConfig:
     # simulated feedback into storage.root, so it is off unless asked for (`make run` asks).
     demo_feedback: bool = False
     demo_users: int = 40
+
+
+@dataclass
+class ServeAppConfig:
+    # The Serve application's args (applications[].args in configs/serve*.yaml, "app args"):
+    # defaults <- the YAML's args <- overrides (serve.runner.start), loaded by
+    # serve.settings.load_settings. ServeConfig above is how jobs.pipeline starts that application.
+    storage_root: str = "storage"
+    storage_endpoint: Optional[str] = None
+    # graph: ingress -> UserEncoder -> Retriever -> Ranker deployments, each scaled on its own.
+    # fused: the ingress replicas hold encoder, retriever and ranker in-process (the same
+    # classes, hot swap included) and scale as one; saves four Ray Serve hops per request
+    # (configs/serve-fused.yaml). TextEmbedder and EventStore stay deployments in both.
+    mode: str = "graph"
+    model: str = "recommender"
+    # Seconds between registry polls in every model replica (promotion -> serving latency).
+    watch_interval_s: float = 2.0
+    # How long a replica waits for a first promoted model before failing its start.
+    startup_timeout_s: float = 120.0
+    # Retriever candidates passed to the ranker.
+    candidates: int = 100
+    # Events per user kept in the live state (and fed to the user encoder).
+    history_len: int = 200
+    # Users whose live state stays in the event store's memory; the least recently active beyond
+    # that are spilled to a local SQLite file and read back on their next request or event.
+    live_users_max: int = 100_000
+    # Group commit of /v1/events: events arriving during a write form the next shard (at most
+    # feedback_max_events); linger > 0 waits that long to gather more (fewer S3 objects). A write
+    # starts within linger + one write time of an event (well under 200 ms on local disk or S3).
+    feedback_linger_ms: float = 0.0
+    feedback_max_events: int = 1024
+    # Access (serve/auth.py): keys from LLMREC_WRITE_KEY / LLMREC_ADMIN_KEY / LLMREC_READ_KEY and
+    # this secret file; recommend/health/docs need a key only with require_read_key.
+    keys_file: Optional[str] = None
+    require_read_key: bool = False
+    # Requests per key (per client address without one) and ingress replica, "N/second|minute";
+    # null turns it off. rate_limit_storage "redis://host:port" shares the count across replicas.
+    rate_limit: Optional[str] = "300/second"
+    rate_limit_storage: str = "memory://"
+    # Store and look up users by keyed pseudonym (HMAC under $LLMREC_PRIVACY_KEY): must match
+    # the dataset's preprocess.pseudonymize_users (a mismatch is logged at rebuild).
+    pseudonymize_users: bool = False
+    # Live state sharded by user (crc32 of the stored user id): EventStore0..N-1, each the holder
+    # of its users' histories, live co-visits and feedback writes, rebuilt from the shared
+    # feedback log after a restart. 1 = the single EventStore deployment.
+    live_state_shards: int = 1
 
 
 @dataclass
@@ -241,6 +311,7 @@ class AppConfig:
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
@@ -314,6 +385,8 @@ def validate_config(cfg: Any) -> None:
             raise ConfigError("preprocess.valid_frac and preprocess.test_frac must be in (0, 1) with sum < 1")
         if p.batch_size < 1:
             raise ConfigError("preprocess.batch_size must be >= 1")
+        if p.engine not in ("ray", "local"):
+            raise ConfigError(f"preprocess.engine must be ray or local; got {p.engine!r}")
     if "train" in cfg:
         t = cfg.train
         if t.zero_stage not in (0, 1, 2, 3):
@@ -334,6 +407,14 @@ def validate_config(cfg: Any) -> None:
         raise ConfigError(f"retriever.loss must be softmax or sampled; got {cfg.retriever.loss!r}")
     if "text" in cfg and cfg.text.pooling not in ("mean", "cls", "last"):
         raise ConfigError(f"text.pooling must be mean, cls or last; got {cfg.text.pooling!r}")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "30s", "10m", "1h", "1d" or a plain number of seconds (retrain.every)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*", str(text))
+    if not m:
+        raise ValueError(f"retrain.every must look like 30s, 10m, 1h or 1d; got {text!r}")
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2) or "s"]
 
 
 def to_yaml(cfg: Any) -> str:

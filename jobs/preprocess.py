@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 import time
 from datetime import datetime, timezone
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 import pyarrow as pa
 
+from components import layout
 from components.data import privacy
 from components.config import to_dict
 from components.data.dataset_version import (QuarantineSink, ShardValidator, ValidatedStream, build_dataset,
@@ -56,9 +57,11 @@ def iter_validated_local(validator: ShardValidator, shards: List[str]) -> Iterat
         yield from validator.validate(rel)
 
 
-def run(cfg: Any, engine: str = "ray") -> Dict[str, Any]:
-    """Preprocess ``cfg.data`` into a dataset version; returns a summary with the stats."""
+def run(cfg: Any, engine: Optional[str] = None) -> Dict[str, Any]:
+    """Preprocess ``cfg.data`` into a dataset version; returns a summary with the stats.
+    ``engine``: ray or local (default ``cfg.preprocess.engine``; ray needs an initialised Ray)."""
     t0 = time.perf_counter()
+    engine = engine or cfg.preprocess.engine
     storage = Storage.from_config(cfg.storage)
     source = prepare_source(cfg, storage)
     shards = list_shards(source.events, source.events_prefix)
@@ -71,9 +74,9 @@ def run(cfg: Any, engine: str = "ray") -> Dict[str, Any]:
     settings = {**_settings(cfg), **({"forgotten": sorted(tombstones.items())} if tombstones else {}),
                 **({"pseudonym_key": pseudo.key_id} if pseudo else {})}
     version = cfg.preprocess.version or fingerprint(_listing(source, shards, item_shards), settings)
-    prefix = f"datasets/{source.name}/{version}"
+    prefix = layout.dataset(source.name, version)
     storage.delete(prefix)
-    sink = QuarantineSink(storage, f"{prefix}/quarantine/part-00000.parquet")
+    sink = QuarantineSink(storage, layout.join(prefix, layout.QUARANTINE))
     stream = ValidatedStream(sink, forgotten=tombstones, pseudonymize=pseudo)
     now_ms = int(time.time() * 1000)
     events = ShardValidator(ShardReader(source.events, source.columns, cfg.preprocess.batch_size), "events",
@@ -112,16 +115,19 @@ def run(cfg: Any, engine: str = "ray") -> Dict[str, Any]:
     })
     write_dataset(storage, prefix, built)
     built.stats["total_s"] = round(time.perf_counter() - t0, 3)
-    storage.write_json(f"{prefix}/stats.json", built.stats)
-    pointer = {"name": source.name, "version": version, "uri": storage.uri(prefix),
-               "created_at": built.stats["created_at"]}
-    storage.write_json_atomic(f"datasets/{source.name}/latest.json", pointer)
-    st = built.stats
+    _publish(storage, source.name, version, prefix, built.stats)
+    return {"uri": storage.uri(prefix), "prefix": prefix, "version": version, "stats": built.stats}
+
+
+def _publish(storage: Storage, name: str, version: str, prefix: str, st: Dict[str, Any]) -> None:
+    """stats.json, then the dataset's latest.json pointer (atomically), and the job's row counts."""
+    storage.write_json(layout.join(prefix, layout.STATS), st)
+    storage.write_json_atomic(layout.dataset_latest(name), {"name": name, "version": version,
+                                                            "uri": storage.uri(prefix), "created_at": st["created_at"]})
     telemetry.record_many("llmrec_job_rows", {
         "raw": st.get("raw_rows"), "quarantined": st.get("quarantined"), "interactions": st.get("interactions"),
         "users": st.get("users"), "items": st.get("items"), **{k: v for k, v in (st.get("dropped") or {}).items()}},
-        "kind", job="preprocess", run=f"{source.name}/{version}")
-    return {"uri": storage.uri(prefix), "prefix": prefix, "version": version, "stats": built.stats}
+        "kind", job="preprocess", run=f"{name}/{version}")
 
 
 def _listing(source: RawSource, shards: List[str], item_shards: List[str]) -> List[Dict[str, Any]]:
@@ -137,6 +143,7 @@ def _settings(cfg: Any) -> Dict[str, Any]:
     pre = to_dict(cfg.preprocess)
     pre.pop("version", None)
     pre.pop("batch_size", None)
+    pre.pop("engine", None)  # how, not what: the same input gives the same version either way
     data = to_dict(cfg.data)
     return {"preprocess": pre, "columns": data["columns"], "item_columns": data["item_columns"],
             "ts_unit": data["ts_unit"], "default_event": data["default_event"]}
@@ -159,8 +166,11 @@ def format_stats(stats: Dict[str, Any]) -> str:
 
 
 def main(cfg: Any) -> Dict[str, Any]:
-    with ray_session(cfg.ray):
-        summary = run(cfg, engine="ray")
+    if cfg.preprocess.engine == "ray":
+        with ray_session(cfg.ray):
+            summary = run(cfg)
+    else:
+        summary = run(cfg)
     print(format_stats(summary["stats"]))
     print(f"dataset written to {summary['uri']}")
     return summary

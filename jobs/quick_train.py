@@ -1,40 +1,36 @@
-"""A quick in-process trainer: a real bundle in seconds to minutes, without Ray Train.
+"""A quick in-process trainer: a real bundle in seconds to minutes, without Ray.
 
     python -m jobs.quick_train storage.root=<uri> [data.source=... train.retriever.epochs=6]
 
 For demos, serving tests and serving benchmarks, where what matters is a servable model, not the
-best one: it preprocesses (single process), embeds items with the LLM, fits the retriever and the
-ranker with plain AdamW, and writes the same bundle layout as ``jobs.train`` (retriever/, ranker/,
-text/, items/, lineage.json, manifest.json), publishes and promotes it. The production path is
-``jobs.pipeline`` (Ray Data, Ray Train + DeepSpeed, evaluation gate).
+best one: it preprocesses (jobs.preprocess with ``preprocess.engine=local``), embeds items with the
+LLM, fits the retriever and the ranker with the same loops as jobs.train (components.training,
+over an AdamW stepper instead of DeepSpeed), and writes the same bundle, publishes and promotes
+it. The production path is ``jobs.pipeline`` (Ray Data, Ray Train + DeepSpeed, evaluation gate).
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict
 
-import numpy as np
-import torch
+from omegaconf import OmegaConf
 
+from components import bundle, layout, registry
 from components import checkpoints as ck
-from components import registry
-from components.bundle import save_interactions
 from components.config import load_config, to_dict
 from components.data.datasets import load_training_data, resolve_dataset
-from components.evaluation.ranking import fit_channels, fit_retriever_local
-from components.models.ranker import RankerConfig, RankerMLP, listwise_loss
+from components.evaluation.ranking import fit_channels, scored_lists
+from components.models.ranker import RankerConfig
 from components.models.retriever import RetrieverConfig
-from components.training.retriever import RetrieverTrainConfig
+from components.models.text_encoder import TextEncoder, TextEncoderConfig, embed_catalog
 from components.storage import Storage
+from components.training.ranker import fit_ranker_local
+from components.training.retriever import RetrieverTrainConfig, fit_retriever_local
 from jobs import preprocess
-from jobs.embed_items import ItemEmbedder
 from jobs.runtime import run_cli
-from jobs.train import BUNDLE, ranker_lists
 
 # A small synthetic shop (item text carries the category signal) and a small model: seconds.
 SMALL = ["data.synthetic.num_events=6000", "data.synthetic.num_items=400", "data.synthetic.num_users=300",
@@ -52,55 +48,38 @@ def build_bundle(root: str | Path, run_id: str = "serve-test-1", epochs: int = 6
 def build(cfg: Any, run_id: str, epochs: int, ranker: bool = True, promote: bool = True,
           seed: int = 0) -> Dict[str, Any]:
     storage = Storage.from_config(cfg.storage)
-    name = cfg.data.name or cfg.data.source
-    if not storage.is_file(f"datasets/{name}/latest.json"):
-        preprocess.run(cfg, engine="local")
+    if not storage.is_file(layout.dataset_latest(cfg.data.name or cfg.data.source)):
+        preprocess.main(OmegaConf.merge(cfg, {"preprocess": {"engine": "local"}}))
     ds = resolve_dataset(storage, cfg)
-    text_prefix = f"indexes/{run_id}-base"
-    if not storage.is_file(f"{text_prefix}/text_embeddings.parquet"):
-        items = storage.read_parquet(f"{ds.prefix}/items").select(["item_idx", "item_id", "title", "text", "categories"])
-        storage.write_parquet(f"{text_prefix}/text_embeddings.parquet", ItemEmbedder(to_dict(cfg.text))(items))
+    text_prefix = layout.index(f"{run_id}-base")
+    if not storage.is_file(layout.join(text_prefix, layout.TEXT_EMBEDDINGS)):
+        items = storage.read_parquet(layout.join(ds.prefix, layout.ITEMS))
+        encoder = TextEncoder(TextEncoderConfig(**to_dict(cfg.text)))  # the base LLM: no fine-tuning here
+        storage.write_parquet(layout.join(text_prefix, layout.TEXT_EMBEDDINGS), embed_catalog(encoder, items))
     data = load_training_data(storage, ds.prefix, text_prefix)
-    rcfg = RetrieverConfig(**to_dict(cfg.retriever))
-    model = fit_retriever_local(data.histories, data.text, rcfg,
-                                # A few epochs: constant lr (a one-cycle decay would spend most
-                                # of so short a run near zero).
-                                RetrieverTrainConfig(epochs=epochs, eval_every=epochs, seed=seed,
-                                                     schedule="constant"))
-    rcfg = model.cfg
-    bundle = Path(tempfile.mkdtemp(prefix="bundle-"))
-    ck.save_local(bundle / "retriever", model.state_dict(), {"retriever": asdict(rcfg), "kind": "retriever"})
+    # A few epochs: constant lr (a one-cycle decay would spend most of so short a run near zero).
+    model = fit_retriever_local(data.histories, data.text, RetrieverConfig(**to_dict(cfg.retriever)),
+                                RetrieverTrainConfig(epochs=epochs, eval_every=epochs, seed=seed, schedule="constant"))
+    folder = Path(tempfile.mkdtemp(prefix="bundle-"))
+    bundle.save_weights(folder, layout.RETRIEVER, model.state_dict(), model.cfg)
     channels, fusion = fit_channels(model, data.text, data.histories)
-    channels.save(bundle / "channels")
+    channels.save(folder / layout.CHANNELS)
     if ranker:
-        kcfg = RankerConfig(dim=rcfg.dim, candidates=50)
-        lists = ranker_lists(model, channels, data, "valid", kcfg.candidates)
-        rows = np.flatnonzero(lists["positive"] >= 0)
-        torch.manual_seed(seed)
-        mlp = RankerMLP(kcfg)
-        opt = torch.optim.AdamW(mlp.parameters(), lr=1e-3)
-        for _ in range(5):
-            for s in range(0, len(rows), 64):
-                idx = rows[s:s + 64]
-                loss = listwise_loss(mlp(lists["u"][idx], lists["i"][idx], lists["ctx"][idx]),
-                                     torch.as_tensor(lists["positive"][idx]))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        ck.save_local(bundle / "ranker", mlp.state_dict(), {"ranker": asdict(kcfg), "kind": "ranker"})
-    storage.download_dir(text_prefix, bundle / "text")
-    storage.download_dir(f"{ds.prefix}/items", bundle / "items")
-    save_interactions(bundle, data.histories.items, data.histories.ts)
+        kcfg = RankerConfig(dim=model.cfg.dim, candidates=50, epochs=5)
+        lists = scored_lists(model, channels, data.text, data.histories, "valid", data.categories, kcfg.candidates)
+        mlp = fit_ranker_local(lists, kcfg, seed)
+        bundle.save_weights(folder, layout.RANKER, mlp.state_dict(), kcfg)
+    bundle.add_data_parts(folder, storage, ds.prefix, text_prefix, data.histories)
     lineage = {"run_id": run_id, "dataset": ds.name, "dataset_version": ds.version, "text_embeddings": text_prefix,
                "text_embeddings_base": text_prefix,  # no LLM fine-tuning here
                "parent_run": None, "config": to_dict(cfg), "fusion": fusion}
-    (bundle / "lineage.json").write_text(json.dumps(lineage))
-    manifest = ck.write_manifest(bundle)
-    prefix = ck.publish(storage, bundle, BUNDLE, run_id)
-    shutil.rmtree(bundle, ignore_errors=True)
-    pointer = registry.promote(storage, BUNDLE, run_id, prefix, {}, manifest, lineage) if promote else None
+    bundle.write_lineage(folder, lineage)
+    manifest = ck.write_manifest(folder)
+    prefix = ck.publish(storage, folder, layout.MODEL, run_id)
+    shutil.rmtree(folder, ignore_errors=True)
+    pointer = registry.promote(storage, layout.MODEL, run_id, prefix, {}, manifest, lineage) if promote else None
     return {"storage": storage, "dataset": ds, "run_id": run_id, "prefix": prefix, "manifest": manifest,
-            "pointer": pointer, "items": storage.read_parquet(f"{ds.prefix}/items"), "cfg": cfg}
+            "pointer": pointer, "items": storage.read_parquet(layout.join(ds.prefix, layout.ITEMS)), "cfg": cfg}
 
 
 def main(cfg: Any) -> Dict[str, Any]:
@@ -112,4 +91,3 @@ def main(cfg: Any) -> Dict[str, Any]:
 
 if __name__ == "__main__":
     run_cli(main)
-

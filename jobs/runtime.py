@@ -50,6 +50,29 @@ def ray_log_level() -> str:
     return "INFO" if verbose else "WARNING"
 
 
+def quiet_worker_logs() -> None:
+    """In a Ray Train worker: DeepSpeed's INFO lines, torch's deprecation notes from its comm calls
+    and Ray Train's per-report INFO line, unless Ray's logs are asked for (``ray_log_level``)."""
+    if ray_log_level() == "INFO":
+        return
+    import warnings
+
+    import torch
+
+    if not torch.cuda.is_available():  # before DeepSpeed is imported: it picks its accelerator then
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    try:  # Ray Train's "Reporting training result N" INFO line per report (a logger named by file)
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
 class _AtLeastWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING

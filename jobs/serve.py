@@ -2,21 +2,36 @@
 
     python -m jobs.serve storage.root=<uri> [serve.host=127.0.0.1 serve.port=8000 serve.config=...]
 
-The same service ``jobs.pipeline serve.enabled=true`` starts after training: Ray Serve with
-``serve.config`` (configs/serve-fused.yaml), until SIGTERM or Ctrl-C.
+Ray Serve with ``serve.config`` (configs/serve-fused.yaml) until SIGTERM or Ctrl-C; what
+``jobs.pipeline serve.enabled=true`` starts after training. ``serve.demo_feedback=true`` first shows
+the feedback loop once against it (serve/demo.py).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from components import layout, registry
 from components.storage import Storage
-from jobs.pipeline import serve_promoted
-from jobs.runtime import run_cli
+from jobs.runtime import ray_session, run_cli
 
 
 def main(cfg: Any) -> None:
-    serve_promoted(cfg, Storage.from_config(cfg.storage))
+    from serve import demo, runner
+
+    storage = Storage.from_config(cfg.storage)
+    if registry.read_pointer(storage) is None:
+        raise FileNotFoundError(f"nothing to serve: no promoted model under {storage.uri(layout.REGISTRY)}")
+    overrides = {"storage_root": storage.root, "storage_endpoint": cfg.storage.endpoint_url}
+    if cfg.preprocess.pseudonymize_users:  # the service must store feedback under the dataset's pseudonyms
+        overrides["pseudonymize_users"] = True
+    if cfg.serve.watch_interval_s:
+        overrides["watch_interval_s"] = cfg.serve.watch_interval_s
+    with ray_session(cfg.ray):
+        url = runner.start(cfg.serve.config, overrides, host=cfg.serve.host, port=cfg.serve.port)
+        if cfg.serve.demo_feedback:
+            demo.run(cfg, storage, url)
+        runner.serve_until_signal(url)
 
 
 if __name__ == "__main__":

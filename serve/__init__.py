@@ -1,4 +1,2 @@
-"""Ray Serve deployments (ingress, user encoder, retriever, ranker) live here.
-
-Not built yet: serving is issue #4; nothing in this package is used by the jobs today.
-"""
+"""The serving layer: the Ray Serve application (``serve.app:build``, started by ``serve run
+configs/serve.yaml`` or ``serve.runner.start``). ``serve/app.py`` says where each part lives."""

@@ -40,7 +40,8 @@ class HandleBackend:
 
 
 class LocalBackend:
-    """The same calls on in-process objects (serve.models + serve.feedback.SessionState)."""
+    """The same calls on in-process objects (serve.models, serve.retrieval and
+    components.online.live_state.SessionState)."""
 
     def __init__(self, encoder, retrieval, ranker, state):
         self.encoder, self.retrieval, self.ranker, self.state = encoder, retrieval, ranker, state

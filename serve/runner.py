@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -18,6 +19,7 @@ import yaml
 
 from components.data.privacy import privacy_key
 from serve.auth import AccessPolicy, check_bind
+from serve.settings import load_settings
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,8 +83,10 @@ def deployment_options(app: Dict[str, Any], more: Optional[Dict[str, Dict[str, A
 
 def start(config_path: str | Path, overrides: Optional[Dict[str, Any]] = None, host: Optional[str] = None,
           port: Optional[int] = None) -> str:
-    """Deploy the app (Ray must be initialised); returns its URL. ``overrides`` update the app args;
-    its ``deployment_options`` ({deployment: {option: value}}) update the config's deployment options."""
+    """Deploy the app (Ray must be initialised); returns its URL. ``overrides`` update the app args
+    (``components.config.ServeAppConfig``: defaults <- the YAML's args <- overrides, checked here before
+    anything is deployed); its ``deployment_options`` ({deployment: {option: value}}) update the
+    config's deployment options."""
     from ray import serve
 
     from serve.app import build
@@ -94,11 +98,11 @@ def start(config_path: str | Path, overrides: Optional[Dict[str, Any]] = None, h
     http.setdefault("port", 8000)
     overrides = dict(overrides or {})
     more_options = overrides.pop("deployment_options", None) or {}
-    args = {**(app.get("args") or {}), **overrides}
+    settings = load_settings(app.get("args"), overrides)
     # Fail here, before anything is deployed, when an open API would face the network.
-    check_bind(AccessPolicy.load(keys_file=args.get("keys_file"), require_read_key=bool(args.get("require_read_key"))),
+    check_bind(AccessPolicy.load(keys_file=settings.keys_file, require_read_key=settings.require_read_key),
                http["host"])
-    if args.get("pseudonymize_users"):
+    if settings.pseudonymize_users:
         privacy_key()  # the key must be there before anything is deployed
     options = deployment_options(app, more_options)
     opts = {k: http[k] for k in ("host", "port", "request_timeout_s", "keep_alive_timeout_s") if k in http}
@@ -106,7 +110,7 @@ def start(config_path: str | Path, overrides: Optional[Dict[str, Any]] = None, h
     # banner and per-start lines stay out of the console)
     serve.start(http_options={**opts, "port": int(opts["port"])}, proxy_location=conf["proxy_location"],
                 logging_config=conf["logging_config"])
-    serve.run(build({**args, "deployment_options": options}), name=app.get("name", "recommender"),
+    serve.run(build({**asdict(settings), "deployment_options": options}), name=app.get("name", "recommender"),
               route_prefix=app.get("route_prefix", "/"), logging_config=conf["logging_config"])
     return f"http://{http['host']}:{http['port']}"
 

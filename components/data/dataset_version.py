@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from components import layout
 from components.data import interactions as ix
 from components.data.privacy import drop_forgotten, drop_forgotten_records
 from components.data.schemas import EVENT_SCHEMA, ITEM_SCHEMA, QUARANTINE_SCHEMA
@@ -258,11 +259,11 @@ def write_dataset(storage: Storage, prefix: str, built: BuiltDataset) -> Dict[st
             part = ix.interactions_table(x, idx[start:start + OUTPUT_SHARD_ROWS], built.weights)
             storage.write_parquet(f"{prefix}/{name}/part-{k:05d}.parquet", part)
         written[name] = len(idx)
-    storage.write_parquet(f"{prefix}/sequences/part-00000.parquet", ix.user_sequences(x, built.split))
-    storage.write_parquet(f"{prefix}/items/part-00000.parquet", built.items)
-    storage.write_parquet(f"{prefix}/vocab/users.parquet",
+    storage.write_parquet(layout.join(prefix, layout.SEQUENCES, "part-00000.parquet"), ix.user_sequences(x, built.split))
+    storage.write_parquet(layout.join(prefix, layout.ITEMS, "part-00000.parquet"), built.items)
+    storage.write_parquet(layout.join(prefix, layout.VOCAB_USERS),
                           pa.table({"user_idx": np.arange(len(x.user_ids), dtype=np.int32),
                                     "user_id": pa.array(x.user_ids.tolist(), pa.string())}))
-    storage.write_parquet(f"{prefix}/vocab/items.parquet", built.items.select(["item_idx", "item_id"]))
-    storage.write_json(f"{prefix}/stats.json", built.stats)
+    storage.write_parquet(layout.join(prefix, layout.VOCAB_ITEMS), built.items.select(["item_idx", "item_id"]))
+    storage.write_json(layout.join(prefix, layout.STATS), built.stats)
     return written

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from components import layout
 from components.data.sequences import UserHistories, histories_from_tables
 from components.storage import Storage
 
@@ -25,12 +26,12 @@ def resolve_dataset(storage: Storage, cfg: Any) -> DatasetRef:
     name = cfg.data.name or cfg.data.source
     version = cfg.train.dataset_version
     if not version:
-        rel = f"datasets/{name}/latest.json"
+        rel = layout.dataset_latest(name)
         if not storage.is_file(rel):
             raise FileNotFoundError(f"no dataset {name!r} under {storage.uri('datasets')}: run jobs.preprocess first")
         version = storage.read_json(rel)["version"]
-    prefix = f"datasets/{name}/{version}"
-    if not storage.is_file(f"{prefix}/stats.json"):
+    prefix = layout.dataset(name, version)
+    if not storage.is_file(layout.join(prefix, layout.STATS)):
         raise FileNotFoundError(f"dataset version {storage.uri(prefix)} is missing or incomplete (no stats.json)")
     return DatasetRef(name, version, prefix)
 
@@ -53,16 +54,16 @@ class TrainingData:
 
 
 def load_training_data(storage: Storage, dataset_prefix: str, text_prefix: Optional[str]) -> TrainingData:
-    items = storage.read_parquet(f"{dataset_prefix}/items")
-    h = histories_from_tables(storage.read_parquet(f"{dataset_prefix}/sequences"),
-                              storage.read_parquet(f"{dataset_prefix}/valid"),
-                              storage.read_parquet(f"{dataset_prefix}/test"), items.num_rows)
+    items = storage.read_parquet(layout.join(dataset_prefix, layout.ITEMS))
+    h = histories_from_tables(storage.read_parquet(layout.join(dataset_prefix, layout.SEQUENCES)),
+                              storage.read_parquet(layout.join(dataset_prefix, "valid")),
+                              storage.read_parquet(layout.join(dataset_prefix, "test")), items.num_rows)
     text = load_text_embeddings(storage, text_prefix, items.num_rows) if text_prefix else None
     return TrainingData(h, items, text)
 
 
 def load_text_embeddings(storage: Storage, prefix: str, num_items: int) -> torch.Tensor:
-    t = storage.read_parquet(f"{prefix}/text_embeddings.parquet").sort_by("item_idx")
+    t = storage.read_parquet(layout.join(prefix, layout.TEXT_EMBEDDINGS)).sort_by("item_idx")
     if t.num_rows != num_items:
         raise ValueError(f"{storage.uri(prefix)} has {t.num_rows} item embeddings, the dataset {num_items} items")
     emb = np.stack(t["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)

@@ -28,14 +28,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from components import layout
 from components.storage import Storage
 
 log = logging.getLogger(__name__)
 
-FORGOTTEN_PREFIX = "privacy/forgotten"
+FORGOTTEN_PREFIX = layout.FORGOTTEN
 KEY_ENV = "LLMREC_PRIVACY_KEY"
 # Trees that hold no user ids (weights, indexes, Ray Train's own state): not scanned.
-SKIP_PREFIXES = ("checkpoints/", "ray_train/", "indexes/", "registry/", FORGOTTEN_PREFIX + "/")
+SKIP_PREFIXES = tuple(p + "/" for p in (layout.CHECKPOINTS, layout.RAY_TRAIN, layout.INDEXES, layout.REGISTRY,
+                                          FORGOTTEN_PREFIX))
 
 
 def user_digest(user_id: str, env: Mapping[str, str] = os.environ) -> str:

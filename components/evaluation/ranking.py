@@ -1,70 +1,48 @@
-"""Offline evaluation: the recommender's final ranking (retriever + ranker), slices, baselines
-and the new-item variant (torch/numpy, no Ray)."""
+"""The recommender's rankings over the catalog (torch/numpy, no Ray): the retriever's scores, the
+fused channels' order, the ranker's re-scoring of its candidates, the channel fusion fit, the
+baselines, slices and the new-item variant's histories."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
+from components.data.sequences import UserHistories, history_for, inference_inputs, trim_padding
+from components.evaluation.metrics import coverage, evaluate_scorer, popularity_deciles, rank_and_topk, ranking_metrics
 from components.models.baselines import ItemKNN, MostPopular, item_counts
 from components.models.channels import Channels
-from components.evaluation.metrics import coverage, evaluate_scorer, popularity_deciles, rank_and_topk, ranking_metrics
 from components.models.ranker import RankerMLP, context_features, item_stats
-from components.models.retriever import RetrieverConfig, SequenceRetriever
-from components.training.retriever import (RetrieverTrainConfig, batches, item_table, log_q_from_counts,
-                                           lr_schedule, plan_budget, retriever_scores, user_vectors)
-from components.data.sequences import UserHistories, history_for, training_windows
+from components.models.retriever import SequenceRetriever
 
 
-def fit_retriever_local(h: UserHistories, text: Optional[torch.Tensor], rcfg: RetrieverConfig,
-                        tcfg: RetrieverTrainConfig, known_items: Optional[np.ndarray] = None) -> SequenceRetriever:
-    """In-process training with plain AdamW (baselines and variants); best epoch on valid.
-
-    ``known_items`` (bool per item) limits the softmax to the items that exist at training
-    time; the others get a zero ID embedding, as items added after training have in serving."""
-    rcfg = replace(rcfg, num_items=h.num_items, text_dim=text.shape[1] if (rcfg.use_text and text is not None) else 0)
-    torch.manual_seed(tcfg.seed)
-    model = SequenceRetriever(rcfg)
-    text_emb = torch.cat([torch.zeros(1, text.shape[1]), text]) if rcfg.use_text else None
-    log_q = log_q_from_counts(np.bincount(np.concatenate(h.items), minlength=h.num_items))
-    windows = training_windows(h, rcfg.max_len)
-    budget = plan_budget(tcfg, windows)
-    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    sched = lr_schedule(opt, tcfg, budget.epochs * budget.steps_per_epoch)
-    mask = torch.as_tensor(known_items) if known_items is not None else None
-    best, best_state, bad = -1.0, None, 0
-    for epoch in range(budget.epochs):
-        model.train()
-        for batch in batches(windows, budget.batch_size, np.random.default_rng([tcfg.seed, epoch])):
-            loss = model(batch, text_emb, log_q, mask)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            if sched is not None:
-                sched.step()
-        last = epoch == budget.epochs - 1
-        if last or (tcfg.eval_every and (epoch + 1) % tcfg.eval_every == 0):
-            s, t, hist = retriever_scores(model, text_emb, h, "valid")
-            ndcg = ranking_metrics(rank_and_topk(s, t, hist)[0], (10,))["ndcg@10"]
-            if ndcg > best:
-                best, bad = ndcg, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                bad += 1
-            if tcfg.patience and bad >= tcfg.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    if known_items is not None and rcfg.use_id:
-        with torch.no_grad():
-            model.id_emb.weight[1:][torch.as_tensor(~known_items)] = 0.0
+@torch.no_grad()
+def user_vectors(model: SequenceRetriever, text_emb: Optional[torch.Tensor], items: Sequence[np.ndarray],
+                 events: Sequence[np.ndarray], ts: Sequence[np.ndarray], batch: int = 256) -> torch.Tensor:
     model.eval()
-    return model
+    out = []
+    for s in range(0, len(items), batch):
+        x = trim_padding(inference_inputs(items[s:s + batch], events[s:s + batch], ts[s:s + batch], model.cfg.max_len))
+        out.append(model.user_vector(torch.as_tensor(x["items"]), torch.as_tensor(x["events"]),
+                                     torch.as_tensor(x["gaps"]), text_emb))
+    return torch.cat(out) if out else torch.empty(0, model.cfg.dim)
+
+
+@torch.no_grad()
+def item_table(model: SequenceRetriever, text_emb: Optional[torch.Tensor]) -> torch.Tensor:
+    """[num_items, dim] item vectors (0-based rows)."""
+    model.eval()
+    return model.item_vectors(text_emb)[1:]
+
+
+def retriever_scores(model: SequenceRetriever, text_emb: Optional[torch.Tensor], h: UserHistories,
+                     split: str) -> tuple[torch.Tensor, np.ndarray, List[np.ndarray]]:
+    """(scores [users with a target, num_items], 0-based targets, histories) for ``split``."""
+    users, items, events, ts, targets = history_for(h, split)
+    u = user_vectors(model, text_emb, items, events, ts)
+    return u @ item_table(model, text_emb).T, targets, items
 
 
 def text_table(text: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

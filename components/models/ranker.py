@@ -25,9 +25,13 @@ import torch.nn.functional as F
 from components.data.schemas import EVENT_TYPES
 
 DAY_MS = 86_400_000.0
-# fused score, rank, channel z-scores (retriever, co-visitation, text), popularity and recency as of
-# the list's cut-off, category overlap, last event type.
-NUM_CONTEXT = 8 + len(EVENT_TYPES)
+# The channels whose z-scores are ranker features (components.models.channels): part of the
+# ranker's input shape, so a new channel joins them only with a ranker retrained for it.
+CHANNEL_FEATURES = ("retriever", "covisit", "text")
+# fused score, rank, the channel z-scores, popularity and recency as of the list's cut-off,
+# category overlap, last event type.
+NUM_CONTEXT = 2 + len(CHANNEL_FEATURES) + 3 + len(EVENT_TYPES)
+POP = 2 + len(CHANNEL_FEATURES)  # the column of popularity (then recency, category overlap, last event)
 
 
 @dataclass
@@ -131,22 +135,22 @@ def context_features(stats: ItemStats, cand: np.ndarray, scores: np.ndarray, his
     s = torch.as_tensor(scores, dtype=torch.float32)
     ctx[..., 0] = (s - s.mean(1, keepdim=True)) / (s.std(1, keepdim=True) + 1e-6)
     ctx[..., 1] = 1.0 / torch.log2(torch.arange(C, dtype=torch.float32) + 2.0)
-    for k, name in enumerate(("retriever", "covisit", "text")):
+    for k, name in enumerate(CHANNEL_FEATURES):
         if channels is not None and name in channels:
             ctx[..., 2 + k] = torch.as_tensor(np.asarray(channels[name]), dtype=torch.float32).clamp(-10, 10) / 3.0
     for b in range(B):
         items, ts, ev = hist_items[b], hist_ts[b], hist_events[b]
         now = int(ts[-1]) if len(ts) else 0
         count, last = stats.as_of(cand[b], now)
-        ctx[b, :, 5] = torch.as_tensor(np.log1p(count) / 5.0, dtype=torch.float32)
+        ctx[b, :, POP] = torch.as_tensor(np.log1p(count) / 5.0, dtype=torch.float32)
         age = np.where(count > 0, np.maximum(0, now - last) / DAY_MS, 1e4)
-        ctx[b, :, 6] = torch.as_tensor(np.log1p(age) / 5.0, dtype=torch.float32)
+        ctx[b, :, POP + 1] = torch.as_tensor(np.log1p(age) / 5.0, dtype=torch.float32)
         recent = torch.as_tensor(np.asarray(items[-50:], dtype=np.int64))
         if len(recent):
             prof = F.normalize(stats.categories[recent].mean(0), dim=0)
-            ctx[b, :, 7] = stats.categories[torch.as_tensor(cand[b])] @ prof
+            ctx[b, :, POP + 2] = stats.categories[torch.as_tensor(cand[b])] @ prof
         if len(ev):
-            ctx[b, :, 8 + int(ev[-1])] = 1.0
+            ctx[b, :, POP + 3 + int(ev[-1])] = 1.0
     return ctx
 
 

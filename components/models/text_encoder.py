@@ -8,11 +8,14 @@ Knows nothing of Ray or DeepSpeed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 def default_model_path() -> str:
@@ -117,3 +120,24 @@ def item_text(title: str, text: str, categories: Sequence[str], max_chars: int =
     if text and text.strip() != title.strip():
         parts.append(text.strip())
     return " ".join(parts)[:max_chars] or "(no text)"
+
+
+def embed_catalog(encoder: TextEncoder, items: "pa.Table") -> "pa.Table":
+    """(item_idx, item_id, embedding) for catalog rows with title, text and categories."""
+    import numpy as np
+    import pyarrow as pa
+
+    texts = [item_text(t, x, c) for t, x, c in zip(items["title"].to_pylist(), items["text"].to_pylist(),
+                                                     items["categories"].to_pylist())]
+    emb = encoder.encode(texts).numpy().astype(np.float32)
+    return pa.table({"item_idx": items["item_idx"], "item_id": items["item_id"],
+                     "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), emb.shape[1])})
+
+
+def text_index_bytes(embeddings: torch.Tensor) -> bytes:
+    """A serialised faiss inner-product index over ``embeddings`` [n, dim] (normalised by the encoder)."""
+    import faiss
+
+    index = faiss.IndexFlatIP(embeddings.shape[1])
+    index.add(embeddings.numpy().astype("float32"))
+    return faiss.serialize_index(index).tobytes()

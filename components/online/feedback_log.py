@@ -23,12 +23,13 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from components import layout
 from components.data.schemas import EVENT_SCHEMA, FEEDBACK_SCHEMA
 from components.storage import Storage
 
 log = logging.getLogger(__name__)
 
-FEEDBACK_PREFIX = "feedback"
+FEEDBACK_PREFIX = layout.FEEDBACK
 
 
 def shard_path(received_ms: int, prefix: str = FEEDBACK_PREFIX) -> str:

@@ -9,7 +9,6 @@ had just seen). ``user_shard`` names the holder of a user when the state is shar
 
 from __future__ import annotations
 
-import heapq
 import json
 import logging
 import sqlite3
@@ -23,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from components.data.schemas import EVENT_CODE
+from components.models.channels.covisit import LiveCovisitation
 
 log = logging.getLogger(__name__)
 
@@ -43,97 +43,6 @@ def shard_rows(table: pa.Table, shard: int, shards: int) -> pa.Table:
     unique = pc.unique(users)
     mine = pa.array([user_shard(u, shards) == shard for u in unique.to_pylist()])
     return table.filter(pc.take(mine, pc.index_in(users, value_set=unique)))
-
-
-def merge_covisit(parts: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """Live co-visits answered by several user shards, as one holder would count them: a
-    co-visit is counted once per user and pair and every user lives in one shard, so pair counts
-    and per-item user totals add up. One approximation: a neighbour's user total is summed over
-    the shards that list it, so a shard holding users of that item but no pair with the request's
-    items leaves them out (its norm is undercounted until the next retrain folds the log in)."""
-    if len(parts) == 1:
-        return parts[0]
-    pairs: Dict[Tuple[str, str], int] = {}
-    users: Dict[str, int] = {}
-    for part in parts:
-        for a, b, c in part["pairs"]:
-            pairs[(a, b)] = pairs.get((a, b), 0) + c
-        for item, n in part["users"].items():
-            users[item] = users.get(item, 0) + n
-    return {"pairs": [(a, b, c) for (a, b), c in pairs.items()], "users": users}
-
-
-class LiveCovisitation:
-    """Item co-visits added by live events since the model's training data, in item ids.
-
-    When a user interacts with an item new to their history, the pair (it, each of their last
-    ``window`` distinct items) gains one co-visit in both directions, and the item one user:
-    the numerator and the norms of the cosine the training-time channel uses
-    (``components.models.channels.covisitation``), counted over the events the model has not seen.
-    ``rows`` hands the retriever the pairs of a user's recent items, which it adds to its trained
-    similarities (``Channels.live_similarity``). Each item keeps its ``neighbours`` most
-    co-visited partners. The counts are aggregates: they are rebuilt from the feedback log with
-    the live state and fold into the model at the next retrain. Not thread-safe: ``SessionState``
-    holds its lock around every call.
-    """
-
-    def __init__(self, window: int = 50, neighbours: int = 200, query_items: int = 20, query_neighbours: int = 32):
-        self.window, self.neighbours = window, neighbours
-        # What one recommendation reads: the user's last ``query_items`` distinct items (the
-        # channel decays older ones: 0.9^20 = 0.12) and each one's ``query_neighbours`` most
-        # co-visited partners. Unbounded, 8.7k feedback events already made requests carry ~4.8k
-        # pairs (14k at most) and the in-process p99 went from 7 to 129 ms.
-        self.query_items, self.query_neighbours = query_items, query_neighbours
-        self.pairs: Dict[str, Dict[str, int]] = {}
-        self.users: Dict[str, int] = {}  # item -> users who interacted with it live
-        self.events = 0
-
-    def observe(self, history: Sequence[str], item: str) -> None:
-        """``item`` was just added to a user whose earlier items are ``history`` (oldest first)."""
-        if item in history:
-            return  # this user already counts for the item and its pairs
-        recent: Dict[str, None] = {}  # the last ``window`` distinct items, in insertion order
-        for h in reversed(history):
-            recent.setdefault(h, None)
-            if len(recent) == self.window:
-                break
-        self.users[item] = self.users.get(item, 0) + 1
-        self.events += 1
-        for h in recent:
-            self._bump(h, item)
-            self._bump(item, h)
-
-    def _bump(self, a: str, b: str) -> None:
-        row = self.pairs.setdefault(a, {})
-        row[b] = row.get(b, 0) + 1
-        if len(row) > 2 * self.neighbours:  # amortised: keep the most co-visited half
-            keep = sorted(row.items(), key=lambda kv: -kv[1])[:self.neighbours]
-            self.pairs[a] = dict(keep)
-
-    def rows(self, items: Sequence[str]) -> Dict[str, Any]:
-        """The live pairs of the last ``query_items`` distinct ``items`` (most recent last), each
-        item's ``query_neighbours`` most co-visited partners:
-        ``{"pairs": [(item, neighbour, co-visits)], "users": {item: live users}}`` (empty when
-        no live event touched them)."""
-        pairs: List[Tuple[str, str, int]] = []
-        users: Dict[str, int] = {}
-        seen = set()
-        for a in reversed(items):
-            if a in seen:
-                continue
-            seen.add(a)
-            if len(seen) > self.query_items:
-                break
-            row = self.pairs.get(a)
-            if not row:
-                continue
-            users[a] = self.users.get(a, 0)
-            top = row.items() if len(row) <= self.query_neighbours else \
-                heapq.nlargest(self.query_neighbours, row.items(), key=lambda kv: kv[1])
-            for b, c in top:
-                pairs.append((a, b, c))
-                users[b] = self.users.get(b, 0)
-        return {"pairs": pairs, "users": users}
 
 
 class SessionState:

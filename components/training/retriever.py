@@ -1,16 +1,21 @@
-"""Training and scoring helpers for the retriever, shared by the Ray Train worker, the
-in-process baselines and the evaluator (torch only, no Ray)."""
+"""The retriever's one training loop, run by the Ray Train worker (a DeepSpeed stepper), the
+in-process baselines and jobs.quick_train (an AdamW stepper), with its budget and batches
+(torch only, no Ray)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import numpy as np
 import torch
 
-from components.models.retriever import SequenceRetriever
-from components.data.sequences import UserHistories, history_for, inference_inputs, trim_padding
+from components.data.sequences import UserHistories, training_windows, trim_padding
+from components.evaluation.metrics import rank_and_topk, ranking_metrics
+from components.evaluation.ranking import retriever_scores
+from components.models.retriever import RetrieverConfig, SequenceRetriever
+from components.training.stepper import LocalStepper
 
 
 @dataclass
@@ -101,29 +106,113 @@ def log_q_from_counts(counts: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.log(q), dtype=torch.float32)
 
 
-@torch.no_grad()
-def user_vectors(model: SequenceRetriever, text_emb: Optional[torch.Tensor], items: Sequence[np.ndarray],
-                 events: Sequence[np.ndarray], ts: Sequence[np.ndarray], batch: int = 256) -> torch.Tensor:
-    model.eval()
-    out = []
-    for s in range(0, len(items), batch):
-        x = trim_padding(inference_inputs(items[s:s + batch], events[s:s + batch], ts[s:s + batch], model.cfg.max_len))
-        out.append(model.user_vector(torch.as_tensor(x["items"]), torch.as_tensor(x["events"]),
-                                     torch.as_tensor(x["gaps"]), text_emb))
-    return torch.cat(out) if out else torch.empty(0, model.cfg.dim)
 
 
-@torch.no_grad()
-def item_table(model: SequenceRetriever, text_emb: Optional[torch.Tensor]) -> torch.Tensor:
-    """[num_items, dim] item vectors (0-based rows)."""
-    model.eval()
-    return model.item_vectors(text_emb)[1:]
+@dataclass
+class RetrieverInputs:
+    """What the loop trains on: next-item windows, the text table (row 0 padding), the sampling
+    log-probabilities, the histories (for validation) and an optional mask of known items."""
+
+    windows: Dict[str, np.ndarray]
+    text_emb: Optional[torch.Tensor]
+    log_q: torch.Tensor
+    histories: UserHistories
+    known: Optional[torch.Tensor] = None
 
 
-def retriever_scores(model: SequenceRetriever, text_emb: Optional[torch.Tensor], h: UserHistories,
-                     split: str) -> tuple[torch.Tensor, np.ndarray, List[np.ndarray]]:
-    """(scores [users with a target, num_items], 0-based targets, histories) for ``split``."""
-    users, items, events, ts, targets = history_for(h, split)
-    u = user_vectors(model, text_emb, items, events, ts)
-    return u @ item_table(model, text_emb).T, targets, items
+def retriever_inputs(h: UserHistories, text: Optional[torch.Tensor], rcfg: RetrieverConfig,
+                     known_items: Optional[np.ndarray] = None) -> RetrieverInputs:
+    """``text``: [num_items, dim] (0-based rows) or None. ``known_items`` (bool per item) limits the
+    softmax to the items that exist at training time."""
+    text_emb = torch.cat([torch.zeros(1, text.shape[1]), text]) if (rcfg.use_text and text is not None) else None
+    log_q = log_q_from_counts(np.bincount(np.concatenate(h.items), minlength=h.num_items))
+    return RetrieverInputs(training_windows(h, rcfg.max_len), text_emb, log_q, h,
+                           torch.as_tensor(known_items) if known_items is not None else None)
 
+
+def new_retriever(h: UserHistories, text: Optional[torch.Tensor], rcfg: RetrieverConfig,
+                  seed: int) -> SequenceRetriever:
+    """A fresh retriever sized to the data (identical on every rank: seeded)."""
+    rcfg = replace(rcfg, num_items=h.num_items, text_dim=text.shape[1] if (rcfg.use_text and text is not None) else 0)
+    torch.manual_seed(seed)
+    return SequenceRetriever(rcfg)
+
+
+def valid_metrics(model: SequenceRetriever, x: RetrieverInputs) -> Dict[str, float]:
+    scores, targets, hist = retriever_scores(model, x.text_emb, x.histories, "valid")
+    return ranking_metrics(rank_and_topk(scores, targets, hist)[0])
+
+
+def new_progress() -> Dict[str, Any]:
+    return {"epoch": -1, "best": -1.0, "best_epoch": -1, "bad_evals": 0, "resumed_from": None, "_best_state": None}
+
+
+def train_retriever(stepper, x: RetrieverInputs, tcfg: RetrieverTrainConfig, budget: Budget,
+                    progress: Optional[Dict[str, Any]] = None, rank: int = 0, world: int = 1,
+                    before_epoch: Callable[[int], None] = lambda epoch: None,
+                    after_epoch: Callable[[Dict[str, Any], Dict[str, Any], bool, bool], None] = lambda *a: None,
+                    tick: Callable[..., None] = lambda *a, **k: None) -> Dict[str, Any]:
+    """Epochs of next-item training on this rank's share of the windows, evaluated on valid every
+    ``tcfg.eval_every`` epochs (and at the last); the best evaluation's weights are kept and the
+    run stops after ``tcfg.patience`` evaluations without improvement.
+
+    ``progress`` (from ``new_progress`` or a resumed checkpoint) is updated in place and returned;
+    ``progress["_best_state"]`` holds the best weights. ``after_epoch(metrics, progress, improved,
+    last)`` is where a worker reports and checkpoints; ``tick`` drives a progress bar."""
+    progress = progress or new_progress()
+    if progress["epoch"] >= 0:
+        progress["resumed_from"] = progress["epoch"]
+    tick(0, total=budget.epochs * budget.steps_per_epoch, force=True)
+    extra = [x.known] if x.known is not None else []
+    for epoch in range(progress["epoch"] + 1, budget.epochs):
+        before_epoch(epoch)
+        t0 = time.perf_counter()
+        stepper.train()
+        total, n = 0.0, 0
+        for batch in batches(x.windows, budget.batch_size, np.random.default_rng([tcfg.seed, epoch]), rank, world):
+            loss = stepper(batch, x.text_emb, x.log_q, *extra)
+            stepper.step(loss)
+            total, n = total + float(loss.item()), n + 1
+            tick(1, epoch=epoch)
+        metrics = {"epoch": epoch, "loss": stepper.mean(total / max(n, 1)), "epoch_s": round(time.perf_counter() - t0, 2),
+                   "resumed_from": progress["resumed_from"], "steps": n}
+        last = epoch == budget.epochs - 1
+        improved = False
+        if last or (tcfg.eval_every > 0 and (epoch + 1) % tcfg.eval_every == 0):
+            with stepper.full_params():
+                m = valid_metrics(stepper.module, x)
+            metrics.update({f"valid_{k}": v for k, v in m.items() if k != "n"})
+            if m["ndcg@10"] > progress["best"]:
+                progress.update(best=m["ndcg@10"], best_epoch=epoch, bad_evals=0,
+                                best_metrics={f"valid_{k}": v for k, v in m.items()}, _best_state=stepper.state())
+                improved = True
+            else:
+                progress["bad_evals"] += 1
+            early = bool(tcfg.patience) and progress["bad_evals"] >= tcfg.patience and not last
+            last = last or early
+            tick(0, force=True, valid_ndcg10=m["ndcg@10"], **({"stopped": "early"} if early else {}))
+        progress["epoch"] = epoch
+        metrics["best_epoch"] = progress["best_epoch"]
+        after_epoch(metrics, progress, improved, last)
+        if last:
+            break
+    return progress
+
+
+def fit_retriever_local(h: UserHistories, text: Optional[torch.Tensor], rcfg: RetrieverConfig,
+                        tcfg: RetrieverTrainConfig, known_items: Optional[np.ndarray] = None) -> SequenceRetriever:
+    """``train_retriever`` in this process with AdamW (baselines, variants, quick bundles); the
+    best epoch on valid. With ``known_items`` the other items get a zero ID embedding, as items
+    added after training have in serving."""
+    model = new_retriever(h, text, rcfg, tcfg.seed)
+    x = retriever_inputs(h, text, model.cfg, known_items)
+    budget = plan_budget(tcfg, x.windows)
+    stepper = LocalStepper(model, tcfg.lr, tcfg.weight_decay,
+                           schedule=lambda opt: lr_schedule(opt, tcfg, budget.epochs * budget.steps_per_epoch))
+    progress = train_retriever(stepper, x, tcfg, budget)
+    if progress["_best_state"] is not None:
+        model.load_state_dict(progress["_best_state"])
+    if known_items is not None and model.cfg.use_id:
+        with torch.no_grad():
+            model.id_emb.weight[1:][torch.as_tensor(~known_items)] = 0.0
+    return model.eval()

@@ -1,11 +1,11 @@
 """Ray Train + DeepSpeed on CPU (2 gloo workers): checkpoints to S3, resume after a killed worker."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from components import bundle
 from components import checkpoints as ck
 from components.config import load_config
 from components.data.datasets import load_training_data, resolve_dataset
@@ -28,21 +28,21 @@ def test_two_worker_deepspeed_resumes_after_killed_worker_and_checkpoints_to_s3(
     storage = Storage.from_config(cfg.storage)
     preprocess.run(cfg, engine="local")
     ds = resolve_dataset(storage, cfg)
-    out = train.train(cfg, storage, ds, "t-resume", text_prefix=None)
+    out = train.train(cfg, storage, ds, "t-resume")
+    local = ck.fetch(storage, out["prefix"], tmp_path / "bundle")
 
     # The worker died once at epoch 1 (marker written), the group restarted from the epoch-0
     # checkpoint and finished: the final metrics say where it resumed from.
     assert storage.exists("runs/t-resume/_fault_injected")
-    progress = json.loads((Path(out["local_dir"]) / "retriever" / "train_progress.json").read_text())
+    progress = json.loads((local / "retriever" / "train_progress.json").read_text())
     assert progress["last_metrics"]["resumed_from"] == 0
     assert progress["epoch"] == 2
 
     # The published bundle on S3 reloads, verifies, and reproduces the recorded valid NDCG.
-    local = ck.fetch(storage, out["prefix"], tmp_path / "bundle")
     data = load_training_data(storage, ds.prefix, None)
-    model, _ = train.load_retriever(local / "retriever", data)
+    model = bundle.load_retriever(local)
     from components.evaluation.metrics import rank_and_topk, ranking_metrics
-    from components.training.retriever import retriever_scores
+    from components.evaluation.ranking import retriever_scores
 
     s, t, h = retriever_scores(model, None, data.histories, "valid")
     ndcg = ranking_metrics(rank_and_topk(s, t, h)[0])["ndcg@10"]
@@ -57,8 +57,9 @@ def test_zero3_trains_and_exports_full_weights(ray_local, tmp_path):
     storage = Storage.from_config(cfg.storage)
     preprocess.run(cfg, engine="local")
     ds = resolve_dataset(storage, cfg)
-    out = train.train(cfg, storage, ds, "t-z3", text_prefix=None)
-    state, config, metrics = ck.load_local(Path(out["local_dir"]) / "retriever")
+    out = train.train(cfg, storage, ds, "t-z3")
+    local = ck.fetch(storage, out["prefix"], tmp_path / "bundle")
+    state, config, metrics = ck.load_local(local / "retriever")
     # Gathered from the ZeRO-3 partitions: every tensor has its full shape.
     assert state["id_emb.weight"].shape[1] == 32
     assert state["id_emb.weight"].shape[0] == config["retriever"]["num_items"] + 1

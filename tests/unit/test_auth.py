@@ -79,7 +79,7 @@ def test_runner_refuses_an_open_public_bind_before_deploying(monkeypatch):
 def _call(method, path, key=None, client=("10.0.0.1", 5000), body=b"{}"):
     """One request through the real ASGI guard in front of a route that records it; returns
     (status, headers) as the client would see them."""
-    from serve.app import Guard
+    from serve.guard import Guard
 
     reached.clear()
 

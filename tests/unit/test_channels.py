@@ -31,7 +31,7 @@ def test_covisitation_keeps_top_neighbours_without_self():
 def test_itemknn_baseline_is_the_covisitation_channel():
     h = _histories()
     knn = ItemKNN(h, 7).scores([np.array([0]), np.array([3, 4])])
-    ch = Channels.fit_data(h, 7, None).covisit_scores([np.array([0]), np.array([3, 4])], decay=1.0)
+    ch = Channels.fit_data(h, 7, None).raw_scores("covisit", [np.array([0]), np.array([3, 4])], decay=1.0)
     assert torch.allclose(knn, ch)
 
 
@@ -46,7 +46,7 @@ def test_fusion_fit_is_never_worse_than_a_single_channel():
         return ranking_metrics(rank_and_topk(s.clone(), targets, hist)[0], (10,))["ndcg@10"]
 
     alone = objective(raw)
-    knn_alone = objective(ch.covisit_scores(hist, 1.0))
+    knn_alone = objective(ch.raw_scores("covisit", hist, 1.0))
     fit = ch.fit_weights(raw, hist, objective)
     assert fit["valid_ndcg@10"] >= max(alone, knn_alone) - 1e-9
     assert fit["weights"]["covisit"] > 0
@@ -90,8 +90,8 @@ def test_live_co_visits_add_to_the_trained_similarity_with_the_cosine_norms():
     want = 3 / (np.sqrt(trained[0] + 1) * np.sqrt(trained[6] + 3) + 10.0)
     assert live.nnz == 2 and np.isclose(live[0, 6], want) and np.isclose(live[6, 0], want)
     hist = [np.array([0])]
-    base = ch.covisit_scores(hist, 1.0)
-    assert torch.allclose(ch.covisit_scores(hist, 1.0, live), base + torch.as_tensor(live[0].toarray()))
+    base = ch.raw_scores("covisit", hist, 1.0)
+    assert torch.allclose(ch.raw_scores("covisit", hist, 1.0, live), base + torch.as_tensor(live[0].toarray()))
     # A new item (code 7): scored from its text until live events give it co-visits of its own.
     ch.grow(1)
     ch.set_text(7, (torch.eye(7, 4) + 0.01)[3].numpy())

@@ -155,7 +155,7 @@ def test_live_events_count_co_visits_once_per_user_and_pair():
 
 
 def test_live_co_visits_are_bounded_and_replayed_from_the_log_in_time_order():
-    from components.online.live_state import LiveCovisitation
+    from components.models.channels.covisit import LiveCovisitation
 
     cv = LiveCovisitation(window=2, neighbours=2)
     cv.observe(["a", "b", "c"], "d")  # only the last 2 distinct items pair with d
@@ -180,7 +180,8 @@ def test_live_co_visits_are_bounded_and_replayed_from_the_log_in_time_order():
 def test_user_shards_split_the_state_and_their_co_visits_add_up_to_one_holder():
     """Live state sharded by user (issue 11.3): a stable owner per user, a rebuild keeps only the
     shard's users, and co-visits summed over the shards equal one holder's."""
-    from components.online.live_state import merge_covisit, shard_rows, user_shard
+    from components.models.channels.covisit import merge_covisit
+    from components.online.live_state import shard_rows, user_shard
 
     users = [f"u{k:03d}" for k in range(40)]
     owners = {u: user_shard(u, 2) for u in users}
@@ -209,7 +210,7 @@ def test_user_shards_split_the_state_and_their_co_visits_add_up_to_one_holder():
 def test_what_one_request_reads_of_the_live_co_visits_is_bounded_to_the_strongest_pairs():
     """The per-request payload stays small however many live events there are: the last
     query_items distinct items, each with its query_neighbours most co-visited partners."""
-    from components.online.live_state import LiveCovisitation
+    from components.models.channels.covisit import LiveCovisitation
 
     cv = LiveCovisitation(query_items=3, query_neighbours=4)
     for k in range(40):  # 40 users pair "a" with a partner each; p0..p3 again and again

@@ -163,19 +163,19 @@ def test_the_image_installs_what_make_setup_installs():
 def test_grafana_dashboard_charts_metrics_that_exist():
     """infra/grafana-dashboard.json: every PromQL name is one the project or Ray Serve exports:
     the jobs' gauges (jobs/telemetry.py, under Ray's ray_ namespace), the ingress's registry
-    (serve/app.py, /metrics) and Ray Serve's own (named in Ray's source)."""
+    (serve/metrics.py, /metrics) and Ray Serve's own (named in Ray's source)."""
     import json
 
     import ray.serve
 
     from jobs.telemetry import METRICS
-    from serve.app import _metrics
+    from serve.metrics import IngressMetrics
 
     dash = json.loads((ROOT / "infra" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] if p["type"] != "row" for t in p["targets"]]
     assert len(exprs) >= 12
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
-    ingress = {m.name + s for m in _metrics()[0].collect() for s in suffixes[m.type]}
+    ingress = {m.name + s for m in IngressMetrics().registry.collect() for s in suffixes[m.type]}
     serve_src = "".join(p.read_text() for p in (Path(ray.serve.__file__).parent / "_private").rglob("*.py"))
     names = {n for e in exprs for n in re.findall(r"\b((?:ray_)?(?:llmrec|serve)_[a-z0-9_]+)", e)}
     assert {n for n in names if n.startswith("ray_llmrec_")} and {n for n in names if n.startswith("ray_serve_")}
@@ -198,3 +198,22 @@ def test_deployment_options_from_the_config_are_overridden_per_deployment():
     assert opts["Ingress"]["autoscaling_config"] == two["autoscaling_config"]
     assert opts["Ingress"]["max_ongoing_requests"] == 64  # untouched options stay
     assert opts["EventStore"] == deployment_options(app)["EventStore"]
+
+
+def test_serve_settings_are_typed_and_refuse_unknown_args():
+    """The Serve app args (serve/settings.py): every arg the shipped YAMLs set is a known, typed
+    setting; defaults <- YAML args <- overrides; an unknown or invalid arg fails with its name."""
+    from components.config import ConfigError
+    from serve.runner import load_serve_config
+    from serve.settings import load_settings
+
+    for path in ("configs/serve.yaml", "configs/serve-fused.yaml"):
+        args = load_serve_config(path)["app"]["args"]
+        s = load_settings(args, {"watch_interval_s": 1, "live_state_shards": "2"})
+        assert s.watch_interval_s == 1.0 and s.live_state_shards == 2 and s.rate_limit == args["rate_limit"]
+        assert s.mode == args.get("mode", "graph") and s.startup_timeout_s == 120.0  # a default the YAML leaves
+    for bad, name in (({"colour": "red"}, "colour"), ({"candidates": "many"}, "candidates"),
+                      ({"mode": "async"}, "mode"), ({"live_state_shards": 0}, "live_state_shards"),
+                      ({"rate_limit": "lots"}, "rate_limit")):
+        with pytest.raises(ConfigError, match=name):
+            load_settings(bad)

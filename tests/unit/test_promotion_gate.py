@@ -1,7 +1,6 @@
 from components import registry
 from components.config import load_config
 from components.storage import Storage
-from jobs.evaluate import gate_and_promote
 
 
 def _res(ndcg, version="v1", knn_valid=None, test=None):
@@ -11,6 +10,24 @@ def _res(ndcg, version="v1", knn_valid=None, test=None):
         models["ItemKNN"] = {"valid": {"ndcg@10": knn_valid}, "test": {"ndcg@10": knn_valid}}
         models["MostPopular"] = {"valid": {"ndcg@10": knn_valid / 2}, "test": {"ndcg@10": knn_valid / 2}}
     return {"main_model": "hybrid", "dataset_version": version, "models": models}
+
+
+def gate_and_promote(cfg, storage, res, trained):
+    return registry.gate_and_promote(storage, res, trained, cfg.evaluate.ndcg_floor, cfg.evaluate.tolerance)
+
+
+def test_the_decision_is_a_pure_function_of_the_results_and_the_pointer():
+    """decide_promotion reads no storage: the same inputs give the same decision, and nothing
+    is written (the pointer stays absent)."""
+    current = {"lineage": {"dataset_version": "v1"},
+               "metrics": {"selection_split": "valid", "selection_ndcg@10": 0.20, "test_ndcg@10": 0.9}}
+    worse = registry.decide_promotion(_res(0.15, knn_valid=0.05), current, floor=0.0, tolerance=0.01)
+    assert worse["promoted"] is False and "worse than the promoted 0.2000" in worse["reason"]
+    assert worse == registry.decide_promotion(_res(0.15, knn_valid=0.05), current, floor=0.0, tolerance=0.01)
+    within = registry.decide_promotion(_res(0.195, knn_valid=0.05), current, floor=0.0, tolerance=0.01)
+    assert within["promoted"] is True and within["current_test_ndcg@10"] == 0.9
+    first = registry.decide_promotion(_res(0.15, knn_valid=0.05), None, floor=0.0, tolerance=0.01)
+    assert first["promoted"] is True and "note" not in first
 
 
 def _train_out(run):

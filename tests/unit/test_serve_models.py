@@ -9,10 +9,11 @@ import torch
 
 from components import checkpoints as ck
 from components import registry
+from components.layout import ENCODER_PARTS, RANKER_PARTS, RETRIEVER_PARTS
 from components.models.retriever import gap_buckets
-from serve.bundle import ModelWatcher, fetch_parts
-from serve.models import (ENCODER_PARTS, RANKER_PARTS, RETRIEVER_PARTS, RankerModel, RetrievalModel,
-                          UserEncoderModel)
+from serve.models import RankerModel, UserEncoderModel
+from serve.retrieval import RetrievalModel
+from serve.watcher import ModelWatcher, fetch_parts
 from jobs.quick_train import build_bundle
 
 
@@ -25,7 +26,7 @@ def bundle(tmp_path_factory):
 def loaded(bundle, tmp_path_factory):
     d = fetch_parts(bundle["storage"], bundle["pointer"], RETRIEVER_PARTS + RANKER_PARTS,
                     tmp_path_factory.mktemp("fetched"))
-    return {"dir": d, "retrieval": RetrievalModel(d, bundle["storage"], "v1"), "encoder": UserEncoderModel(d, "v1"),
+    return {"dir": d, "retrieval": RetrievalModel(d, "v1"), "encoder": UserEncoderModel(d, "v1"),
             "ranker": RankerModel(d, "v1")}
 
 
@@ -41,6 +42,22 @@ def test_fetch_refuses_a_file_that_does_not_match_the_manifest(bundle, tmp_path)
     partial = dict(pointer, sha256={k: v for k, v in pointer["sha256"].items() if not k.startswith("retriever/")})
     with pytest.raises(ck.CheckpointError, match="no retriever/"):
         fetch_parts(storage, partial, RETRIEVER_PARTS, tmp_path / "b")
+
+
+def test_popularity_and_recency_come_from_the_bundle_alone(loaded, bundle):
+    """A bundle is self-contained: the ranker's popularity and recency features come from its
+    interactions/ part, identical to what the training dataset gives (which serving never reads)."""
+    from components.data.sequences import histories_from_tables
+    from components.models.ranker import item_stats
+
+    r = RetrievalModel(loaded["dir"], "fresh")  # the module's model takes upserts in other tests
+    prefix, storage = bundle["dataset"].prefix, bundle["storage"]
+    h = histories_from_tables(*[storage.read_parquet(f"{prefix}/{t}") for t in ("sequences", "valid", "test")],
+                              r.size)
+    expected = item_stats(h.items, h.ts, r.categories, r.text)
+    assert len(expected.keys) > 0 and r.log_pop.max() > 0
+    np.testing.assert_array_equal(r.stats.keys, expected.keys)
+    np.testing.assert_array_equal(r.log_pop, expected.log_pop)
 
 
 def test_encoder_from_item_vectors_matches_the_offline_user_vector(loaded, bundle):
@@ -186,7 +203,7 @@ def test_a_replica_never_answers_a_request_pinned_to_a_version_it_does_not_hold(
     the logic under test is the version bookkeeping, not the models."""
     from types import SimpleNamespace
 
-    from serve.app import StaleVersion, _Versioned
+    from serve.deployments import StaleVersion, _Versioned
 
     replica = _Versioned()
     replica._init_versions()

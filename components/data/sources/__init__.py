@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional
 
 import pyarrow as pa
 
+from components import layout
 from components.config import to_dict
 from components.data.shards import list_shards
 from components.storage import Storage
@@ -56,7 +57,7 @@ def prepare_source(cfg, storage: Storage) -> RawSource:
         return RawSource(name, root, events_prefix, items, "items", dict(to_dict(cfg.data.columns)),
                          dict(to_dict(cfg.data.item_columns)), {"source": "files", "path": root.root})
 
-    ev_prefix, it_prefix = f"raw/events/{name}", f"raw/items/{name}"
+    ev_prefix, it_prefix = layout.raw("events", name), layout.raw("items", name)
     marker = f"{ev_prefix}/_SOURCE.json"
     settings = {"source": src, "path": cfg.data.path, "seed": cfg.data.seed,
                 "synthetic": to_dict(cfg.data.synthetic) if src == "synthetic" else None,

@@ -22,23 +22,27 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
 from components import checkpoints as ck
-from components import registry
+from components import layout, registry
 from components.storage import Storage
 
 log = logging.getLogger(__name__)
 
+# Parts without which no retriever can load: a manifest lacking one is refused before any download.
+REQUIRED_PARTS = (layout.RETRIEVER, layout.TEXT, layout.ITEMS)
+
 
 def fetch_parts(storage: Storage, pointer: Dict[str, Any], parts: Sequence[str], dest: Path) -> Path:
-    """Download ``parts`` (top-level folders) of the bundle ``pointer`` names, plus lineage.json,
-    verifying each file's sha256 against the pointer's manifest."""
+    """Download ``parts`` (top-level folders, ``components.layout.*_PARTS``) of the bundle
+    ``pointer`` names, plus its lineage, verifying each file's sha256 against the pointer's
+    manifest. Returns ``dest``."""
     manifest: Dict[str, str] = pointer.get("sha256") or {}
     prefix = pointer.get("prefix")
     if not manifest or not prefix:
         raise ck.CheckpointError(f"registry pointer for run {pointer.get('run_id')!r} has no manifest or prefix")
     wanted = {rel: digest for rel, digest in manifest.items()
-              if rel == "lineage.json" or rel.split("/", 1)[0] in parts}
+              if rel == layout.LINEAGE or rel.split("/", 1)[0] in parts}
     for part in parts:
-        if part in ("retriever", "text", "items") and not any(r.startswith(part + "/") for r in wanted):
+        if part in REQUIRED_PARTS and not any(r.startswith(part + "/") for r in wanted):
             raise ck.CheckpointError(f"bundle {prefix} has no {part}/ in its manifest")
     dest = Path(dest)
     for rel, digest in sorted(wanted.items()):
@@ -55,12 +59,12 @@ def fetch_parts(storage: Storage, pointer: Dict[str, Any], parts: Sequence[str],
 
 
 class ModelWatcher:
-    """Keeps ``current`` at the newest loadable version of ``registry/<model>/latest.json``.
+    """Keeps ``current`` at the newest loadable version of the registry pointer of ``model``.
 
     Args:
         storage: the storage root holding registry/ and checkpoints/.
         model: registry name (``recommender``).
-        parts: bundle folders to fetch.
+        parts: bundle parts to fetch (``components.layout.*_PARTS``).
         loader: ``(folder, version) -> object``; runs in the watcher thread.
         interval_s: polling interval.
         prepare: ``(old, new)`` run under ``swap_lock`` just before ``new`` replaces ``old``
@@ -68,7 +72,7 @@ class ModelWatcher:
     """
 
     def __init__(self, storage: Storage, model: str, parts: Sequence[str], loader: Callable[[Path, str], Any],
-                 interval_s: float = 2.0, prepare: Optional[Callable[[Any], None]] = None):
+                 interval_s: float = 2.0, prepare: Optional[Callable[[Any, Any], None]] = None):
         self.storage = storage
         self.model = model
         self.parts = tuple(parts)
@@ -93,7 +97,7 @@ class ModelWatcher:
         """One poll: returns True when a new version was swapped in."""
         pointer = registry.read_pointer(self.storage, self.model)
         if pointer is None:
-            self.last_error = f"no promoted model at {self.storage.uri(f'registry/{self.model}/latest.json')}"
+            self.last_error = f"no promoted model at {self.storage.uri(layout.pointer(self.model))}"
             return False
         run_id = pointer.get("run_id", "")
         if run_id == self.version or run_id in self.refused:

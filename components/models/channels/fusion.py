@@ -1,4 +1,4 @@
-"""Candidate channels besides the sequence retriever, and the fusion of all of them.
+"""Candidate channels and their fusion: a registry of channels, one module each.
 
 A production recommender does not trust one model for its candidates. Each channel scores the
 whole catalog for a user from the same inputs (history items, most recent last):
@@ -10,6 +10,9 @@ whole catalog for a user from the same inputs (history items, most recent last):
   text        LLM text similarity of each item to the user's recent items: the only channel
               that reaches an item nobody has interacted with yet (an item added through the API);
   popularity  log of the item's training interactions.
+
+Each channel module (retriever.py, covisit.py, text.py, popularity.py) declares its name (also
+its fusion weight's), its scores and its live update; ``registry.REGISTRY`` lists them.
 
 Fusion: every channel is standardised per user over the catalog (z-scores) and summed with
 weights fitted on the valid split (coordinate ascent over a small grid, valid NDCG@10). The
@@ -31,47 +34,26 @@ import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
 
-CHANNELS = ("retriever", "covisit", "text", "popularity")
+from components.models.channels import covisit
+from components.models.channels.base import Query
+from components.models.channels.covisit import SHRINK, covisitation
+from components.models.channels.registry import BY_NAME, CHANNELS, REGISTRY
+
 GRID = (0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 DECAYS = (1.0, 0.9, 0.7)
-SHRINK = 10.0  # co-visitation cosine shrinkage (few co-visits -> small similarity)
 
 
 @dataclass
 class FusionConfig:
     # Weight of each channel's per-user z-score (fitted on valid by jobs.train; these are the
     # values before fitting).
-    weights: Dict[str, float] = field(default_factory=lambda: {"retriever": 1.0, "covisit": 0.0, "text": 0.0,
-                                                               "popularity": 0.0})
+    weights: Dict[str, float] = field(default_factory=lambda: {c: BY_NAME[c].default_weight for c in CHANNELS})
     # Co-visitation: history item k positions from the end weighs decay ** k.
     decay: float = 1.0
     # Text channel: the mean of the last ``text_recent`` history items' text vectors.
     text_recent: int = 5
     # Co-visitation and text channels read at most this many recent history items.
     history: int = 200
-
-
-def covisitation(histories: Sequence[np.ndarray], num_items: int, neighbors: int = 100,
-                 shrink: float = SHRINK) -> sp.csr_matrix:
-    """[num_items, num_items] sparse item-item cosine over users (binary user x item matrix),
-    shrunk by ``shrink``, the ``neighbors`` largest per row, no self-similarity."""
-    rows = np.concatenate([np.full(len(h), u) for u, h in enumerate(histories)]) if len(histories) else np.empty(0)
-    cols = np.concatenate(histories) if len(histories) else np.empty(0, np.int64)
-    m = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(len(histories), num_items))
-    m.data[:] = 1.0
-    co = (m.T @ m).tocsr().astype(np.float32)
-    norms = np.sqrt(co.diagonal())
-    co.setdiag(0.0)
-    co.eliminate_zeros()
-    co = co.tocoo()
-    sim = co.data / (norms[co.row] * norms[co.col] + shrink + 1e-9)
-    # Keep the ``neighbors`` most similar per row: sort by (row, -sim), rank within the row.
-    order = np.lexsort((-sim, co.row))
-    r, c, s = co.row[order], co.col[order], sim[order]
-    start = np.searchsorted(r, np.arange(num_items))
-    rank = np.arange(len(r)) - start[r]
-    keep = rank < neighbors
-    return sp.csr_matrix((s[keep].astype(np.float32), (r[keep], c[keep])), shape=(num_items, num_items))
 
 
 def _zscore(x: torch.Tensor) -> torch.Tensor:
@@ -141,80 +123,32 @@ class Channels:
         return self.sim.shape[0]
 
     def live_similarity(self, pairs: Sequence[tuple], users: Dict[int, int], shrink: float = SHRINK) -> sp.csr_matrix:
-        """Similarities from co-visits counted after training (serving's live events), to add
-        to ``sim``: ``pairs`` (item, neighbour, co-visits) and ``users`` (item -> live users),
-        in 0-based codes. The cosine of ``covisitation`` with each item's norm over its
-        training plus live users: the trained numerator is not stored (only the top
-        neighbours' similarities), so a pair seen in both adds its live part on top."""
-        n = self.num_items
-        if not len(pairs):
-            return sp.csr_matrix((n, n), dtype=np.float32)
-        a, b, c = (np.asarray(x) for x in zip(*pairs))
-        ok = (a >= 0) & (a < n) & (b >= 0) & (b < n)
-        a, b, c = a[ok].astype(np.int64), b[ok].astype(np.int64), c[ok].astype(np.float64)
-        def norm(idx: np.ndarray) -> np.ndarray:  # only the items involved: this runs per request
-            live = np.array([users.get(int(k), 0) for k in idx], dtype=np.float64)
-            return np.sqrt(np.expm1(self.log_pop[idx].astype(np.float64)) + live)
+        """Co-visit similarities live events added (``covisit.live_similarity``), for ``scores``."""
+        return covisit.live_similarity(self.sim, self.log_pop, pairs, users, shrink)
 
-        sim = c / (norm(a) * norm(b) + shrink + 1e-9)
-        return sp.csr_matrix((sim.astype(np.float32), (a, b)), shape=(n, n))
-
-    # -- per-channel scores [B, num_items] ------------------------------------------------------------
-    def covisit_scores(self, histories: Sequence[np.ndarray], decay: Optional[float] = None,
-                       live: Optional[sp.csr_matrix] = None) -> torch.Tensor:
-        """Sum over each history's items (recency-decayed) of their similarity rows; ``live``:
-        similarities added by live events (``live_similarity``), used with the trained ones."""
-        decay = self.cfg.decay if decay is None else decay
-        n, H = self.num_items, self.cfg.history
-        rows, cols, vals = [], [], []
-        for r, h in enumerate(histories):
-            h = np.asarray(h, dtype=np.int64)[-H:]
-            h = h[(h >= 0) & (h < n)]
-            rows.append(np.full(len(h), r))
-            cols.append(h)
-            vals.append(decay ** np.arange(len(h) - 1, -1, -1, dtype=np.float64))
-        x = sp.csr_matrix((np.concatenate(vals).astype(np.float32) if vals else np.empty(0, np.float32),
-                           (np.concatenate(rows) if rows else np.empty(0), np.concatenate(cols) if cols else np.empty(0))),
-                          shape=(len(histories), n))
-        out = x @ self.sim
-        if live is not None and live.nnz:  # x @ (sim + live) without building sim + live per request
-            out = out + x @ live
-        return torch.as_tensor(out.toarray(), dtype=torch.float32)
-
-    def text_scores(self, histories: Sequence[np.ndarray]) -> Optional[torch.Tensor]:
-        if self.text is None:
-            return None
-        k = self.cfg.text_recent
-        prof = torch.zeros(len(histories), self.text.shape[1])
-        for r, h in enumerate(histories):
-            h = np.asarray(h, dtype=np.int64)[-k:]
-            h = h[(h >= 0) & (h < len(self.text))]
-            if len(h):
-                prof[r] = F.normalize(self.text[torch.as_tensor(h)].mean(0), dim=0)
-        return prof @ self.text.T
-
-    def popularity_scores(self, batch: int) -> torch.Tensor:
-        return torch.as_tensor(self.log_pop)[None].expand(batch, -1)
+    def raw_scores(self, name: str, histories: Sequence[np.ndarray], decay: Optional[float] = None,
+                   live: Optional[sp.csr_matrix] = None) -> Optional[torch.Tensor]:
+        """One channel's scores before standardisation [B, num_items] (not the retriever's: the
+        caller owns those)."""
+        return BY_NAME[name].scores(self, Query(histories, torch.zeros(len(histories), self.num_items), decay, live))
 
     def channel_scores(self, retriever: torch.Tensor, histories: Sequence[np.ndarray],
                        decay: Optional[float] = None, live: Optional[sp.csr_matrix] = None) -> Dict[str, torch.Tensor]:
         """Per-user z-scores of every channel [B, num_items] (``retriever``: raw <u, i>;
         ``live``: co-visit similarities from live events, see ``live_similarity``)."""
-        out = {"retriever": _zscore(retriever.float()),
-               "covisit": _zscore(self.covisit_scores(histories, decay, live)),
-               "popularity": _zscore(self.popularity_scores(len(histories)))}
-        t = self.text_scores(histories)
-        if t is not None:
-            out["text"] = _zscore(t)
-            # An item nobody has interacted with (added at serving) has no co-visits: that is
-            # missing evidence, not a low score. Its text similarity stands in for it, until
-            # live events give it co-visits of its own.
-            cold = self.log_pop <= 0
-            if live is not None and live.nnz:
-                cold = cold & (np.asarray(live.getnnz(axis=0)) == 0)
-            cold = torch.as_tensor(cold)
-            if bool(cold.any()):
-                out["covisit"][:, cold] = out["text"][:, cold]
+        q = Query(histories, retriever, decay, live)
+        out: Dict[str, torch.Tensor] = {}
+        for channel in REGISTRY:
+            s = channel.scores(self, q)
+            if s is not None:
+                out[channel.name] = _zscore(s)
+        for channel in REGISTRY:
+            # An item a channel has no evidence for (e.g. no co-visits: added at serving) is
+            # missing evidence, not a low score: its fallback channel's score stands in for it.
+            if channel.cold_fallback in out and channel.name in out:
+                cold = torch.as_tensor(channel.cold_items(self, q))
+                if bool(cold.any()):
+                    out[channel.name][:, cold] = out[channel.cold_fallback][:, cold]
         return out
 
     def fuse(self, z: Dict[str, torch.Tensor], weights: Optional[Dict[str, float]] = None) -> torch.Tensor:
@@ -245,12 +179,13 @@ class Channels:
         for decay in DECAYS:
             z = self.channel_scores(retriever, histories, decay)
             names = [c for c in CHANNELS if c in z and c != "retriever"]
+            alone = [c for c in names if getattr(BY_NAME[c], "fallback_start", False)]
             starts = [{"retriever": 1.0, **{c: 0.0 for c in names}},
-                      {"retriever": 0.0, **{c: (1.0 if c == "covisit" else 0.0) for c in names}}]
+                      {"retriever": 0.0, **{c: (1.0 if c in alone else 0.0) for c in names}}]
             for w in starts:
                 v = objective(self.fuse(z, w))
                 for _ in range(rounds):
-                    for c in names if w["retriever"] else [c for c in names if c != "covisit"]:
+                    for c in names if w["retriever"] else [c for c in names if c not in alone]:
                         for g in GRID:
                             cand = {**w, c: g}
                             if not any(cand.values()):

@@ -1,0 +1,103 @@
+"""The one training loop per model (components.training) over the in-process AdamW stepper: the
+same functions the Ray Train workers run over a DeepSpeed stepper (no Ray here)."""
+
+import numpy as np
+import pytest
+import torch
+
+from components.data.sequences import UserHistories
+from components.evaluation.ranking import scored_lists
+from components.models.ranker import RankerConfig, RankerMLP
+from components.models.retriever import RetrieverConfig
+from components.training import ranker as ranker_loop
+from components.training import retriever as retriever_loop
+from components.training.stepper import LocalStepper
+
+N_ITEMS = 30
+
+
+def _histories(users=60, length=8):
+    """Each user walks the catalog in steps of one from their own start: the next item is
+    always the current one + 1, which a sequence model learns in a few epochs."""
+    items, events, ts, valid, test = [], [], [], [], []
+    for u in range(users):
+        walk = [(u + k) % N_ITEMS for k in range(length + 2)]
+        items.append(np.array(walk[:length], np.int64))
+        events.append(np.zeros(length, np.int64))
+        ts.append(np.arange(length, dtype=np.int64) * 1000)
+        valid.append((u, walk[length], length * 1000))
+        test.append((u, walk[length + 1], (length + 1) * 1000))
+
+    def split(rows):
+        return {"user_idx": np.array([r[0] for r in rows]), "item_idx": np.array([r[1] for r in rows]),
+                "ts": np.array([r[2] for r in rows]), "event": ["click"] * len(rows)}
+    return UserHistories(items, events, ts, split(valid), split(test), N_ITEMS)
+
+
+RCFG = RetrieverConfig(dim=16, layers=1, heads=2, max_len=12, use_text=False)
+
+
+def test_the_retriever_loop_keeps_the_best_evaluation_and_stops_early():
+    h = _histories()
+    tcfg = retriever_loop.RetrieverTrainConfig(epochs=12, eval_every=1, patience=2, batch_size=16, lr=3e-3,
+                                               schedule="constant")
+    model = retriever_loop.new_retriever(h, None, RCFG, tcfg.seed)
+    x = retriever_loop.retriever_inputs(h, None, model.cfg)
+    budget = retriever_loop.plan_budget(tcfg, x.windows)
+    seen = []
+    progress = retriever_loop.train_retriever(
+        LocalStepper(model, tcfg.lr, tcfg.weight_decay), x, tcfg, budget,
+        after_epoch=lambda metrics, progress, improved, last: seen.append((metrics, improved, last)))
+    losses = [m["loss"] for m, _, _ in seen]
+    assert losses[-1] < losses[0]  # it learns
+    assert seen[-1][2] is True and all(not last for _, _, last in seen[:-1])  # the last report says so
+    ndcgs = [m["valid_ndcg@10"] for m, _, _ in seen]
+    assert progress["best"] == max(ndcgs) and ndcgs[progress["best_epoch"]] == progress["best"]
+    if len(seen) < tcfg.epochs:  # stopped early: the last `patience` evaluations did not improve
+        assert [imp for _, imp, _ in seen[-tcfg.patience:]] == [False] * tcfg.patience
+    # The kept state reproduces the best evaluation, not the last one.
+    model.load_state_dict(progress["_best_state"])
+    assert retriever_loop.valid_metrics(model, x)["ndcg@10"] == pytest.approx(progress["best"], abs=1e-6)
+
+
+def test_fit_retriever_local_is_the_same_loop_and_is_seeded():
+    h = _histories()
+    tcfg = retriever_loop.RetrieverTrainConfig(epochs=3, eval_every=1, batch_size=16, schedule="constant")
+    a = retriever_loop.fit_retriever_local(h, None, RCFG, tcfg)
+    b = retriever_loop.fit_retriever_local(h, None, RCFG, tcfg)
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert not a.training
+
+
+def test_the_ranker_loop_never_returns_worse_than_the_untrained_residual_on_held_out_lists():
+    h = _histories(users=120)
+    retriever = retriever_loop.fit_retriever_local(
+        h, None, RCFG, retriever_loop.RetrieverTrainConfig(epochs=4, eval_every=4, batch_size=16, schedule="constant"))
+    kcfg = RankerConfig(dim=RCFG.dim, candidates=10, epochs=3, batch_size=16, holdout=0.3)
+    lists = scored_lists(retriever, None, None, h, "valid", [[] for _ in range(N_ITEMS)], kcfg.candidates)
+    fit, held = ranker_loop.split_lists(lists, kcfg)
+    assert len(fit) and len(held) and not set(fit) & set(held)
+    torch.manual_seed(0)
+    model = RankerMLP(kcfg)
+    reports = []
+    progress = ranker_loop.train_ranker(LocalStepper(model, kcfg.lr, kcfg.weight_decay), lists, fit, held, kcfg,
+                                        after_epoch=lambda m, p, improved, last: reports.append((m, last)))
+    untrained = progress["retriever_order_holdout_ndcg"]
+    assert len(reports) == kcfg.epochs and reports[-1][1] is True
+    assert progress["best"] >= untrained
+    assert progress["best"] == max([untrained] + [m["holdout_ndcg@10"] for m, _ in reports])
+    model.load_state_dict(progress["_best_state"])
+    assert ranker_loop.holdout_ndcg(model, lists, held) == pytest.approx(progress["best"], abs=1e-6)
+
+
+def test_the_stepper_steps_only_trainable_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    before = model[1].weight.detach().clone()
+    stepper = LocalStepper(model, lr=0.1, weight_decay=0.0)
+    stepper.step((stepper(torch.randn(8, 4)) * 1e3).sum())
+    assert torch.equal(model[0].weight, frozen)
+    moved = (model[1].weight - before).abs().max().item()
+    assert 0 < moved <= 0.1 + 1e-6  # AdamW's first step moves each weight by at most ~lr
+    assert stepper.mean(2.5) == 2.5  # one process: nothing to average over
