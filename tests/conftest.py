@@ -15,6 +15,20 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # see FACTS.md: token auth b
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
+# Every test under tests/<kind>/ carries the marker <kind>: ``-m "not e2e"`` leaves out the jobs run
+# end to end (subprocesses, the whole pipeline, ``ray job submit``, the two-node cluster, the Serve
+# app: minutes each), ``-m "not integration"`` the local-Ray ones; ``make test-fast`` runs tests/unit.
+FOLDER_MARKERS = {"e2e": pytest.mark.e2e, "integration": pytest.mark.integration}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m deselection reads the markers
+def pytest_collection_modifyitems(items):
+    for item in items:
+        kind = Path(item.path).resolve().relative_to(ROOT / "tests").parts[0]
+        if kind in FOLDER_MARKERS:
+            item.add_marker(FOLDER_MARKERS[kind])
+
+
 def shared_dataset(name: str) -> Path:
     """Path of a dataset in ../shared/data, or skip the test with a message saying why."""
     path = SHARED_DATA / name
