@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -247,30 +247,8 @@ def normalize_events(
     r.add(pc.is_null(ts), "missing_ts")
     r.add(pc.or_(pc.less_equal(ts, 0), pc.greater(ts, now_ms + _DAY_MS)), "ts_out_of_range")
 
-    if "event" in raw.column_names:
-        event = pc.utf8_lower(to_clean_string(raw["event"]))
-        event = pc.fill_null(event, default_event)
-    else:
-        event = pa.array([default_event] * n, pa.string())
-    r.add(pc.invert(pc.is_in(event, pa.array(EVENT_TYPES))), "bad_event")
-
-    value = pa.nulls(n, pa.float64())
-    if "value" in raw.column_names:
-        try:
-            value, value_bad = to_float(raw["value"])
-        except pa.ArrowException:
-            value_bad = pc.is_valid(_combine(raw["value"]))
-        r.add(value_bad, "bad_value")
-
-    optional = {}
-    for name in ("session_id", "context"):
-        optional[name] = pa.nulls(n, pa.string())
-        if name in raw.column_names:
-            try:
-                optional[name] = to_clean_string(raw[name])
-            except pa.ArrowException:
-                r.add(pc.is_valid(_combine(raw[name])), f"bad_type:{name}")
-
+    event, value = _event_and_value(raw, default_event, r)
+    optional = _optional_strings(raw, ("session_id", "context"), r)
     ok = r.ok()
     table = pa.table(
         {
@@ -290,6 +268,39 @@ def normalize_events(
     bad = pc.invert(ok)
     rejects = make_rejects(raw.filter(bad), r.reason.filter(bad), shard) if valid.num_rows < n else empty_rejects()
     return Validated(valid, rejects)
+
+
+def _event_and_value(raw: pa.Table, default_event: str, r: "_Reasons") -> tuple:
+    """(event, value) columns: event lower-cased, ``default_event`` when missing, one of
+    EVENT_TYPES; value numeric and finite when given. Bad rows are recorded in ``r``."""
+    n = raw.num_rows
+    if "event" in raw.column_names:
+        event = pc.utf8_lower(to_clean_string(raw["event"]))
+        event = pc.fill_null(event, default_event)
+    else:
+        event = pa.array([default_event] * n, pa.string())
+    r.add(pc.invert(pc.is_in(event, pa.array(EVENT_TYPES))), "bad_event")
+    value = pa.nulls(n, pa.float64())
+    if "value" in raw.column_names:
+        try:
+            value, value_bad = to_float(raw["value"])
+        except pa.ArrowException:
+            value_bad = pc.is_valid(_combine(raw["value"]))
+        r.add(value_bad, "bad_value")
+    return event, value
+
+
+def _optional_strings(raw: pa.Table, names: Sequence[str], r: "_Reasons") -> dict:
+    """Cleaned optional string columns (null where absent); a column of another type is bad."""
+    out = {}
+    for name in names:
+        out[name] = pa.nulls(raw.num_rows, pa.string())
+        if name in raw.column_names:
+            try:
+                out[name] = to_clean_string(raw[name])
+            except pa.ArrowException:
+                r.add(pc.is_valid(_combine(raw[name])), f"bad_type:{name}")
+    return out
 
 
 def _clean_nullable(col: pa.ChunkedArray) -> pa.Array:
