@@ -21,7 +21,7 @@ from components.models.retriever import RetrieverConfig
 from components.training.retriever import RetrieverTrainConfig
 from components.models.text_encoder import TextEncoderConfig
 
-SOURCES = ("synthetic", "movielens", "amazon", "mind", "files")
+SOURCES = ("synthetic", "movielens", "amazon", "mind", "recbole", "sequences", "files")
 SPLITS = ("loo", "temporal")
 
 
@@ -79,7 +79,7 @@ class ItemColumnMapping:
 
 @dataclass
 class DataConfig:
-    # synthetic | movielens | amazon | mind | files
+    # synthetic | movielens | amazon | mind | recbole | sequences | files
     source: str = "synthetic"
     # Folder with the publisher's files under their original names (or, for `files`, event
     # files, optionally under events/ and items/ subfolders). Local path or s3:// URI.
@@ -104,6 +104,9 @@ class PreprocessConfig:
     split: str = "loo"
     # Iterative k-core on users and items (0 disables).
     kcore: int = 5
+    # Keep only the earliest of repeated (user, item) events. Off for published benchmark files
+    # (recbole, sequences presets), whose splits count repeats as they come.
+    dedupe: bool = True
     # Users with more raw events than this are treated as bots and dropped (0 disables).
     bot_max_events: int = 50_000
     # temporal split: the newest fractions of the time range that become valid and test.

@@ -144,6 +144,8 @@ def _settings(cfg: Any) -> Dict[str, Any]:
     pre.pop("version", None)
     pre.pop("batch_size", None)
     pre.pop("engine", None)  # how, not what: the same input gives the same version either way
+    if pre.get("dedupe", True):  # the default, left out so versions made before the key existed stay the same
+        pre.pop("dedupe", None)
     data = to_dict(cfg.data)
     return {"preprocess": pre, "columns": data["columns"], "item_columns": data["item_columns"],
             "ts_unit": data["ts_unit"], "default_event": data["default_event"]}

@@ -180,7 +180,7 @@ def build_dataset(log: ix.InteractionLog, items: pa.Table, pcfg) -> BuiltDataset
     stats: Dict[str, Any] = {"valid_events": len(x), "raw_users": len(x.user_ids), "raw_items": len(x.item_ids)}
     x, bot_users, bot_events = ix.drop_bots(x, pcfg.bot_max_events)
     stats["dropped"] = {"bot_users": bot_users, "bot_events": bot_events}
-    x, dups = ix.dedupe_earliest(x)
+    x, dups = ix.dedupe_earliest(x) if pcfg.dedupe else (x, 0)
     stats["dropped"]["duplicates"] = dups
     before = len(x)
     x, iters = ix.kcore(x, pcfg.kcore)

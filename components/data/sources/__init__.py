@@ -1,6 +1,6 @@
 """Data sources: turn a public or synthetic dataset into raw event and item shards.
 
-Adapters (synthetic, movielens, amazon, mind) write ``raw/events/<name>/part-*.parquet`` and
+Adapters (synthetic, movielens, amazon, mind, recbole, sequences) write ``raw/events/<name>/part-*.parquet`` and
 ``raw/items/<name>/part-*.parquet`` under the storage root in the DESIGN.md schemas. The generic
 ``files`` source writes nothing: preprocessing reads the user's shards in place, renaming
 columns with ``data.columns`` / ``data.item_columns``.
@@ -65,14 +65,29 @@ def prepare_source(cfg, storage: Storage) -> RawSource:
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     if storage.is_file(marker) and storage.read_json(marker).get("key") == key:
         info = storage.read_json(marker)
-        return RawSource(name, storage, ev_prefix, storage, it_prefix, info=info)
-
-    storage.delete(ev_prefix)
-    storage.delete(it_prefix)
-    n_events, n_shards, items_n = _write_source(cfg, storage, ev_prefix, it_prefix)
-    info = {"key": key, "settings": settings, "events": n_events, "event_shards": n_shards, "items": items_n}
-    storage.write_json(marker, info)
+    else:
+        storage.delete(ev_prefix)
+        storage.delete(it_prefix)
+        n_events, n_shards, items_n, extra = _write_source(cfg, storage, ev_prefix, it_prefix)
+        info = {"key": key, "settings": settings, "events": n_events, "event_shards": n_shards, "items": items_n,
+                **extra}
+        storage.write_json(marker, info)
+    check_given_split(cfg, info)
     return RawSource(name, storage, ev_prefix, storage, it_prefix, info=info)
+
+
+def check_given_split(cfg, info: Dict[str, Any]) -> None:
+    """A split shipped with the data (RecBole train/valid/test files) is used as given: the
+    leave-one-out of the rebuilt sequences equals it only without de-duplication and k-core."""
+    if not info.get("given_split"):
+        return
+    p = cfg.preprocess
+    changes = [f"preprocess.{k}={v}" for k, v, bad in (
+        ("split", p.split, p.split != "loo"), ("kcore", p.kcore, p.kcore > 1), ("dedupe", p.dedupe, p.dedupe)) if bad]
+    if changes:
+        raise ValueError(f"{cfg.data.path} ships its own train/valid/test split, which is used as given; "
+                         f"{', '.join(changes)} would change it (the {cfg.data.source} preset has "
+                         "split=loo, kcore=0, dedupe=false)")
 
 
 def _write_source(cfg, storage: Storage, ev_prefix: str, it_prefix: str):
@@ -86,9 +101,10 @@ def _write_source(cfg, storage: Storage, ev_prefix: str, it_prefix: str):
             storage.write_parquet(f"{ev_prefix}/part-{shards - 1:05d}.parquet", table)
             n += table.num_rows
         storage.write_parquet(f"{it_prefix}/part-00000.parquet", world.items)
-        return n, shards, world.items.num_rows
+        return n, shards, world.items.num_rows, {}
 
     src_storage = Storage.from_config(cfg.storage, root=cfg.data.path)
+    extra: Dict[str, Any] = {}
     if src == "movielens":
         from components.data.sources import movielens as adapter
 
@@ -101,11 +117,19 @@ def _write_source(cfg, storage: Storage, ev_prefix: str, it_prefix: str):
         from components.data.sources import mind as adapter
 
         events, items = adapter.load(src_storage, include_skips=cfg.data.mind_include_skips)
+    elif src == "recbole":
+        from components.data.sources import recbole as adapter
+
+        events, items, extra = adapter.load(src_storage)
+    elif src == "sequences":
+        from components.data.sources import sequences as adapter
+
+        events, items = adapter.load(src_storage)
     else:  # validated in config
         raise ValueError(f"unknown source {src}")
     shards = write_sharded(storage, ev_prefix, events)
     storage.write_parquet(f"{it_prefix}/part-00000.parquet", items)
-    return events.num_rows, shards, items.num_rows
+    return events.num_rows, shards, items.num_rows, extra
 
 
 def write_sharded(storage: Storage, prefix: str, table: pa.Table, rows: int = SHARD_ROWS) -> int:
