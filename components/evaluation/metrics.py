@@ -12,27 +12,33 @@ def rank_and_topk(scores: torch.Tensor, targets: np.ndarray, histories: Sequence
                   topk: int = 100) -> tuple[np.ndarray, np.ndarray]:
     """Rank (0-based) of each target among all items, with the user's history excluded.
 
+    The history is excluded as serving excludes it, the target included: a target the user
+    already has (a repeat, possible only in data kept without de-duplication) is a miss, with
+    rank ``num_items``, as in the reference peer's protocol.
+
     Args:
         scores: [B, num_items] float scores (modified in place: history -> -inf).
         targets: [B] 0-based target item codes.
-        histories: per row, the 0-based items to exclude (the target itself is never excluded).
+        histories: per row, the 0-based items to exclude.
         topk: how many top items to return.
 
     Returns:
         (ranks [B], top [B, topk] item codes in rank order).
     """
     scores = scores.float()
+    repeat = np.zeros(len(targets), dtype=bool)
     for r, hist in enumerate(histories):
         if len(hist):
             h = torch.as_tensor(np.asarray(hist), dtype=torch.long)
-            h = h[h != int(targets[r])]
+            repeat[r] = bool((h == int(targets[r])).any())
             scores[r, h] = float("-inf")
     t = torch.as_tensor(targets, dtype=torch.long)
     target_score = scores.gather(1, t[:, None])
     # Ties count against the model (pessimistic), so a constant scorer gets no free hits.
-    ranks = (scores >= target_score).sum(1) - 1
+    ranks = ((scores >= target_score).sum(1) - 1).numpy()
+    ranks[repeat] = scores.shape[1]
     top = torch.topk(scores, min(topk, scores.shape[1]), dim=1).indices
-    return ranks.numpy(), top.numpy()
+    return ranks, top.numpy()
 
 
 def ranking_metrics(ranks: np.ndarray, ks: Sequence[int] = (10, 20)) -> Dict[str, float]:

@@ -7,11 +7,14 @@ from components.models.baselines import ItemKNN, MostPopular
 from components.evaluation.metrics import coverage, popularity_deciles, rank_and_topk, ranking_metrics
 
 
-def test_ranks_exclude_history_but_not_the_target():
+def test_ranks_exclude_history_and_a_repeated_target_is_a_miss():
     scores = torch.tensor([[5.0, 4.0, 3.0, 2.0], [1.0, 2.0, 3.0, 4.0]])
     ranks, top = rank_and_topk(scores, np.array([2, 0]), [np.array([0, 1]), np.array([0, 3])], topk=2)
-    assert ranks.tolist() == [0, 2]  # user 0: items 0,1 excluded -> target first; user 1: target kept
+    # user 0: items 0,1 excluded -> target first; user 1: the target is in the history, masked
+    # as serving masks it -> a miss (rank = number of items), never in the top lists
+    assert ranks.tolist() == [0, 4]
     assert top[0].tolist() == [2, 3]
+    assert 0 not in top[1].tolist()
 
 
 def test_ties_count_against_the_model():
