@@ -139,10 +139,14 @@ def train(cfg: Any, storage: Storage, ds: DatasetRef, run_id: str) -> Dict[str, 
     parent_llm = layout.join(parent, layout.LLM) if parent else None
     if parent_llm and not storage.is_file(layout.join(parent_llm, layout.WEIGHTS)):
         parent_llm = None
-    text_prefix = None
-    if cfg.retriever.use_text:  # embeddings of the encoder before any fine-tuning on this data
+    text_prefix = pretrained = None
+    if cfg.retriever.use_text:  # embeddings of the encoder this run starts from (the parent's when warm)
         t0 = time.perf_counter()
-        text_prefix = _embed(cfg, ds, f"{run_id}-base", parent_llm)
+        text_prefix = pretrained = _embed(cfg, ds, f"{run_id}-base", parent_llm)
+        if parent_llm:
+            # The parent's encoder was fine-tuned on interactions, new items' included: the
+            # new-item evaluation needs the encoder that never saw any, or it would leak.
+            pretrained = _embed(cfg, ds, f"{run_id}-pretrained", None) if cfg.evaluate.new_item_variant else None
         timings["embed_s"] = round(time.perf_counter() - t0, 1)
     folder = Path(tempfile.mkdtemp(prefix="bundle-"))
     out = _stages(cfg, storage, ds, run_id, text_prefix, folder, timings)
@@ -151,7 +155,7 @@ def train(cfg: Any, storage: Storage, ds: DatasetRef, run_id: str) -> Dict[str, 
     bundle.add_data_parts(folder, storage, ds.prefix, out["text_prefix"],
                           load_training_data(storage, ds.prefix, None).histories)
     lineage = {"run_id": run_id, "dataset": ds.name, "dataset_version": ds.version,
-               "text_embeddings": out["text_prefix"], "text_embeddings_base": text_prefix,
+               "text_embeddings": out["text_prefix"], "text_embeddings_base": pretrained,
                "parent_run": (promoted or {}).get("run_id"), "warm_start": parent, "config": to_dict(cfg),
                "timings": timings, "fusion": out["fusion"], **to_dict(cfg.train.lineage)}
     bundle.write_lineage(folder, lineage)
