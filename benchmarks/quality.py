@@ -20,6 +20,7 @@ Prints one table (project, peer, ItemKNN, MostPopular, ratio) and writes
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import platform
@@ -37,12 +38,34 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
 PEERS = Path(os.environ.get("SHARED_PEERS", ROOT.parent / "shared" / "peers"))
+SCI_FLAGS = ["--max-len", "50", "--dropout", "0.5", "--batch", "128", "--epochs", "300", "--patience", "20"]
 # name -> (source, folder under shared/data, extra contract settings, peer dataset name, peer flags)
 DATASETS = {
     "ml-latest-small": ("movielens", "ml-latest-small", [], "ml-latest-small",
                         ["--max-len", "200", "--dropout", "0.5", "--batch", "32", "--epochs", "300", "--patience", "30"]),
     "amazon-gift-cards": ("amazon", "amazon-2018-gift-cards-5core", ["preprocess.kcore=5"], "amazon-giftcards",
                           ["--max-len", "50", "--dropout", "0.5", "--batch", "32", "--epochs", "300", "--patience", "30"]),
+    # Published benchmark splits, through the sources for the research formats (used as given).
+    "amazon-scientific": ("recbole", "amazon-2018-scientific-unisrec", [], "amazon-scientific-unisrec", SCI_FLAGS),
+    "amazon-beauty": ("sequences", "amazon-2014-beauty-s3rec", [], "amazon-beauty-s3rec", SCI_FLAGS),
+}
+# Published test figures on the same split (from the dataset READMEs in ../shared/data) and how
+# their protocol differs from the one scored here (full ranking, history masked, repeats = misses).
+PUBLISHED = {
+    "amazon-scientific": {
+        "figures": {"MISSRec (ID + text + image, pretrained)": {"ndcg@10": 0.0753, "recall@10": 0.1360},
+                    "MISSRec (text + image, no ID)": {"ndcg@10": 0.0659, "recall@10": 0.1269},
+                    "VQ-Rec": {"ndcg@10": 0.0643, "recall@10": 0.1211}},
+        "protocol": "published: history items not masked, text = title + categories + brand, history cut to 50; "
+                    "here: history masked (a repeated target, 50 of 8,442, is a miss), the same text, max_len 50",
+    },
+    "amazon-beauty": {
+        "figures": {"TIGER (paper)": {"ndcg@10": 0.0384, "recall@10": 0.0648},
+                    "TIGER (outside reproduction)": {"ndcg@10": 0.0319, "recall@10": 0.0582},
+                    "SASRec (same reproduction)": {"ndcg@10": 0.0272, "recall@10": 0.0516}},
+        "protocol": "published: leave-one-out on each line, full ranking; masking not stated; "
+                    "here: history masked, attributes (anonymised ids) as the only item text",
+    },
 }
 
 
@@ -70,11 +93,38 @@ def ndcg_per_user(ranks: np.ndarray) -> np.ndarray:
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, reps: int = 2000, seed: int = 0) -> Dict[str, float]:
-    """Mean of a - b over users with a 95% percentile interval (users resampled with replacement)."""
-    rng = np.random.default_rng(seed)
-    d = np.asarray(a) - np.asarray(b)
-    means = d[rng.integers(0, len(d), (reps, len(d)))].mean(1)
-    return {"diff": float(d.mean()), "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]}
+    """Mean of a - b over users with a BCa 95% interval (``scipy.stats.bootstrap`` over the
+    per-user differences: users resampled with replacement, pairs kept together)."""
+    from scipy.stats import bootstrap
+
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if not d.any():  # identical scores: BCa is undefined for a constant sample
+        return {"diff": 0.0, "ci95": [0.0, 0.0], "method": "BCa", "n": int(len(d))}
+    res = bootstrap((d,), np.mean, n_resamples=reps, confidence_level=0.95, method="BCa",
+                    random_state=np.random.default_rng(seed), batch=200, vectorized=True)
+    ci = res.confidence_interval
+    return {"diff": float(d.mean()), "ci95": [float(ci.low), float(ci.high)], "method": "BCa", "n": int(len(d))}
+
+
+def peer_ranks(work: Path, peer_name: str, users: List[str], targets: Dict[str, str]) -> np.ndarray:
+    """The peer's test top-100 lists scored with this module's scorer, after checking that the
+    peer's split has exactly the project's (user, target) pairs."""
+    import csv
+
+    with open(work / "splits" / peer_name / "test.csv", newline="") as f:
+        peer_targets = {row["user"]: row["item"] for row in csv.DictReader(f)}
+    if peer_targets != targets:
+        only_p = set(peer_targets.items()) - set(targets.items())
+        only_q = set(targets.items()) - set(peer_targets.items())
+        raise SystemExit(f"peer and project test pairs differ: {len(only_p)} only in the peer's "
+                         f"(e.g. {sorted(only_p)[:3]}), {len(only_q)} only in the project's (e.g. {sorted(only_q)[:3]})")
+    lists: Dict[str, List[tuple]] = {}
+    with open(work / "out" / "predictions" / peer_name / "SASRec-CE.test.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            lists.setdefault(row["user"], []).append((int(row["rank"]), row["item"]))
+    pred_users = list(lists)
+    pred_items = [[item for _r, item in sorted(lists[u])] for u in pred_users]
+    return ranks_from_predictions(pred_users, pred_items, {u: targets[u] for u in users})
 
 
 def run_contract(source: str, path: Path, extra: List[str], root: str, overrides: List[str]) -> Dict[str, Any]:
@@ -87,8 +137,9 @@ def run_contract(source: str, path: Path, extra: List[str], root: str, overrides
     if p.returncode != 0:
         raise SystemExit(f"pipeline failed ({p.returncode}):\n{p.stderr[-3000:]}")
     report = re.search(r"report: (\S+)/report.md", p.stdout)
+    timings = re.search(r"^timings: (\{.*\})$", p.stdout, re.M)
     return {"wall_s": round(wall, 1), "stdout_tail": p.stdout[-4000:], "report": report.group(1) if report else None,
-            "cmd": " ".join(cmd[1:])}
+            "cmd": " ".join(cmd[1:]), "stage_s": ast.literal_eval(timings.group(1)) if timings else None}
 
 
 def score_project(root: str) -> Dict[str, Any]:
@@ -101,12 +152,24 @@ def score_project(root: str) -> Dict[str, Any]:
     res = storage.read_json(f"reports/{run_id}/metrics.json")
     pred = storage.read_parquet(f"reports/{run_id}/predictions.parquet")
     ds = f"datasets/{res['dataset']}/{res['dataset_version']}"
-    test = storage.read_parquet(f"{ds}/test", columns=["user_id", "item_id"])
-    targets = dict(zip(test["user_id"].to_pylist(), test["item_id"].to_pylist()))
+    targets = test_targets(root, ds)
     ranks = ranks_from_predictions(pred["user_id"].to_pylist(), pred["items"].to_pylist(), targets)
     pointer = registry.read_pointer(storage, "recommender")
+    model_ranks = {}
+    if storage.is_file(f"reports/{run_id}/test_ranks.parquet"):  # every model's rank per test user
+        t = storage.read_parquet(f"reports/{run_id}/test_ranks.parquet")
+        row = {u: k for k, u in enumerate(t["user_id"].to_pylist())}
+        order = np.asarray([row[u] for u in targets])
+        model_ranks = {m: t[m].to_numpy()[order] for m in t.column_names if m != "user_id"}
     return {"run_id": run_id, "metrics_json": res, "ranks": ranks, "users": list(targets), "dataset_prefix": ds,
-            "promoted": bool(pointer and pointer["run_id"] == run_id)}
+            "promoted": bool(pointer and pointer["run_id"] == run_id), "model_ranks": model_ranks}
+
+
+def test_targets(root: str, dataset_prefix: str) -> Dict[str, str]:
+    from components.storage import Storage
+
+    test = Storage(root).read_parquet(f"{dataset_prefix}/test", columns=["user_id", "item_id"])
+    return dict(zip(test["user_id"].to_pylist(), test["item_id"].to_pylist()))
 
 
 def id_only_ranks(root: str, project: Dict[str, Any], source: str, extra: List[str], overrides: List[str]):
@@ -133,14 +196,14 @@ def id_only_ranks(root: str, project: Dict[str, Any], source: str, extra: List[s
     return out
 
 
-def run_peer(peer_name: str, flags: List[str], work: Path) -> Dict[str, Any]:
+def run_peer(peer_name: str, flags: List[str], work: Path, threads: int = 2) -> Dict[str, Any]:
     if not (PEERS / "sasrec_ce.py").is_file():
         return {"skipped": f"no peer at {PEERS}"}
     env = {**os.environ, "SPLITS_DIR": str(work / "splits"), "PEER_OUT": str(work / "out"), "SHARED_DATA": str(SHARED)}
     if not (work / "splits" / peer_name).is_dir():
         subprocess.run([sys.executable, str(PEERS / "prep_splits.py"), peer_name], env=env, check=True,
                        capture_output=True, text=True)
-    cmd = [sys.executable, str(PEERS / "sasrec_ce.py"), "--dataset", peer_name, *flags, "--threads", "2"]
+    cmd = [sys.executable, str(PEERS / "sasrec_ce.py"), "--dataset", peer_name, *flags, "--threads", str(threads)]
     print("$ (peer)", " ".join(cmd[1:]), flush=True)
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -172,7 +235,16 @@ def bench(name: str, args, work: Path) -> Dict[str, Any]:
         "project_test_scored_here": metrics(proj["ranks"]),
         "jobs_evaluate": {m: {k: s[k] for k in ("test", "valid", HOLDOUT) if k in s} for m, s in res["models"].items()},
         "test_ranks": {"users": proj["users"], "project": proj["ranks"].tolist()},
+        "stage_s": run["stage_s"], "published": PUBLISHED.get(name),
     }
+    mr, main_name = proj["model_ranks"], res["main_model"]
+    if main_name in mr:  # jobs.evaluate's ranks against the ones scored here from its predictions
+        out["test_ranks_match_predictions"] = float((np.minimum(mr[main_name], 100) == proj["ranks"]).mean())
+    for other in (m for m in mr if m != main_name and not m.startswith(("ItemKNN", "MostPopular"))):
+        # what each stage adds on test, paired over users (the ranker's epoch and the fusion were
+        # chosen on valid, so these are out-of-sample gains)
+        out.setdefault("shipped_minus_test_ndcg@10", {})[other] = paired_bootstrap(
+            ndcg_per_user(mr[main_name]), ndcg_per_user(mr[other]))
     if not args.no_id_only:
         ido = id_only_ranks(root, proj, source, extra, args.overrides)
         # jobs.evaluate's valid ranks of the main model come from metrics.json (means only);
@@ -182,7 +254,15 @@ def bench(name: str, args, work: Path) -> Dict[str, Any]:
                                                                     ndcg_per_user(ido["test"]))
         out["test_ranks"]["id_only"] = np.asarray(ido["test"]).tolist()
     if not args.no_peer:
-        out["peer_sasrec_ce"] = run_peer(peer_name, peer_flags, work / "peer")
+        peer = out["peer_sasrec_ce"] = run_peer(peer_name, peer_flags, work / "peer")
+        if "test" in peer:
+            storage_targets = test_targets(root, proj["dataset_prefix"])
+            pr = peer_ranks(work / "peer", peer_name, proj["users"], storage_targets)
+            peer["test_scored_here"] = metrics(pr)
+            peer["same_user_target_pairs"] = True  # peer_ranks stops the run otherwise
+            out["test_ranks"]["peer"] = pr.tolist()
+            out["project_minus_peer_test_ndcg@10"] = paired_bootstrap(ndcg_per_user(proj["ranks"]), ndcg_per_user(pr))
+            out["project_minus_peer_test_recall@10"] = paired_bootstrap(proj["ranks"] < 10, pr < 10)
     out["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return out
 
@@ -199,12 +279,19 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
                 lines.append((b, r["jobs_evaluate"][b]["test"]))
         if peer:
             lines.append(("peer SASRec-CE", peer))
+        if (r.get("peer_sasrec_ce") or {}).get("test_scored_here"):
+            lines.append(("peer, scored here", r["peer_sasrec_ce"]["test_scored_here"]))
+        for label, m in ((r.get("published") or {}).get("figures") or {}).items():
+            lines.append((label[:27], m))
         for label, m in lines:
             ratio = f"{m['ndcg@10'] / peer['ndcg@10']:.2f}x" if peer else "-"
             print(f"{r['dataset']:<20}{label:<28}{m['recall@10']:>10.4f}{m['ndcg@10']:>10.4f}{ratio:>9}")
         if "hybrid_minus_id_only_test_ndcg@10" in r:
             d = r["hybrid_minus_id_only_test_ndcg@10"]
             print(f"{'':<20}project - id-only NDCG@10: {d['diff']:+.4f} (95% CI {d['ci95'][0]:+.4f} .. {d['ci95'][1]:+.4f})")
+        if "project_minus_peer_test_ndcg@10" in r:
+            d = r["project_minus_peer_test_ndcg@10"]
+            print(f"{'':<20}project - peer NDCG@10: {d['diff']:+.4f} (BCa 95% CI {d['ci95'][0]:+.4f} .. {d['ci95'][1]:+.4f})")
         held = ranker_vs_channels(r["jobs_evaluate"])
         if held:
             print(f"{'':<20}held-out valid lists NDCG@10: {held}")

@@ -101,6 +101,76 @@ def quality(results: Path, datasets: Sequence[str]) -> str:
     return markdown_table(header, "l" + "r" * len(runs), rows)
 
 
+# ---- published benchmarks (benchmarks/quality.py on the papers' splits) ----------------------
+
+PUBLISHED_LABELS = {"amazon-scientific": "Amazon Scientific (UniSRec split)",
+                    "amazon-beauty": "Amazon Beauty (S3-Rec file)"}
+
+
+def _interval(boot: Dict[str, Any] | None) -> str:
+    if not boot:
+        return "—"
+    lo, hi = boot["ci95"]
+    return f"{_signed(boot['diff'])} [{_signed(lo)}, {_signed(hi)}]"
+
+
+def _stages(stage_s: Dict[str, float] | None) -> str:
+    if not stage_s:
+        return "—"
+    names = ("preprocess_s", "embed_s", "train_s", "evaluate_s")
+    return " / ".join(f"{stage_s[k] / 60:.1f}" for k in names if k in stage_s) + f" (total {stage_s['total_s'] / 60:.1f})"
+
+
+def _published_rows(r: Dict[str, Any]) -> List[str]:
+    ev, peer = r["jobs_evaluate"], r.get("peer_sasrec_ce") or {}
+    main, fused = r["main_model"], r["main_model"].replace("+ranker", "")
+    gains = r.get("shipped_minus_test_ndcg@10") or {}
+    figures = (r.get("published") or {}).get("figures") or {}
+    best = max(figures.values(), key=lambda m: m["ndcg@10"]) if figures else None
+    return [
+        f"**{_pair(r['project_test_scored_here'])}**",
+        f"{_pair(peer['test_scored_here'])} (fit {peer['fit_s']:.0f} s)" if "test_scored_here" in peer else "—",
+        _interval(r.get("project_minus_peer_test_ndcg@10")),
+        "<br>".join(f"{name}: {_pair(m)}" for name, m in figures.items()) or "—",
+        f"{best['ndcg@10'] * 1.05:.4f}" if best else "—",
+        _pair(ev[fused]["test"]) if fused in ev and fused != main else "—",
+        _interval(gains.get(fused)) if fused != main else "—",
+        _pair(r["id_only"]["test"]) if "id_only" in r else "—",
+        _interval(r.get("hybrid_minus_id_only_test_ndcg@10")),
+        _stages(r.get("stage_s")),
+        f"{peer['wall_s'] / 60:.1f} min" if "wall_s" in peer else "—",
+        (r.get("published") or {}).get("protocol", "—"),
+    ]
+
+
+PUBLISHED_ROW_NAMES = [
+    "**shipped** (contract command, scored here)",
+    "peer SASRec-CE, its predictions scored here",
+    "shipped − peer, NDCG@10, paired BCa 95%",
+    "published, Recall@10 / NDCG@10",
+    "target NDCG@10 (best published + 5%)",
+    "fused channels without the ranker",
+    "shipped − fused (the ranker's gain on test), NDCG@10, BCa 95%",
+    "ID-only retriever (in-process, same settings)",
+    "shipped − ID-only, NDCG@10, BCa 95%",
+    "contract command minutes: preprocess / embed / train / evaluate",
+    "peer wall time",
+    "protocol",
+]
+
+
+def published(results: Path, datasets: Sequence[str]) -> str:
+    """The project and its peer beside the published figures, one column per dataset."""
+    runs = [(d, load(results, f"quality_{d}")) for d in datasets if (Path(results) / f"quality_{d}.json").is_file()]
+    if not runs:
+        return "(no results yet: run `python -m benchmarks.quality --datasets " + ",".join(datasets) + "`)"
+    header = ["test, Recall@10 / NDCG@10"] + [
+        f"{PUBLISHED_LABELS.get(d, d)} ({r['project_test_scored_here']['n']:,} test users)" for d, r in runs]
+    columns = [_published_rows(r) for _d, r in runs]
+    rows = [[name, *(col[i] for col in columns)] for i, name in enumerate(PUBLISHED_ROW_NAMES)]
+    return markdown_table(header, "l" + "r" * len(runs), rows)
+
+
 # ---- preprocessing throughput (benchmarks/preprocess_throughput.py) ---------------------------
 
 def preprocess(results: Path) -> str:
@@ -245,7 +315,7 @@ def reliability_load(results: Path) -> str:
 
 RENDERERS: Dict[str, Callable[[Path], str]] = {
     "quality": lambda res: quality(res, ["ml-latest-small", "amazon-gift-cards"]),
-    "quality-pre2008": lambda res: quality(res, ["ml-latest-small-pre2008"]),
+    "published": lambda res: published(res, ["amazon-scientific", "amazon-beauty"]),
     "preprocess": preprocess,
     "serving": serving,
     "retrain": retrain,

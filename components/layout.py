@@ -54,6 +54,7 @@ ENCODER = "encoder"
 REPORT = "report.md"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.parquet"
+TEST_RANKS = "test_ranks.parquet"  # per test user, the target's rank under every model
 
 # -- bundle parts (folders of checkpoints/<model>/<run_id>/) ---------------------------------
 RETRIEVER = "retriever"        # weights + config of the sequence retriever

@@ -2,8 +2,9 @@
 
     python -m jobs.evaluate storage.root=<uri> [evaluate.run_id=<run_id>] [evaluate.parent=<run_id>]
 
-Writes ``reports/<run_id>/``: report.md, metrics.json, PNG plots and predictions.parquet
-(``user_id``, ``items`` = top-100 original item ids in rank order, for every test user). Promotes
+Writes ``reports/<run_id>/``: report.md, metrics.json, PNG plots, predictions.parquet
+(``user_id``, ``items`` = top-100 original item ids in rank order, for every test user) and
+test_ranks.parquet (each model's rank of every test target, for paired comparisons). Promotes
 ``registry/recommender/latest.json`` when the run clears the gate (components.registry
 ``decide_promotion``: NDCG@10 on the selection split - valid, or the valid lists the ranker did not
 train on - against the floor, MostPopular, ItemKNN and the promoted model). Test figures are
@@ -19,7 +20,7 @@ from typing import Any, Dict
 
 from components import checkpoints as ck
 from components import layout, registry
-from components.evaluation.evaluate import evaluate_bundle, evaluate_parent_on, predictions_table
+from components.evaluation.evaluate import evaluate_bundle, evaluate_parent_on, predictions_table, test_ranks_table
 from components.evaluation.report import plot_report, report_markdown
 from components.storage import Storage
 from jobs import telemetry
@@ -33,6 +34,7 @@ PARENT_PARTS = (layout.RETRIEVER, layout.RANKER, layout.ITEMS)
 def _write_report(storage: Storage, run_id: str, ev: Dict[str, Any]) -> str:
     prefix = layout.report(run_id)
     storage.write_parquet(layout.join(prefix, layout.PREDICTIONS), predictions_table(storage, ev))
+    storage.write_parquet(layout.join(prefix, layout.TEST_RANKS), test_ranks_table(storage, ev))
     storage.write_json(layout.join(prefix, layout.METRICS), ev["results"])
     with tempfile.TemporaryDirectory() as tmp:
         for name in plot_report(Path(tmp), ev):

@@ -79,7 +79,9 @@ def evaluate_bundle(cfg: Any, storage: Storage, folder: Path, run_id: str, tick:
     _, top_main, targets, users = rankings[(names["main"], "test")]
     results["main_model"] = names["main"]
     results["predictions"] = {"users": int(len(users)), "topk": int(top_main.shape[1])}
-    return {"results": results, "top": top_main, "users": users, "targets": targets, "data": data}
+    test_ranks = {name: rankings[(name, split)][0] for name, split in rankings if split == "test"}
+    return {"results": results, "top": top_main, "users": users, "targets": targets, "data": data,
+            "test_ranks": test_ranks}
 
 
 def model_names(rcfg: RetrieverConfig, channels: bool, ranker: bool) -> Dict[str, str]:
@@ -178,6 +180,15 @@ def predictions_table(storage: Storage, ev: Dict[str, Any]) -> pa.Table:
     uid = np.asarray(users.sort_by("user_idx")["user_id"].to_pylist(), dtype=object)
     return pa.table({"user_id": pa.array(uid[ev["users"]].tolist(), pa.string()),
                      "items": pa.array([ids[row].tolist() for row in ev["top"]], pa.list_(pa.string()))})
+
+
+def test_ranks_table(storage: Storage, ev: Dict[str, Any]) -> pa.Table:
+    """``user_id``, then per model the 0-based rank of the user's test target (the number of
+    items when it is a repeat of a history item), rows as in the predictions: what paired
+    comparisons between models (e.g. the ranker's gain on test) are computed from."""
+    uid = predictions_table(storage, ev)["user_id"]
+    return pa.table({"user_id": uid, **{name: pa.array(np.asarray(r, dtype=np.int32))
+                                         for name, r in ev["test_ranks"].items()}})
 
 
 def evaluate_parent_on(cfg: Any, storage: Storage, parent: Path, child: Path, run_id: str) -> Dict[str, Any]:
