@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import json
 import os
 import platform
@@ -90,6 +91,16 @@ def metrics(ranks: np.ndarray) -> Dict[str, float]:
 
 def ndcg_per_user(ranks: np.ndarray) -> np.ndarray:
     return np.where(ranks < 10, 1 / np.log2(np.asarray(ranks) + 2.0), 0.0)
+
+
+def user_half(user_id: str) -> int:
+    """0 or 1 by a stable hash of the id: tune on one half's valid, score the other half's test."""
+    return hashlib.sha256(str(user_id).encode()).digest()[0] & 1
+
+
+def by_half(users: List[str], ranks: np.ndarray) -> Dict[str, Dict[str, float]]:
+    half = np.asarray([user_half(u) for u in users])
+    return {f"half{h}": metrics(np.asarray(ranks)[half == h]) for h in (0, 1)}
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, reps: int = 2000, seed: int = 0) -> Dict[str, float]:
@@ -235,6 +246,7 @@ def bench(name: str, args, work: Path) -> Dict[str, Any]:
         "project_test_scored_here": metrics(proj["ranks"]),
         "jobs_evaluate": {m: {k: s[k] for k in ("test", "valid", HOLDOUT) if k in s} for m, s in res["models"].items()},
         "test_ranks": {"users": proj["users"], "project": proj["ranks"].tolist()},
+        "project_test_by_user_half": by_half(proj["users"], proj["ranks"]),
         "stage_s": run["stage_s"], "published": PUBLISHED.get(name),
     }
     mr, main_name = proj["model_ranks"], res["main_model"]
@@ -259,6 +271,7 @@ def bench(name: str, args, work: Path) -> Dict[str, Any]:
             storage_targets = test_targets(root, proj["dataset_prefix"])
             pr = peer_ranks(work / "peer", peer_name, proj["users"], storage_targets)
             peer["test_scored_here"] = metrics(pr)
+            peer["test_by_user_half"] = by_half(proj["users"], pr)
             peer["same_user_target_pairs"] = True  # peer_ranks stops the run otherwise
             out["test_ranks"]["peer"] = pr.tolist()
             out["project_minus_peer_test_ndcg@10"] = paired_bootstrap(ndcg_per_user(proj["ranks"]), ndcg_per_user(pr))

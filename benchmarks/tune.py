@@ -19,7 +19,6 @@ import itertools
 import json
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Dict, List
 
 from benchmarks.quality import DATASETS, ROOT, SHARED
@@ -45,13 +44,21 @@ def _trial(overrides: List[str], data, text) -> Dict[str, Any]:
             "fit_s": round(fit_s, 1)}
 
 
-def load_without_test(storage, prefix: str) -> Dict[str, Any]:
-    """Train histories and valid targets; the test split is replaced by an empty table, unread."""
+def load_without_test(storage, prefix: str, half: int | None = None) -> Dict[str, Any]:
+    """Train histories and valid targets; the test split is replaced by an empty table, unread.
+    ``half``: only the valid targets of that half of the users (benchmarks.quality.user_half),
+    so the other half's test is data no selection came near."""
+    import numpy as np
+
+    from benchmarks.quality import user_half
     from components import layout
     from components.data.sequences import histories_from_tables
 
     items = storage.read_parquet(layout.join(prefix, layout.ITEMS))
     valid = storage.read_parquet(layout.join(prefix, "valid"))
+    if half is not None:
+        keep = np.asarray([user_half(u) == half for u in valid["user_id"].to_pylist()])
+        valid = valid.filter(keep)
     h = histories_from_tables(storage.read_parquet(layout.join(prefix, layout.SEQUENCES)), valid,
                               valid.slice(0, 0), items.num_rows)
     return {"histories": h, "items": items, "categories": items["categories"].to_pylist()}
@@ -72,6 +79,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     ap.add_argument("--grid", action="append", default=[], help="key=v1,v2,...: values to try (repeatable)")
+    ap.add_argument("--half", type=int, choices=(0, 1), help="select on this half of the users' valid only")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     from components.config import load_config, preset_for
@@ -85,7 +93,7 @@ def main() -> None:
                 "preprocess.engine=local", *extra]
         cfg = load_config(base, preset_for(base))
         out = preprocess(cfg, engine="local")
-        data = load_without_test(Storage(tmp), out["prefix"])
+        data = load_without_test(Storage(tmp), out["prefix"], args.half)
         t0 = time.perf_counter()
         text = embed(cfg, data["items"]) if cfg.retriever.use_text else None
         trials = []
@@ -98,7 +106,7 @@ def main() -> None:
     record = {
         "benchmark": "tuning", "dataset": args.dataset, "source": source, "preset": f"configs/{source}.yaml",
         "extra": extra, "dataset_version": out["version"], "selection": "valid NDCG@10, in-process retriever",
-        "test_split_read": False, "embed_s": round(time.perf_counter() - t0 - sum(t["fit_s"] for t in trials), 1),
+        "test_split_read": False, "valid_users": "all" if args.half is None else f"half {args.half}", "embed_s": round(time.perf_counter() - t0 - sum(t["fit_s"] for t in trials), 1),
         "grid": dict(axes), "trials": trials, "chosen": best["settings"], "chosen_valid": best["valid"],
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -61,3 +61,8 @@ def test_tuning_never_reads_the_test_split(tmp_path):
 
     h = load_without_test(NoTest(str(tmp_path / "st")), out["prefix"])["histories"]
     assert len(h.valid["user_idx"]) == 2 and len(h.test["user_idx"]) == 0
+    from benchmarks.quality import user_half
+
+    for half in (0, 1):  # one half's valid targets only
+        h = load_without_test(NoTest(str(tmp_path / "st")), out["prefix"], half)["histories"]
+        assert len(h.valid["user_idx"]) == sum(user_half(u) == half for u in ("1", "2"))
