@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import List, Optional, Sequence
+
 import pyarrow as pa
 
 EVENT_TYPES = ("view", "click", "cart", "purchase", "rate", "skip")
@@ -34,6 +36,26 @@ ITEM_SCHEMA = pa.schema(
     ]
 )
 ITEM_REQUIRED = ("item_id",)
+
+
+def events_table(user: Sequence[str], item: Sequence[str], ts_ms: Sequence[Optional[int]],
+                 event: Sequence[str], value=None, context=None) -> pa.Table:
+    """Source adapters' events in EVENT_SCHEMA: epoch-ms times; ``value`` / ``context`` lists or
+    None (all null)."""
+    n = len(user)
+    return pa.table(
+        {"user_id": user, "item_id": item, "ts": pa.array(ts_ms, pa.int64()).cast(TS), "event": event,
+         "value": pa.nulls(n, pa.float64()) if value is None else pa.array(value, pa.float64()),
+         "session_id": pa.nulls(n, pa.string()),
+         "context": pa.nulls(n, pa.string()) if context is None else pa.array(context, pa.string())},
+        schema=EVENT_SCHEMA)
+
+
+def items_table(ids: Sequence[str], titles: Sequence[str], texts: Sequence[str],
+                categories: Sequence[List[str]]) -> pa.Table:
+    """Source adapters' catalog rows in ITEM_SCHEMA (no update time)."""
+    return pa.table({"item_id": ids, "title": titles, "text": texts, "categories": categories,
+                     "updated_at": pa.nulls(len(ids), TS)}, schema=ITEM_SCHEMA)
 
 # Rows that fail validation keep their raw values (as JSON) and the first rule they broke.
 QUARANTINE_SCHEMA = pa.schema(

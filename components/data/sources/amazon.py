@@ -8,7 +8,7 @@ from typing import List, Tuple
 
 import pyarrow as pa
 
-from components.data.schemas import EVENT_SCHEMA, ITEM_SCHEMA
+from components.data.schemas import events_table, items_table
 from components.storage import Storage
 
 EXPECTED = "<Category>_5.json.gz (or .json) and optionally meta_<Category>.json.gz"
@@ -47,13 +47,7 @@ def load(src: Storage) -> Tuple[pa.Table, pa.Table]:
             t = r.get("unixReviewTime")
             ts.append(int(t) * 1000 if isinstance(t, (int, float)) else None)
             v.append(r.get("overall"))
-    n = len(u)
-    events = pa.table(
-        {"user_id": u, "item_id": i, "ts": pa.array(ts, pa.int64()).cast(pa.timestamp("ms", tz="UTC")),
-         "event": ["rate"] * n, "value": pa.array(v, pa.float64()), "session_id": pa.nulls(n, pa.string()),
-         "context": pa.nulls(n, pa.string())},
-        schema=EVENT_SCHEMA,
-    )
+    events = events_table(u, i, ts, ["rate"] * len(u), value=v)
     ids, titles, texts, cats = [], [], [], []
     for rel in metas:
         for m in _lines(src, rel):
@@ -61,9 +55,7 @@ def load(src: Storage) -> Tuple[pa.Table, pa.Table]:
             titles.append(m.get("title") or "")
             texts.append(item_text(m))
             cats.append([c for c in dict.fromkeys(m.get("category") or []) if isinstance(c, str)])
-    items = pa.table({"item_id": ids, "title": titles, "text": texts, "categories": cats,
-                      "updated_at": pa.nulls(len(ids), pa.timestamp("ms", tz="UTC"))}, schema=ITEM_SCHEMA)
-    return events, items
+    return events, items_table(ids, titles, texts, cats)
 
 
 def item_text(meta: dict) -> str:

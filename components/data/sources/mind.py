@@ -7,7 +7,7 @@ from typing import Tuple
 
 import pyarrow as pa
 
-from components.data.schemas import EVENT_SCHEMA, ITEM_SCHEMA
+from components.data.schemas import events_table, items_table
 from components.storage import Storage
 
 EXPECTED = "behaviors.tsv and news.tsv"
@@ -48,12 +48,7 @@ def load(src: Storage, include_skips: bool = False) -> Tuple[pa.Table, pa.Table]
             if label == "1" or include_skips:
                 u.append(user); i.append(item); ts.append(t); ev.append("click" if label == "1" else "skip")
                 ctx.append(f"impression:{imp_id}")
-    n = len(u)
-    events = pa.table(
-        {"user_id": u, "item_id": i, "ts": pa.array(ts, pa.int64()).cast(pa.timestamp("ms", tz="UTC")),
-         "event": ev, "value": pa.nulls(n, pa.float64()), "session_id": pa.nulls(n, pa.string()), "context": ctx},
-        schema=EVENT_SCHEMA,
-    )
+    events = events_table(u, i, ts, ev, context=ctx)
     ids, titles, texts, cats = [], [], [], []
     if src.is_file("news.tsv"):
         for line in src.read_bytes("news.tsv").decode("utf-8", errors="replace").splitlines():
@@ -61,6 +56,4 @@ def load(src: Storage, include_skips: bool = False) -> Tuple[pa.Table, pa.Table]
             if len(p) < 5:
                 continue
             ids.append(p[0]); titles.append(p[3]); texts.append(p[4]); cats.append([c for c in (p[1], p[2]) if c])
-    items = pa.table({"item_id": ids, "title": titles, "text": texts, "categories": cats,
-                      "updated_at": pa.nulls(len(ids), pa.timestamp("ms", tz="UTC"))}, schema=ITEM_SCHEMA)
-    return events, items
+    return events, items_table(ids, titles, texts, cats)

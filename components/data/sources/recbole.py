@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pyarrow as pa
 
-from components.data.schemas import EVENT_SCHEMA, ITEM_SCHEMA
+from components.data.schemas import events_table, items_table
 from components.storage import Storage
 
 EXPECTED = "<name>.inter or <name>.train.inter/.valid.inter/.test.inter (+ <name>.text or <name>.item)"
@@ -90,16 +90,10 @@ def load(src: Storage) -> Tuple[pa.Table, pa.Table, Dict[str, object]]:
                                  f"a given split needs all of {', '.join(SPLITS)}")
     if given:
         users, items, ts = _given_split(src, name)
-        event, value = ["view"] * len(users), pa.nulls(len(users), pa.float64())
+        event, value = ["view"] * len(users), None
     else:
         users, items, ts, event, value = _events(src, f"{name}.inter")
-    n = len(users)
-    events = pa.table(
-        {"user_id": users, "item_id": items, "ts": pa.array(ts, pa.int64()).cast(pa.timestamp("ms", tz="UTC")),
-         "event": event, "value": value, "session_id": pa.nulls(n, pa.string()),
-         "context": pa.nulls(n, pa.string())},
-        schema=EVENT_SCHEMA,
-    )
+    events = events_table(users, items, ts, event, value=value)
     return events, _items(src, name), {"format": "recbole", "name": name, "given_split": given}
 
 
@@ -160,10 +154,9 @@ def _events(src: Storage, rel: str):
             ts.append(BASE_MS + 1000 * pos[user])
             pos[user] += 1
     if r is not None:
-        value = pa.array([_float(row[r]) for row in body], pa.float64())
-        event = ["rate"] * len(users)
+        value, event = [_float(row[r]) for row in body], ["rate"] * len(users)
     else:
-        value, event = pa.nulls(len(users), pa.float64()), ["view"] * len(users)
+        value, event = None, ["view"] * len(users)
     return users, items, ts, event, value
 
 
@@ -208,8 +201,7 @@ def _items(src: Storage, name: str) -> pa.Table:
         keep = [k for k, iid in enumerate(ids) if iid in mapping]
         ids = [mapping[ids[k]] for k in keep]
         titles, texts, cats = ([col[k] for k in keep] for col in (titles, texts, cats))
-    return pa.table({"item_id": ids, "title": titles, "text": texts, "categories": cats,
-                     "updated_at": pa.nulls(len(ids), pa.timestamp("ms", tz="UTC"))}, schema=ITEM_SCHEMA)
+    return items_table(ids, titles, texts, cats)
 
 
 def _item2index(src: Storage, name: str) -> Dict[str, str]:

@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 
 import pyarrow as pa
 
-from components.data.schemas import EVENT_SCHEMA, ITEM_SCHEMA
+from components.data.schemas import events_table, items_table
 from components.data.sources.recbole import BASE_MS
 from components.storage import Storage
 
@@ -62,14 +62,7 @@ def load(src: Storage) -> Tuple[pa.Table, pa.Table]:
         users.extend([user] * len(seq))
         items.extend(seq)
         ts.extend(BASE_MS + 1000 * p for p in range(len(seq)))
-    n = len(users)
-    events = pa.table(
-        {"user_id": users, "item_id": items, "ts": pa.array(ts, pa.int64()).cast(pa.timestamp("ms", tz="UTC")),
-         "event": ["view"] * n, "value": pa.nulls(n, pa.float64()), "session_id": pa.nulls(n, pa.string()),
-         "context": pa.nulls(n, pa.string())},
-        schema=EVENT_SCHEMA,
-    )
-    return events, _items(src, attrs)
+    return events_table(users, items, ts, ["view"] * len(users)), _items(src, attrs)
 
 
 def _items(src: Storage, attrs: List[str]) -> pa.Table:
@@ -85,6 +78,4 @@ def _items(src: Storage, attrs: List[str]) -> pa.Table:
         for item, values in mapping.items():
             ids.append(str(item))
             cats.append([f"attr{v}" for v in (values if isinstance(values, list) else [values])])
-    n = len(ids)
-    return pa.table({"item_id": ids, "title": [""] * n, "text": [" ".join(c) for c in cats], "categories": cats,
-                     "updated_at": pa.nulls(n, pa.timestamp("ms", tz="UTC"))}, schema=ITEM_SCHEMA)
+    return items_table(ids, [""] * len(ids), [" ".join(c) for c in cats], cats)
