@@ -106,7 +106,7 @@ def stop_cluster(temp_dir: str, timeout_s: float = 30) -> None:
 def test_ray_job_submit_runs_the_same_command(ray_head, tmp_path):
     root = tmp_path / "store"
     ray_bin = str(Path(sys.executable).parent / "ray")
-    for _ in range(12):  # the job agent may come up after the dashboard answers (slow on a loaded box)
+    for _ in range(36):  # the job agent may come up minutes after the dashboard answers on a loaded box
         p = subprocess.run([ray_bin, "job", "submit", "--address", ray_head, "--working-dir", ".", "--",
                             "python", "-m", "jobs.preprocess", "data.synthetic.num_events=3000", f"storage.root={root}"],
                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
