@@ -174,7 +174,7 @@ def score_project(root: str) -> Dict[str, Any]:
         row = {u: k for k, u in enumerate(t["user_id"].to_pylist())}
         order = np.asarray([row[u] for u in targets])
         model_ranks = {m: t[m].to_numpy()[order] for m in t.column_names if m != "user_id"}
-    return {"run_id": run_id, "metrics_json": res, "ranks": ranks, "users": list(targets), "dataset_prefix": ds,
+    return {"run_id": run_id, "metrics_json": res, "ranks": ranks, "users": list(targets), "targets": targets, "dataset_prefix": ds,
             "promoted": bool(pointer and pointer["run_id"] == run_id), "model_ranks": model_ranks}
 
 
@@ -270,8 +270,7 @@ def bench(name: str, args, work: Path) -> Dict[str, Any]:
     if not args.no_peer:
         peer = out["peer_sasrec_ce"] = run_peer(peer_name, peer_flags, work / "peer")
         if "test" in peer:
-            storage_targets = test_targets(root, proj["dataset_prefix"])
-            pr = peer_ranks(work / "peer", peer_name, proj["users"], storage_targets)
+            pr = peer_ranks(work / "peer", peer_name, proj["users"], proj["targets"])
             peer["test_scored_here"] = metrics(pr)
             peer["test_by_user_half"] = by_half(proj["users"], pr)
             peer["same_user_target_pairs"] = True  # peer_ranks stops the run otherwise
