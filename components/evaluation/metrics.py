@@ -20,23 +20,24 @@ def rank_and_topk(scores: torch.Tensor, targets: np.ndarray, histories: Sequence
         scores: [B, num_items] float scores (modified in place: history -> -inf).
         targets: [B] 0-based target item codes.
         histories: per row, the 0-based items to exclude.
-        topk: how many top items to return.
+        topk: how many top items to return (0: none, the ranks only).
 
     Returns:
         (ranks [B], top [B, topk] item codes in rank order).
     """
     scores = scores.float()
-    repeat = np.zeros(len(targets), dtype=bool)
-    for r, hist in enumerate(histories):
-        if len(hist):
-            h = torch.as_tensor(np.asarray(hist), dtype=torch.long)
-            repeat[r] = bool((h == int(targets[r])).any())
-            scores[r, h] = float("-inf")
+    lens = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
+    rows = np.repeat(np.arange(len(histories)), lens)
+    cols = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories]) if lens.sum() else np.empty(0, np.int64)
+    repeat = np.bincount(rows[cols == np.asarray(targets, dtype=np.int64)[rows]], minlength=len(targets)) > 0
+    scores[torch.as_tensor(rows), torch.as_tensor(cols)] = float("-inf")
     t = torch.as_tensor(targets, dtype=torch.long)
     target_score = scores.gather(1, t[:, None])
     # Ties count against the model (pessimistic), so a constant scorer gets no free hits.
     ranks = ((scores >= target_score).sum(1) - 1).numpy()
     ranks[repeat] = scores.shape[1]
+    if topk <= 0:
+        return ranks, np.empty((len(targets), 0), dtype=np.int64)
     top = torch.topk(scores, min(topk, scores.shape[1]), dim=1).indices
     return ranks, top.numpy()
 

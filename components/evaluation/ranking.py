@@ -18,6 +18,22 @@ from components.models.ranker import RankerMLP, context_features, item_stats
 from components.models.retriever import SequenceRetriever
 
 
+# Rows (users) scored at once are bounded so that a [rows, items] matrix holds at most this many
+# cells: lists for 22k users x 12k items are built in ~14 chunks, never as one 1 GB matrix per channel.
+CHUNK_CELLS = 20_000_000
+# The fusion fit scores the valid users' [users, items] matrices a few hundred times (every grid
+# point): it reads a fixed sample of at most this many cells (users chosen by a hash of the user
+# id, ``fit_rows``). Every shared dataset fits whole (Scientific: 45M cells); Amazon Beauty
+# (22k users x 12k items) fits on ~5k users.
+FIT_CELLS = 60_000_000
+
+
+def chunk_rows(num_items: int, cells: int = CHUNK_CELLS, batch: int = 256) -> int:
+    """Users per chunk: at most ``cells`` [users, items] cells, a multiple of ``user_vectors``'s
+    batch (the same batches, hence the same numbers, as scoring everyone at once)."""
+    return max(batch, cells // max(num_items, 1) // batch * batch)
+
+
 @torch.no_grad()
 def user_vectors(model: SequenceRetriever, text_emb: Optional[torch.Tensor], items: Sequence[np.ndarray],
                  events: Sequence[np.ndarray], ts: Sequence[np.ndarray], batch: int = 256) -> torch.Tensor:
@@ -45,36 +61,80 @@ def retriever_scores(model: SequenceRetriever, text_emb: Optional[torch.Tensor],
     return u @ item_table(model, text_emb).T, targets, items
 
 
+def retriever_ranks(model: SequenceRetriever, text_emb: Optional[torch.Tensor], h: UserHistories, split: str,
+                    chunk_cells: int = CHUNK_CELLS) -> np.ndarray:
+    """The ranks of ``split``'s targets under the retriever alone (``retriever_scores`` ranked),
+    scored in chunks of at most ``chunk_cells`` [users, items] cells."""
+    users, items, events, ts, targets = history_for(h, split)
+    table = item_table(model, text_emb)
+    step = chunk_rows(h.num_items, chunk_cells)
+    ranks = [rank_and_topk(user_vectors(model, text_emb, items[s:s + step], events[s:s + step], ts[s:s + step]) @ table.T,
+                           targets[s:s + step], items[s:s + step], topk=0)[0] for s in range(0, len(targets), step)]
+    return np.concatenate(ranks) if ranks else np.empty(0, np.int64)
+
+
 def text_table(text: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if text is None else torch.cat([torch.zeros(1, text.shape[1]), text])
 
 
+def fit_rows(users: np.ndarray, num_items: int, cells: int = FIT_CELLS) -> np.ndarray:
+    """Rows of ``users`` a fit reads: all of them when ``users x num_items <= cells``, else the
+    ``cells // num_items`` rows with the smallest hash of their user id (fixed across runs)."""
+    n = len(users)
+    keep = max(1, cells // max(num_items, 1))
+    if n <= keep:
+        return np.arange(n)
+    key = (np.asarray(users, dtype=np.uint64) * np.uint64(2246822519) + np.uint64(374761393)) % np.uint64(2 ** 32)
+    return np.sort(np.argsort(key, kind="stable")[:keep])
+
+
+def _concat(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
+    return {k: (torch.cat([p[k] for p in parts]) if isinstance(parts[0][k], torch.Tensor)
+                else np.concatenate([p[k] for p in parts])) for k in parts[0]}
+
+
 def scored_lists(retriever: SequenceRetriever, channels: Optional[Channels], text: Optional[torch.Tensor],
                  h: UserHistories, split: str, categories: List[List[str]], candidates: int,
-                 topk: int = 100) -> Dict[str, Any]:
+                 topk: int = 100, chunk_cells: int = CHUNK_CELLS) -> Dict[str, Any]:
     """Everything the ranker needs for ``split``: fused channel scores over the catalog (the
     retriever alone without ``channels``), the target ranks and top lists under that order, and
     the ranker's inputs for the first ``candidates`` of each list (user and item vectors,
-    context features). Shared by ranker training (jobs.train) and evaluation."""
+    context features). Shared by ranker training (jobs.train) and evaluation. Users are scored in
+    chunks of at most ``chunk_cells`` [users, items] cells; only the lists are kept."""
     te = text_table(text) if retriever.cfg.use_text else None
-    raw, targets, hist = retriever_scores(retriever, te, h, split)
-    users, items, events, ts, _ = history_for(h, split)
+    users, items, events, ts, targets = history_for(h, split)
+    table = item_table(retriever, te)
+    stats = item_stats(h.items, h.ts, categories, text) if candidates else None
+    step = chunk_rows(h.num_items, chunk_cells)
+    parts = []
+    for s in range(0, max(len(targets), 1), step):
+        sl = slice(s, s + step)
+        part = _lists(retriever, te, table, channels, stats, items[sl], events[sl], ts[sl], targets[sl],
+                      candidates, topk)
+        parts.append({**part, "users": users[sl]})
+    return _concat(parts)
+
+
+def _lists(retriever: SequenceRetriever, te: Optional[torch.Tensor], table: torch.Tensor,
+           channels: Optional[Channels], stats: Any, items: List[np.ndarray], events: List[np.ndarray],
+           ts: List[np.ndarray], targets: np.ndarray, candidates: int, topk: int) -> Dict[str, Any]:
+    """``scored_lists`` for one chunk of users."""
+    u = user_vectors(retriever, te, items, events, ts)
+    raw = u @ table.T
     if channels is not None:
-        fused, z = channels.scores(raw, hist)
+        fused, z = channels.scores(raw, items)
     else:
         fused, z = raw, {}
-    ranks, top = rank_and_topk(fused.clone(), targets, hist, max(topk, candidates))
+    ranks, top = rank_and_topk(fused.clone(), targets, items, max(topk, candidates))
     cand = top[:, :candidates]
     if candidates == 0:  # no ranker: the order is all that is needed
-        return {"top": top, "cand": cand, "ranks": ranks, "targets": targets, "users": users}
+        return {"top": top, "cand": cand, "ranks": ranks, "targets": targets}
     cz = {name: np.take_along_axis(x.numpy(), cand, 1) for name, x in z.items()}
-    stats = item_stats(h.items, h.ts, categories, text)
     ctx = context_features(stats, cand, np.take_along_axis(fused.numpy(), cand, 1), items, ts, events, cz)
-    table = item_table(retriever, te)
     positive = np.array([int(np.flatnonzero(cand[r] == targets[r])[0]) if (cand[r] == targets[r]).any() else -1
                          for r in range(len(targets))], dtype=np.int64)
-    return {"u": user_vectors(retriever, te, items, events, ts), "i": table[torch.as_tensor(cand)], "ctx": ctx,
-            "top": top, "cand": cand, "positive": positive, "ranks": ranks, "targets": targets, "users": users}
+    return {"u": u, "i": table[torch.as_tensor(cand)], "ctx": ctx, "top": top, "cand": cand, "positive": positive,
+            "ranks": ranks, "targets": targets}
 
 
 def final_ranking(retriever: SequenceRetriever, ranker: Optional[RankerMLP], text: Optional[torch.Tensor],
@@ -102,18 +162,24 @@ def final_ranking(retriever: SequenceRetriever, ranker: Optional[RankerMLP], tex
     return new_ranks, reranked, targets, users
 
 
-def fit_channels(retriever: SequenceRetriever, text: Optional[torch.Tensor], h: UserHistories) -> tuple[Channels, Dict]:
-    """Channels over the training histories, fusion weights fitted on valid NDCG@10."""
+def fit_channels(retriever: SequenceRetriever, text: Optional[torch.Tensor], h: UserHistories,
+                 cells: int = FIT_CELLS) -> tuple[Channels, Dict]:
+    """Channels over the training histories, fusion weights fitted on valid NDCG@10 (on the
+    ``fit_rows`` sample of valid users when the valid scores would exceed ``cells``)."""
     te = text_table(text) if retriever.cfg.use_text else None
-    raw, targets, hist = retriever_scores(retriever, te, h, "valid")
+    users, items, events, ts, targets = history_for(h, "valid")
+    rows = fit_rows(users, h.num_items, cells)
+    hist = [items[r] for r in rows]
+    targets = targets[rows]
+    raw = user_vectors(retriever, te, hist, [events[r] for r in rows], [ts[r] for r in rows]) @ item_table(retriever, te).T
     channels = Channels.fit_data(h.items, h.num_items, text)
 
-    def objective(fused: torch.Tensor) -> float:
-        return ranking_metrics(rank_and_topk(fused.clone(), targets, hist)[0], (10,))["ndcg@10"]
+    def objective(fused: torch.Tensor) -> float:  # fused is a fresh tensor: ranked in place
+        return ranking_metrics(rank_and_topk(fused, targets, hist, topk=0)[0], (10,))["ndcg@10"]
 
-    retriever_only = objective(raw)
+    retriever_only = objective(raw.clone())
     fit = channels.fit_weights(raw, hist, objective)
-    fit["valid_ndcg@10_retriever"] = retriever_only
+    fit.update({"valid_ndcg@10_retriever": retriever_only, "fit_users": int(len(rows)), "valid_users": int(len(users))})
     return channels, fit
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from components.data.sequences import UserHistories, training_windows, trim_padding
-from components.evaluation.metrics import rank_and_topk, ranking_metrics
-from components.evaluation.ranking import retriever_scores
+from components.evaluation.metrics import ranking_metrics
+from components.evaluation.ranking import retriever_ranks
 from components.models.retriever import RetrieverConfig, SequenceRetriever
 from components.training.stepper import LocalStepper
 
@@ -139,8 +139,7 @@ def new_retriever(h: UserHistories, text: Optional[torch.Tensor], rcfg: Retrieve
 
 
 def valid_metrics(model: SequenceRetriever, x: RetrieverInputs) -> Dict[str, float]:
-    scores, targets, hist = retriever_scores(model, x.text_emb, x.histories, "valid")
-    return ranking_metrics(rank_and_topk(scores, targets, hist)[0])
+    return ranking_metrics(retriever_ranks(model, x.text_emb, x.histories, "valid"))
 
 
 def new_progress() -> Dict[str, Any]:

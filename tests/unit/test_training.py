@@ -101,3 +101,28 @@ def test_the_stepper_steps_only_trainable_parameters():
     moved = (model[1].weight - before).abs().max().item()
     assert 0 < moved <= 0.1 + 1e-6  # AdamW's first step moves each weight by at most ~lr
     assert stepper.mean(2.5) == 2.5  # one process: nothing to average over
+
+
+def test_lists_and_ranks_scored_in_chunks_are_those_scored_at_once():
+    from components.evaluation.ranking import fit_rows, retriever_ranks
+    from components.models.channels import Channels
+    h = _histories(users=600)
+    retriever = retriever_loop.fit_retriever_local(
+        h, None, RCFG, retriever_loop.RetrieverTrainConfig(epochs=1, eval_every=1, batch_size=16, schedule="constant"))
+    channels = Channels.fit_data(h.items, h.num_items, None)
+    whole = scored_lists(retriever, channels, None, h, "valid", [[] for _ in range(N_ITEMS)], 10)
+    # 256 users per chunk (the smallest: user_vectors' batch): three chunks, the last one short.
+    chunked = scored_lists(retriever, channels, None, h, "valid", [[] for _ in range(N_ITEMS)], 10, chunk_cells=1)
+    assert whole.keys() == chunked.keys() and len(whole["ranks"]) == 600
+    for k in whole:
+        a, b = whole[k], chunked[k]
+        assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else np.array_equal(a, b)), k
+    plain = scored_lists(retriever, None, None, h, "valid", [[] for _ in range(N_ITEMS)], 0)
+    assert np.array_equal(retriever_ranks(retriever, None, h, "valid", chunk_cells=1), plain["ranks"])
+    # The fusion fit's sample: everyone when it fits, else a fixed hash sample of the user ids.
+    users = np.arange(1000, 1600)
+    assert np.array_equal(fit_rows(users, N_ITEMS, cells=600 * N_ITEMS), np.arange(600))
+    rows = fit_rows(users, N_ITEMS, cells=100 * N_ITEMS)
+    assert len(rows) == 100 and len(set(rows)) == 100 and np.all(np.diff(rows) > 0)
+    assert np.array_equal(rows, fit_rows(users, N_ITEMS, cells=100 * N_ITEMS))
+    assert 0.3 < np.mean(rows < 300) < 0.7  # spread over the users, not the first 100

@@ -154,9 +154,10 @@ class Channels:
     def fuse(self, z: Dict[str, torch.Tensor], weights: Optional[Dict[str, float]] = None) -> torch.Tensor:
         w = self.cfg.weights if weights is None else weights
         out = torch.zeros_like(z["retriever"])
+        term = torch.empty_like(out)  # one buffer for every w * x (a fresh one each is ~2x slower)
         for name, x in z.items():
             if w.get(name, 0.0):
-                out += w[name] * x
+                out += torch.mul(x, w[name], out=term)
         return out
 
     def scores(self, retriever: torch.Tensor, histories: Sequence[np.ndarray],
