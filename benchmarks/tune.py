@@ -41,7 +41,7 @@ def _trial(overrides: List[str], data, text) -> Dict[str, Any]:
                           data["categories"])[0]
     m = ranking_metrics(ranks, (10,))
     return {"valid": {"ndcg@10": m["ndcg@10"], "recall@10": m["recall@10"], "n": int(len(ranks))},
-            "fit_s": round(fit_s, 1)}
+            "fit_s": round(fit_s, 1), **getattr(model, "fit_progress", {})}
 
 
 def load_without_test(storage, prefix: str, half: int | None = None) -> Dict[str, Any]:

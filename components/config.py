@@ -205,7 +205,8 @@ class EvaluateConfig:
     # ID-only and text-only retrievers in-process: it doubles the evaluation's cost, so the
     # pipeline leaves it to benchmarks.quality (once per dataset version) unless asked.
     baselines: bool = False
-    # Also run the new-item variant (last-appearing 10% of items lose their training data).
+    # Also run the new-item variant (last-appearing 10% of items lose their training data). The
+    # same share of newest items is made new on valid to fit the fusion of items without interactions.
     new_item_variant: bool = False
     new_item_frac: float = 0.1
     # Promotion gate: NDCG@10 on test must clear the floor and not fall more than the

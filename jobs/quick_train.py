@@ -62,7 +62,7 @@ def build(cfg: Any, run_id: str, epochs: int, ranker: bool = True, promote: bool
                                 RetrieverTrainConfig(epochs=epochs, eval_every=epochs, seed=seed, schedule="constant"))
     folder = Path(tempfile.mkdtemp(prefix="bundle-"))
     bundle.save_weights(folder, layout.RETRIEVER, model.state_dict(), model.cfg)
-    channels, fusion = fit_channels(model, data.text, data.histories)
+    channels, fusion = fit_channels(model, data.text, data.histories, new_frac=cfg.evaluate.new_item_frac)
     channels.save(folder / layout.CHANNELS)
     if ranker:
         kcfg = RankerConfig(dim=model.cfg.dim, candidates=50, epochs=5)

@@ -113,7 +113,8 @@ def _stages(cfg: Any, storage: Storage, ds: DatasetRef, run_id: str, text_prefix
         if cfg.ranker.channels:
             t0 = time.perf_counter()
             data = load_training_data(storage, ds.prefix, text_prefix)
-            channels, fusion = fit_channels(bundle.load_retriever(folder), data.text, data.histories)
+            channels, fusion = fit_channels(bundle.load_retriever(folder), data.text, data.histories,
+                                            new_frac=cfg.evaluate.new_item_frac)
             channels.save(folder / layout.CHANNELS)
             timings["channels_s"] = round(time.perf_counter() - t0, 1)
             log.info("channel fusion fitted on valid: %s (NDCG@10 %.4f, retriever alone %.4f)", describe_fit(fusion),

@@ -77,6 +77,12 @@ class _Versioned:
     def status(self) -> Dict[str, Any]:
         return self.watcher.status()
 
+    def check_health(self) -> None:
+        """Ray Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
+        problem = self.watcher.problem()
+        if problem:
+            raise RuntimeError(problem)
+
     def per_version(self, requests: List[Dict[str, Any]], run) -> List[Any]:
         """Run a dynamic batch as one sub-batch per pinned model version (usually one)."""
         out: List[Any] = [None] * len(requests)

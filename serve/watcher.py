@@ -169,6 +169,15 @@ class ModelWatcher:
     def stop(self) -> None:
         self._stop.set()
 
+    def problem(self) -> Optional[str]:
+        """Why this replica cannot serve or follow promotions (None: it can): no model loaded, or
+        the watch thread gone while not stopped. Serve's ``check_health`` restarts it then."""
+        if self.current is None:
+            return f"model {self.model}: no version loaded"
+        if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
+            return f"model {self.model}: the registry watch thread died; promotions would never arrive"
+        return None
+
     def status(self) -> Dict[str, Any]:
         p = self.pointer or {}
         return {"version": self.version, "swaps": self.swaps, "refused": dict(self.refused),

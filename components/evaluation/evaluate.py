@@ -22,8 +22,8 @@ import torch
 from components import bundle, layout
 from components.data.datasets import load_text_embeddings, load_training_data
 from components.evaluation.metrics import sliced_metrics
-from components.evaluation.ranking import (baseline_rankings, final_ranking, new_item_histories, slice_masks,
-                                           summarize, timed)
+from components.evaluation.ranking import (baseline_rankings, final_ranking, fit_channels, new_item_histories,
+                                           slice_masks, summarize, timed)
 from components.models.ranker import holdout_rows
 from components.models.retriever import RetrieverConfig, SequenceRetriever
 from components.storage import Storage
@@ -151,10 +151,15 @@ def new_item_variant(cfg: Any, h, text: torch.Tensor, cats) -> Dict[str, Any]:
     out: Dict[str, Any] = {"new_items": int(new.sum())}
     for name, vcfg in (("hybrid", rcfg), ("id-only", replace(rcfg, use_text=False))):
         model = fit_retriever_local(hn, text, vcfg, tcfg, known_items=~new)
-        r, top, targets, _ = final_ranking(model, None, text, hn, "test", cats)
-        is_new = new[targets]
-        out[name] = {"all": summarize(r, top, h.num_items, cfg.evaluate.ks),
-                     "new_item_targets": summarize(r[is_new], top[is_new], h.num_items, cfg.evaluate.ks)}
+        orders = {name: final_ranking(model, None, text, hn, "test", cats)}
+        if name == "hybrid":  # the fused channels, new items scored by their own weights fitted on valid
+            channels, fit = fit_channels(model, text, hn, new_frac=cfg.evaluate.new_item_frac)
+            orders["hybrid+channels"] = final_ranking(model, None, text, hn, "test", cats, channels=channels)
+            out["hybrid+channels_fusion"] = fit
+        for key, (r, top, targets, _) in orders.items():
+            is_new = new[targets]
+            out[key] = {"all": summarize(r, top, h.num_items, cfg.evaluate.ks),
+                        "new_item_targets": summarize(r[is_new], top[is_new], h.num_items, cfg.evaluate.ks)}
     return out
 
 

@@ -211,6 +211,9 @@ def fit_retriever_local(h: UserHistories, text: Optional[torch.Tensor], rcfg: Re
     progress = train_retriever(stepper, x, tcfg, budget)
     if progress["_best_state"] is not None:
         model.load_state_dict(progress["_best_state"])
+    # How the run ended, for the record (benchmarks.tune): a best epoch near the budget says more passes may help.
+    model.fit_progress = {"epochs_run": progress["epoch"] + 1, "best_epoch": progress["best_epoch"],
+                          "budget_epochs": budget.epochs, "best_valid_ndcg@10": progress["best"]}
     if known_items is not None and model.cfg.use_id:
         with torch.no_grad():
             model.id_emb.weight[1:][torch.as_tensor(~known_items)] = 0.0

@@ -101,3 +101,32 @@ def test_live_co_visits_add_to_the_trained_similarity_with_the_cosine_norms():
     fused, z = ch.scores(torch.zeros(1, 8), hist, live)
     # now just behind item 0's trained neighbours (1, 2: 40 users), ahead of everything else
     assert torch.argsort(fused[0, 1:], descending=True)[:3].tolist() == [0, 1, 6]
+
+
+def test_items_without_interactions_get_their_own_fitted_weights():
+    """Item 7 has no interactions: its fused score is the cold formula. Fitted on an objective
+    where user 0's target is item 7 (its text is that of the user's items), the fit raises it to
+    the top, while user 1's warm target stays first."""
+    h = _histories()
+    text = torch.zeros(8, 3)
+    text[[0, 1, 2, 7], 0] = 1.0
+    text[[3, 4, 5], 1] = 1.0
+    text[6, 2] = 1.0
+    text += 0.01 * torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    ch = Channels.fit_data(h, 8, text)
+    assert ch.cold_mask().tolist() == [False] * 7 + [True]
+    hist = [np.array([0, 1]), np.array([3, 4])]
+    targets = np.array([7, 5])
+    raw = torch.randn(2, 8, generator=torch.Generator().manual_seed(2))
+    raw[1, 5] = 5.0  # the retriever finds user 1's warm target
+
+    def objective(fused):
+        return float((rank_and_topk(fused, targets, hist, topk=0)[0] == 0).mean())
+
+    z = ch.channel_scores(raw, hist)
+    buried = {"retriever": 0.0, "text": 0.0, "offset": -3.0, "neighbours": 0.0}
+    ch.cfg.cold = buried
+    assert objective(ch.scores(raw, hist)[0]) < 1.0  # item 7 at the bottom: user 0 misses
+    fit = ch.fit_cold(z, objective)
+    assert fit["valid_ndcg@10_cold"] == 1.0 and fit["cold_items"] == 1 and ch.cfg.cold == fit["cold"]
+    assert objective(ch.scores(raw, hist)[0]) == 1.0  # the fitted weights are what scores() uses

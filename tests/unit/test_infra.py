@@ -217,3 +217,79 @@ def test_serve_settings_are_typed_and_refuse_unknown_args():
                       ({"rate_limit": "lots"}, "rate_limit")):
         with pytest.raises(ConfigError, match=name):
             load_settings(bad)
+
+
+# --- manifests that schedule: resources agree with the presets they run, images pinned ------------
+def _spec(name: str) -> dict:
+    crd, path = MANIFESTS[name]
+    spec = yaml.safe_load((ROOT / "infra" / name).read_text())["spec"]
+    for key in path:
+        spec = spec[key]
+    return spec
+
+
+def _containers(group: dict) -> list:
+    return group["template"]["spec"]["containers"]
+
+
+def _gpus(group: dict) -> int:
+    return sum(int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) for c in _containers(group))
+
+
+@pytest.mark.parametrize("name", ["rayjob-preprocess.yaml", "rayjob-retrain.yaml"])
+def test_every_rayjob_has_the_pods_its_preset_asks_for(name):
+    """A RayJob's ephemeral cluster does not autoscale: its fixed worker groups must hold the
+    Ray Train workers of the preset its entrypoint names (one GPU each when the preset uses GPUs)."""
+    import shlex
+
+    from components.config import parse_cli
+
+    argv = shlex.split(yaml.safe_load((ROOT / "infra" / name).read_text())["spec"]["entrypoint"])
+    cfg = parse_cli(argv[3:])
+    groups = _spec(name)["workerGroupSpecs"]
+    for g in groups:  # fixed size: what it asks for is what it gets
+        assert g.get("minReplicas", g["replicas"]) == g["replicas"] == g.get("maxReplicas", g["replicas"]), g["groupName"]
+    if cfg.train.use_gpu:
+        assert sum(g["replicas"] * _gpus(g) for g in groups) >= cfg.train.num_workers
+    else:
+        cpus = sum(g["replicas"] * float(_containers(g)[0]["resources"]["limits"]["cpu"]) for g in groups)
+        assert cpus >= cfg.train.num_workers
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayservice.yaml"])
+def test_long_lived_clusters_autoscale_and_groups_that_start_empty_can_grow(name):
+    spec = _spec(name)
+    assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["version"] == "v2"
+    for g in spec["workerGroupSpecs"]:
+        assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"] and g["maxReplicas"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(MANIFESTS))
+def test_images_are_pinned_to_the_package_version_and_gpu_pods_run_the_gpu_image(name):
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    spec = _spec(name)
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        want = f"ghcr.io/example/llmrec:{version}" + ("-gpu" if _gpus(group) else "")
+        assert [c["image"] for c in _containers(group)] == [want] * len(_containers(group))
+
+
+def test_a_model_path_a_preset_names_is_mounted_in_every_pod_that_runs_it():
+    """`--preset gpu-cluster` reads text.model from /models: every pod of the cluster that runs it
+    mounts a volume there."""
+    from components.config import parse_cli
+
+    model = parse_cli(["--preset", "gpu-cluster"]).text.model
+    assert model.startswith("/")
+    for name in ("raycluster.yaml", "rayjob-retrain.yaml"):
+        spec = _spec(name)
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            volumes = {v["name"] for v in group["template"]["spec"].get("volumes", [])}
+            for c in _containers(group):
+                mounts = [m for m in c.get("volumeMounts", []) if m["name"] in volumes]
+                assert any(model.startswith(m["mountPath"].rstrip("/") + "/") for m in mounts), (name, c["name"])
+
+
+def test_the_image_context_leaves_out_the_environment_history_and_outputs():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for path in (".venv/", ".git/", "storage/", "results/"):
+        assert path in ignored, path

@@ -218,3 +218,18 @@ def test_a_replica_never_answers_a_request_pinned_to_a_version_it_does_not_hold(
     assert out == ["v1", "v2", "v1"]  # one dynamic batch, one sub-batch per pinned version
     with pytest.raises(StaleVersion):
         replica.per_version([{"version": "v2"}, {"version": "v0"}], lambda model, batch: [0] * len(batch))
+
+
+def test_the_health_check_fails_without_a_model_or_a_live_watch_thread(bundle):
+    """What Ray Serve's check_health reads (serve.deployments._Versioned.check_health)."""
+    import threading
+
+    w = ModelWatcher(bundle["storage"], "recommender", ENCODER_PARTS, lambda f, v: v, interval_s=0.1)
+    assert "no version loaded" in w.problem()
+    assert w.check_once() and w.problem() is None
+    w._thread = threading.Thread(target=lambda: None)  # a watch thread that died (not stopped)
+    w._thread.start()
+    w._thread.join()
+    assert "watch thread died" in w.problem()
+    w.stop()
+    assert w.problem() is None  # stopped on purpose: healthy

@@ -75,10 +75,7 @@ class CovisitChannel(Channel):
 
     def cold_items(self, ch, q: Query) -> np.ndarray:
         """Items nobody interacted with in training and no live event co-visited: no evidence."""
-        cold = ch.log_pop <= 0
-        if q.live is not None and q.live.nnz:
-            cold = cold & (np.asarray(q.live.getnnz(axis=0)) == 0)
-        return cold
+        return ch.cold_mask(q.live)
 
 
 CHANNEL = CovisitChannel()

@@ -19,6 +19,12 @@ weights fitted on the valid split (coordinate ascent over a small grid, valid ND
 grid contains 0 for every channel and the co-visitation channel alone, so on valid the fused
 order is never worse than the retriever's or ItemKNN's. The same ``Channels`` object scores in
 ``jobs.evaluate`` and in the Serve retriever replica: one code path.
+
+Items without interactions (added through the API, or never interacted with in training) have no
+co-visits and no popularity, and the retriever knows them only through its text path: their
+fused score is fitted on its own terms, ``cold[c] * z_c`` over the retriever and text channels
+plus an offset, on valid with the newest items made new (``fit_cold``), so a new item reaches
+the users whose recent items are its text neighbours as far as valid says it should.
 """
 
 from __future__ import annotations
@@ -41,6 +47,12 @@ from components.models.channels.registry import BY_NAME, CHANNELS, REGISTRY
 
 GRID = (0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 DECAYS = (1.0, 0.9, 0.7)
+# The fused score of an item without interactions: a weight per channel that can score it, an
+# offset (its prior against the catalog's items, in z units), and whether it is at least as
+# relevant as its nearest catalog items by text (``neighbours`` 1) or not (0).
+COLD_GRID = {"retriever": GRID, "text": GRID, "offset": (-3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0),
+             "neighbours": (0.0, 1.0)}
+NEIGHBOURS = 3
 
 
 @dataclass
@@ -54,6 +66,11 @@ class FusionConfig:
     text_recent: int = 5
     # Co-visitation and text channels read at most this many recent history items.
     history: int = 200
+    # Items without interactions: fused score = sum(cold[c] * z_c) + cold["offset"], or (with
+    # cold["neighbours"] 1) that of its nearest catalog items by text when higher (fitted on
+    # valid with the newest items made new, ``Channels.fit_cold``; these are the values before).
+    cold: Dict[str, float] = field(default_factory=lambda: {"retriever": 1.0, "text": 1.0, "offset": 0.0,
+                                                             "neighbours": 1.0})
 
 
 def _zscore(x: torch.Tensor) -> torch.Tensor:
@@ -80,8 +97,7 @@ class Channels:
         self.log_pop = np.asarray(log_pop, dtype=np.float32)
         self.text = F.normalize(text.float(), dim=1) if text is not None else None
         self.cfg = cfg or FusionConfig()
-        # item -> (nearest catalog items by text, weights), for items added without interactions.
-        self.cold_neighbours: Dict[int, tuple] = {}
+        self._neighbours: Optional[tuple] = None  # (cold items, text_neighbours of them), until the text changes
 
     @classmethod
     def fit_data(cls, histories: Sequence[np.ndarray], num_items: int, text: Optional[torch.Tensor],
@@ -99,24 +115,21 @@ class Channels:
         self.log_pop = np.append(self.log_pop, np.zeros(k, np.float32))
         if self.text is not None:
             self.text = torch.cat([self.text, torch.zeros(k, self.text.shape[1])])
+        self._neighbours = None
 
-    def set_text(self, item: int, embedding: np.ndarray, neighbours: int = 3) -> None:
-        """The LLM text vector of item ``item`` (0-based), e.g. an item added through the API.
-        An item without interactions also gets its ``neighbours`` nearest catalog items by text:
-        its fused score is at least theirs, weighted by similarity (``scores``)."""
-        if self.text is None:
-            return
-        v = F.normalize(torch.as_tensor(embedding, dtype=torch.float32), dim=0)
-        self.text[item] = v
-        if self.log_pop[item] > 0:
-            return
-        warm = torch.as_tensor(np.flatnonzero(self.log_pop > 0))
-        if len(warm) == 0:
-            return
-        sim = self.text[warm] @ v
-        top = torch.topk(sim, min(neighbours, len(warm)))
-        w = torch.softmax(top.values / 0.05, 0)
-        self.cold_neighbours[item] = (warm[top.indices], w)
+    def set_text(self, item: int, embedding: np.ndarray) -> None:
+        """The LLM text vector of item ``item`` (0-based), e.g. an item added through the API."""
+        if self.text is not None:
+            self.text[item] = F.normalize(torch.as_tensor(embedding, dtype=torch.float32), dim=0)
+            self._neighbours = None
+
+    def cold_mask(self, live: Optional[sp.csr_matrix] = None) -> np.ndarray:
+        """Items nobody interacted with in training and no live event co-visited: no evidence
+        but their text."""
+        cold = self.log_pop <= 0
+        if live is not None and live.nnz:
+            cold = cold & (np.asarray(live.getnnz(axis=0)) == 0)
+        return cold
 
     @property
     def num_items(self) -> int:
@@ -160,14 +173,45 @@ class Channels:
                 out += torch.mul(x, w[name], out=term)
         return out
 
+    def text_neighbours(self, items: torch.Tensor) -> Optional[tuple]:
+        """(the ``NEIGHBOURS`` nearest items by text among those with interactions [n, k], their
+        softmax weights [n, k]) for each of ``items`` (None: no text or no such items)."""
+        key = np.asarray(items).tobytes()
+        if self._neighbours is not None and self._neighbours[0] == key:  # per request in serving: cached
+            return self._neighbours[1]
+        warm = torch.as_tensor(np.flatnonzero(self.log_pop > 0))
+        out = None
+        if self.text is not None and len(warm) and len(items):
+            top = torch.topk(self.text[items] @ self.text[warm].T, min(NEIGHBOURS, len(warm)), dim=1)
+            out = warm[top.indices], torch.softmax(top.values / 0.05, 1)
+        self._neighbours = (key, out)
+        return out
+
+    def fuse_cold(self, z: Dict[str, torch.Tensor], items: torch.Tensor, warm: torch.Tensor,
+                  weights: Optional[Dict[str, float]] = None, neighbours: Optional[tuple] = None) -> torch.Tensor:
+        """Fused scores [B, len(items)] of items without interactions (``FusionConfig.cold``);
+        ``warm``: the other items' fused scores [B, num_items]; ``neighbours``: ``text_neighbours(items)``
+        when already computed."""
+        w = self.cfg.cold if weights is None else weights
+        out = torch.full((z["retriever"].shape[0], len(items)), float(w.get("offset", 0.0)))
+        for name in ("retriever", "text"):
+            if w.get(name, 0.0) and name in z:
+                out += w[name] * z[name][:, items]
+        if w.get("neighbours", 0.0):
+            nb = neighbours if neighbours is not None else self.text_neighbours(items)
+            if nb is not None:  # at least as relevant as its nearest catalog items by LLM text
+                out = torch.maximum(out, (warm[:, nb[0]] * nb[1]).sum(-1))
+        return out
+
     def scores(self, retriever: torch.Tensor, histories: Sequence[np.ndarray],
                live: Optional[sp.csr_matrix] = None) -> tuple[torch.Tensor, Dict]:
-        """(fused scores [B, num_items], per-channel z-scores) with the fitted weights."""
+        """(fused scores [B, num_items], per-channel z-scores) with the fitted weights; items
+        without interactions by the fitted ``cold`` weights."""
         z = self.channel_scores(retriever, histories, live=live)
         fused = self.fuse(z)
-        for item, (nbrs, w) in self.cold_neighbours.items():
-            # A new item is at least as relevant as its nearest catalog items by LLM text are.
-            fused[:, item] = torch.maximum(fused[:, item], fused[:, nbrs] @ w)
+        cold = torch.as_tensor(np.flatnonzero(self.cold_mask(live)))
+        if len(cold):
+            fused[:, cold] = self.fuse_cold(z, cold, fused)
         return fused, z
 
     # -- fitting on valid ---------------------------------------------------------------------------------
@@ -199,6 +243,34 @@ class Channels:
         self.cfg.weights, self.cfg.decay = best_w, best_d
         return {"weights": best_w, "decay": best_d, "valid_ndcg@10": best_v}
 
+    def fit_cold(self, z: Dict[str, torch.Tensor], objective: Callable[[torch.Tensor], float],
+                 rounds: int = 2) -> Dict[str, object]:
+        """Coordinate ascent over ``COLD_GRID`` for the items without interactions (``cold_mask``),
+        the other items fused with the fitted weights, to maximise ``objective(fused scores)``
+        (valid NDCG@10 where the newest items were made new: ``ranking.fit_channels``). Sets and
+        returns the cold weights."""
+        items = torch.as_tensor(np.flatnonzero(self.cold_mask()))
+        warm = self.fuse(z)
+        neighbours = self.text_neighbours(items)
+
+        def value(w: Dict[str, float]) -> float:
+            fused = warm.clone()
+            fused[:, items] = self.fuse_cold(z, items, warm, w, neighbours)
+            return objective(fused)
+
+        w = dict(self.cfg.cold)
+        v = value(w)
+        for _ in range(rounds):
+            for name, grid in COLD_GRID.items():
+                if name != "offset" and name not in z:
+                    continue
+                for g in grid:
+                    s = value({**w, name: g})
+                    if s > v + 1e-9:
+                        v, w = s, {**w, name: g}
+        self.cfg.cold = w
+        return {"cold": w, "valid_ndcg@10_cold": v, "cold_items": int(len(items))}
+
     # -- bundle I/O ----------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
@@ -228,7 +300,10 @@ def topk_excluding(scores: torch.Tensor, histories: Sequence[np.ndarray], k: int
 
 def describe(fit: Dict[str, object]) -> str:
     w = fit["weights"]
-    return ", ".join(f"{c} {w[c]:g}" for c in CHANNELS if c in w) + f"; co-visit decay {fit['decay']:g}"
+    out = ", ".join(f"{c} {w[c]:g}" for c in CHANNELS if c in w) + f"; co-visit decay {fit['decay']:g}"
+    if "cold" in fit:
+        out += "; new items " + ", ".join(f"{c} {v:g}" for c, v in fit["cold"].items())
+    return out
 
 
 def channel_names(z: Dict[str, torch.Tensor]) -> List[str]:
