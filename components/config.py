@@ -6,6 +6,8 @@ struct mode, so an unknown key fails with its dotted name instead of being silen
 
 from __future__ import annotations
 
+import importlib.resources
+
 import logging
 import os
 import re
@@ -429,8 +431,24 @@ def to_dict(cfg: Any) -> Dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-PRESETS = Path(__file__).resolve().parents[1] / "configs"
+def _configs_dir() -> Path:
+    """``configs/``: package data of the ``configs`` package (a folder in a checkout and in an
+    installed wheel alike); next to this package when that one is not importable."""
+    try:
+        return Path(str(importlib.resources.files("configs")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "configs"
+
+
+PRESETS = _configs_dir()
 HARDWARE = PRESETS / "hardware"  # --preset NAME: configs/hardware/NAME.yaml
+
+
+def packaged_config(path: str | Path) -> Path:
+    """A config file named as in the repository (``configs/serve-fused.yaml``): as given when it
+    exists from here (or is absolute), else from the installed ``configs`` package."""
+    p = Path(path)
+    return p if p.is_absolute() or p.is_file() else PRESETS.parent / p
 
 
 def hardware_presets() -> List[str]:

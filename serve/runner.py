@@ -17,12 +17,12 @@ from typing import Any, Dict, Optional
 
 import yaml
 
+from components.config import packaged_config
 from components.data.privacy import privacy_key
 from serve.auth import AccessPolicy, check_bind
 from serve.settings import load_settings
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[1]
 
 # Ray Serve's fast path, measured side by side in benchmarks/serving.py (2 cores, ml-latest-small
 # model, fused config, concurrency 8; results/serving_ml-latest-small.json): Serve's defaults
@@ -59,9 +59,7 @@ def apply_serve_env(environ=os.environ) -> None:
 
 def load_serve_config(path: str | Path) -> Dict[str, Any]:
     """The Serve config YAML -> {http_options, logging_config, app: {name, route_prefix, args, deployments}}."""
-    p = Path(path)
-    if not p.is_absolute() and not p.is_file():
-        p = ROOT / p
+    p = packaged_config(path)
     if not p.is_file():
         raise FileNotFoundError(f"serve config not found: {path}")
     doc = yaml.safe_load(p.read_text()) or {}
@@ -142,8 +140,7 @@ def kuberay_serve_config(config_path: str | Path = "configs/serve-fused.yaml",
                          storage_root: str = CLUSTER_STORAGE) -> Dict[str, Any]:
     """The Serve config for a RayService's ``serveConfigV2``: ``config_path`` with host 0.0.0.0
     and ``storage_root`` (print it with ``python -m serve.runner``)."""
-    p = Path(config_path)
-    doc = yaml.safe_load((p if p.is_absolute() or p.is_file() else ROOT / p).read_text())
+    doc = yaml.safe_load(packaged_config(config_path).read_text())
     doc["http_options"]["host"] = "0.0.0.0"
     for app in doc["applications"]:
         app["args"]["storage_root"] = storage_root
