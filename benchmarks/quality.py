@@ -1,6 +1,6 @@
 """Recommendation quality, side by side with an outside peer, from the documented command.
 
-    python -m benchmarks.quality [--datasets ml-latest-small,amazon-gift-cards] [--no-peer] [--no-id-only]
+    python -m benchmarks.quality [--datasets ml-latest-small,amazon-gift-cards] [--no-peer] [--no-id-only] [--text-only]
     SHARED_DATA=/other/data python -m benchmarks.quality --datasets ml-latest-small --tag other  # same kind
 
 For every dataset in ../shared/data (or $SHARED_DATA), in one run on one machine:
@@ -10,7 +10,8 @@ For every dataset in ../shared/data (or $SHARED_DATA), in one run on one machine
   2. its ``reports/<run_id>/predictions.parquet`` scored here, independently of jobs.evaluate,
      against the dataset version's test split (full ranking, history excluded, top-100 lists);
   3. an ID-only retriever with the same settings (in-process), for the hybrid vs ID-only paired
-     bootstrap 95% interval over test users (and the same on valid);
+     bootstrap 95% interval over test users (and the same on valid); with --text-only also a
+     retriever without item IDs, on the text embeddings the shipped retriever used;
   4. the reference SASRec-CE in ../shared/peers, run as an outside program with its documented
      flags on its own copy of the same split protocol.
 Prints one table (project, peer, ItemKNN, MostPopular, ratio) and writes
@@ -156,7 +157,7 @@ def run_contract(source: str, path: Path, extra: List[str], root: str, overrides
 
 
 def score_project(root: str) -> Dict[str, Any]:
-    from components import registry
+    from components import layout, registry
     from components.storage import Storage
 
     storage = Storage(root)
@@ -174,8 +175,9 @@ def score_project(root: str) -> Dict[str, Any]:
         row = {u: k for k, u in enumerate(t["user_id"].to_pylist())}
         order = np.asarray([row[u] for u in targets])
         model_ranks = {m: t[m].to_numpy()[order] for m in t.column_names if m != "user_id"}
+    lineage = storage.read_json(layout.join(layout.bundle(run_id), layout.LINEAGE))
     return {"run_id": run_id, "metrics_json": res, "ranks": ranks, "users": list(targets), "targets": targets, "dataset_prefix": ds,
-            "promoted": bool(pointer and pointer["run_id"] == run_id), "model_ranks": model_ranks}
+            "text_prefix": lineage.get("text_embeddings"), "promoted": bool(pointer and pointer["run_id"] == run_id), "model_ranks": model_ranks}
 
 
 def test_targets(root: str, dataset_prefix: str) -> Dict[str, str]:
@@ -185,9 +187,11 @@ def test_targets(root: str, dataset_prefix: str) -> Dict[str, str]:
     return dict(zip(test["user_id"].to_pylist(), test["item_id"].to_pylist()))
 
 
-def id_only_ranks(root: str, project: Dict[str, Any], source: str, extra: List[str], overrides: List[str]):
-    """An ID-only retriever with the settings the contract command used (its preset + extras),
-    fitted in-process; per-user ranks on valid and test (ordered as the dataset's targets)."""
+def variant_ranks(root: str, project: Dict[str, Any], source: str, extra: List[str], overrides: List[str],
+                  use_id: bool = True, use_text: bool = False):
+    """A retriever variant (ID-only by default; text-only with ``use_id=False, use_text=True``)
+    with the settings the contract command used (its preset + extras), fitted in-process; per-user
+    ranks on valid and test (ordered as the dataset's targets)."""
     from components.config import load_config, preset_for
     from components.data.datasets import load_training_data
     from components.evaluation.evaluate import _plain, local_train_config
@@ -198,14 +202,16 @@ def id_only_ranks(root: str, project: Dict[str, Any], source: str, extra: List[s
 
     overrides = [f"data.source={source}", *extra, *overrides]
     cfg = load_config(overrides, preset_for(overrides))
-    data = load_training_data(Storage(root), project["dataset_prefix"], None)
-    rcfg = replace(RetrieverConfig(**_plain(cfg.retriever)), use_text=False)
+    # the text embeddings the shipped retriever trained on (its run's fine-tuned LLM)
+    data = load_training_data(Storage(root), project["dataset_prefix"], project["text_prefix"] if use_text else None)
+    rcfg = replace(RetrieverConfig(**_plain(cfg.retriever)), use_id=use_id, use_text=use_text)
     tcfg: RetrieverTrainConfig = local_train_config(cfg)
+    text = data.text if use_text else None
     t0 = time.perf_counter()
-    model = fit_retriever_local(data.histories, None, rcfg, tcfg)
-    out = {"fit_s": round(time.perf_counter() - t0, 1)}
+    model = fit_retriever_local(data.histories, text, rcfg, tcfg)
+    out = {"fit_s": round(time.perf_counter() - t0, 1), **getattr(model, "fit_progress", {})}
     for split in ("valid", "test"):
-        out[split] = final_ranking(model, None, None, data.histories, split, data.categories)[0]
+        out[split] = final_ranking(model, None, text, data.histories, split, data.categories)[0]
     return out
 
 
@@ -260,13 +266,21 @@ def bench(name: str, args, work: Path) -> Dict[str, Any]:
         out.setdefault("shipped_minus_test_ndcg@10", {})[other] = paired_bootstrap(
             ndcg_per_user(mr[main_name]), ndcg_per_user(mr[other]))
     if not args.no_id_only:
-        ido = id_only_ranks(root, proj, source, extra, args.overrides)
+        ido = variant_ranks(root, proj, source, extra, args.overrides)
         # jobs.evaluate's valid ranks of the main model come from metrics.json (means only);
         # the paired interval on test uses the predictions scored here.
         out["id_only"] = {"fit_s": ido["fit_s"], "test": metrics(ido["test"]), "valid": metrics(ido["valid"])}
         out["hybrid_minus_id_only_test_ndcg@10"] = paired_bootstrap(ndcg_per_user(proj["ranks"]),
                                                                     ndcg_per_user(ido["test"]))
         out["test_ranks"]["id_only"] = np.asarray(ido["test"]).tolist()
+        if "hybrid" in mr:  # the retrievers alone, same settings: what the item text adds
+            out["hybrid_retriever_minus_id_only_test_ndcg@10"] = paired_bootstrap(ndcg_per_user(mr["hybrid"]),
+                                                                                 ndcg_per_user(ido["test"]))
+    if args.text_only:  # no item IDs at all: the item is its text (MISSRec's "no ID" setting)
+        tx = variant_ranks(root, proj, source, extra, args.overrides, use_id=False, use_text=True)
+        out["text_only"] = {"fit_s": tx["fit_s"], "test": metrics(tx["test"]), "valid": metrics(tx["valid"]),
+                            **{k: tx[k] for k in ("epochs_run", "best_epoch") if k in tx}}
+        out["test_ranks"]["text_only"] = np.asarray(tx["test"]).tolist()
     if not args.no_peer:
         peer = out["peer_sasrec_ce"] = run_peer(peer_name, peer_flags, work / "peer")
         if "test" in peer:
@@ -288,6 +302,8 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
         lines = [(f"project: {r['main_model']}", r["project_test_scored_here"])]
         if "id_only" in r:
             lines.append(("id-only retriever", r["id_only"]["test"]))
+        if "text_only" in r:
+            lines.append(("text-only retriever", r["text_only"]["test"]))
         for b in ("ItemKNN", "MostPopular"):
             if b in r["jobs_evaluate"]:
                 lines.append((b, r["jobs_evaluate"][b]["test"]))
@@ -303,6 +319,9 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
         if "hybrid_minus_id_only_test_ndcg@10" in r:
             d = r["hybrid_minus_id_only_test_ndcg@10"]
             print(f"{'':<20}project - id-only NDCG@10: {d['diff']:+.4f} (95% CI {d['ci95'][0]:+.4f} .. {d['ci95'][1]:+.4f})")
+        if "hybrid_retriever_minus_id_only_test_ndcg@10" in r:
+            d = r["hybrid_retriever_minus_id_only_test_ndcg@10"]
+            print(f"{'':<20}hybrid retriever - id-only NDCG@10: {d['diff']:+.4f} (95% CI {d['ci95'][0]:+.4f} .. {d['ci95'][1]:+.4f})")
         if "project_minus_peer_test_ndcg@10" in r:
             d = r["project_minus_peer_test_ndcg@10"]
             print(f"{'':<20}project - peer NDCG@10: {d['diff']:+.4f} (BCa 95% CI {d['ci95'][0]:+.4f} .. {d['ci95'][1]:+.4f})")
@@ -328,6 +347,7 @@ def main() -> None:
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--no-id-only", action="store_true")
+    ap.add_argument("--text-only", action="store_true", help="also fit a retriever without item IDs (text only)")
     ap.add_argument("--tag", default="", help="results/quality_<dataset>-<tag>.json: a run on other data of the "
                     "same kind ($SHARED_DATA pointing elsewhere) does not replace the shared datasets' figures")
     ap.add_argument("overrides", nargs="*", help="extra key=value settings for the contract command")

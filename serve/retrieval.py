@@ -107,7 +107,7 @@ class RetrievalModel:
             d = self.dim
             if self.model.cfg.use_text and text_emb is not None:
                 e = torch.as_tensor(np.asarray(text_emb, dtype=np.float32))
-                v = self.model.item_norm(self.model.text_proj(e)).numpy().astype(np.float32)
+                v = self.model.item_norm(self.model.text_vectors(e)).numpy().astype(np.float32)
             else:  # ID-only model: no way to place a new item; it is only served as fresh
                 v = np.zeros((len(items), d), dtype=np.float32)
             now = int(time.time() * 1000)

@@ -42,6 +42,11 @@ class RetrieverConfig:
     # (norm ~ sqrt(dim) each), so unscaled logits start with a spread of ~dim and the softmax
     # saturates: on ml-latest-small sqrt(dim) reached the same valid NDCG in about half the epochs.
     temperature: float = 0.0
+    # ZCA-whiten the frozen LLM text embeddings (mean and covariance of the catalog's, fitted
+    # when the model is created and saved with it) before the learned projection: sentence
+    # embeddings are anisotropic (a few directions carry most of the variance, BERT-whitening,
+    # Su et al. 2021; UniSRec's parametric whitening), so item texts start out nearly parallel.
+    text_whiten: bool = False
 
 
 def gap_buckets(ts_ms: np.ndarray) -> np.ndarray:
@@ -80,6 +85,9 @@ class SequenceRetriever(nn.Module):
                 self.id_emb.weight[0].zero_()
         if cfg.use_text:
             self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+            if cfg.text_whiten:  # identity until fit_text_whitening; saved in the state dict
+                self.register_buffer("text_mean", torch.zeros(cfg.text_dim))
+                self.register_buffer("text_white", torch.eye(cfg.text_dim))
         self.item_norm = nn.LayerNorm(d)
         self.pos_emb = nn.Embedding(cfg.max_len, d)
         self.event_emb = nn.Embedding(cfg.num_events + 1, d, padding_idx=0)
@@ -91,6 +99,28 @@ class SequenceRetriever(nn.Module):
         self.out_norm = nn.LayerNorm(d)
 
     # -- items ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fit_text_whitening(self, text: torch.Tensor, shrink: float = 0.01) -> None:
+        """ZCA whitening from the catalog's text embeddings ``text`` [n, text_dim] (no padding
+        row): x -> (x - mean) U diag((lambda + eps)^-1/2) U^T, eps = ``shrink`` * mean eigenvalue so
+        that directions with almost no variance are not blown up into noise."""
+        if not (self.cfg.use_text and self.cfg.text_whiten):
+            return
+        x = text.double()
+        mean = x.mean(0)
+        cov = torch.cov((x - mean).T)
+        lam, u = torch.linalg.eigh(cov)
+        lam = lam.clamp(min=0)
+        w = u @ torch.diag((lam + shrink * lam.mean() + 1e-12).rsqrt()) @ u.T
+        self.text_mean.copy_(mean.float())
+        self.text_white.copy_(w.float())
+
+    def text_vectors(self, text_emb: torch.Tensor) -> torch.Tensor:
+        """The learned projection of (whitened) text embeddings [..., text_dim] -> [..., dim]."""
+        if self.cfg.text_whiten:
+            text_emb = (text_emb - self.text_mean) @ self.text_white
+        return self.text_proj(text_emb)
+
     def item_vectors(self, text_emb: Optional[torch.Tensor] = None, ids: Optional[torch.Tensor] = None,
                      hide_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Vectors of items ``ids`` (1-based; default all, row 0 = padding).
@@ -109,7 +139,7 @@ class SequenceRetriever(nn.Module):
                 idv = idv * (~hide_ids).unsqueeze(-1)
             v = v + idv
         if self.cfg.use_text:
-            v = v + self.text_proj(text_emb[ids])
+            v = v + self.text_vectors(text_emb[ids])
         v = self.item_norm(v)
         return v * (ids > 0).unsqueeze(-1)
 

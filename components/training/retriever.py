@@ -135,7 +135,10 @@ def new_retriever(h: UserHistories, text: Optional[torch.Tensor], rcfg: Retrieve
     """A fresh retriever sized to the data (identical on every rank: seeded)."""
     rcfg = replace(rcfg, num_items=h.num_items, text_dim=text.shape[1] if (rcfg.use_text and text is not None) else 0)
     torch.manual_seed(seed)
-    return SequenceRetriever(rcfg)
+    model = SequenceRetriever(rcfg)
+    if rcfg.use_text and text is not None:
+        model.fit_text_whitening(torch.as_tensor(text))  # a no-op unless retriever.text_whiten
+    return model
 
 
 def valid_metrics(model: SequenceRetriever, x: RetrieverInputs) -> Dict[str, float]:

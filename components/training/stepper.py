@@ -15,7 +15,9 @@ same way by the Ray Train workers, the in-process baselines and jobs.quick_train
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional
@@ -26,6 +28,53 @@ from components import checkpoints as ck
 from components import layout
 
 Schedule = Callable[[torch.optim.Optimizer], Optional[torch.optim.lr_scheduler.LRScheduler]]
+log = logging.getLogger(__name__)
+
+# A JIT build of DeepSpeed's CPU communication op takes ~1 min here; a build lock older than this
+# was left by a process killed mid-build (a killed run, the OOM killer), and every later build
+# would wait on it forever (torch's FileBaton has no timeout).
+STALE_BUILD_LOCK_S = 600
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S, root: Optional[Path] = None) -> list[Path]:
+    """Remove torch extension build locks older than ``max_age_s`` (under ``TORCH_EXTENSIONS_DIR``
+    or torch's default build root); returns the ones removed."""
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    removed = []
+    for lock in [*Path(root).glob("*/lock"), *Path(root).glob("*/*/lock")]:
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+                log.warning("removed a stale torch extension build lock %s (a build was killed)", lock)
+        except FileNotFoundError:  # another worker removed it or the build finished
+            pass
+    return removed
+
+
+@contextmanager
+def stale_build_lock_watchdog(max_age_s: float = STALE_BUILD_LOCK_S, every_s: float = 30.0) -> Iterator[None]:
+    """While the body runs (DeepSpeed's import and initialisation, where its ops are JIT-built),
+    clear build locks that grow stale, so a worker waiting on a killed builder's lock goes on."""
+    import threading
+
+    done = threading.Event()
+
+    def watch() -> None:
+        while True:
+            clear_stale_build_locks(max_age_s)
+            if done.wait(every_s):
+                return
+
+    t = threading.Thread(target=watch, name="stale-build-lock-watchdog", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 class LocalStepper:
@@ -90,11 +139,12 @@ class DeepSpeedStepper:
                  micro_batch: int, schedule: Optional[Schedule] = None):
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed
-
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=schedule,
-                                                    config=deepspeed_config(zero_stage, precision, micro_batch))
+        with stale_build_lock_watchdog():
+            import deepspeed
+
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=schedule,
+                                                        config=deepspeed_config(zero_stage, precision, micro_batch))
         self.module = self.engine.module
         self.zero_stage = zero_stage
 

@@ -266,3 +266,26 @@ def test_ranker_holdout_rows_are_a_fixed_share_the_trainer_and_the_evaluation_ag
     assert np.array_equal(held, holdout_rows(rows, 0.2))  # no randomness: same rows every call
     kept = rows[rows % 3 != 0]  # the trainer passes only rows whose target is a candidate
     assert set(holdout_rows(kept, 0.2)) == set(held) & set(kept)
+
+
+def test_text_whitening_decorrelates_the_catalog_and_travels_with_the_weights():
+    torch.manual_seed(0)
+    # anisotropic "sentence embeddings": a shared offset and a few dominant directions
+    text = torch.randn(200, 16) @ torch.diag(torch.tensor([8.0, 4.0] + [0.5] * 14)) + 3.0
+    cfg = RetrieverConfig(num_items=200, text_dim=16, text_whiten=True, dim=8)
+    model = SequenceRetriever(cfg)
+    z0 = model.text_vectors(text)  # before fitting: identity whitening
+    model.fit_text_whitening(text)
+    white = (text - model.text_mean) @ model.text_white
+    assert white.mean(0).abs().max() < 1e-4
+    before, after = torch.linalg.eigvalsh(torch.cov(text.T)), torch.linalg.eigvalsh(torch.cov(white.T))
+    assert before.max() / before.min() > 100
+    assert after.max() <= 1.0 + 1e-4 and after.min() > 0.5  # isotropic (shrinkage keeps it just below 1)
+    assert not torch.allclose(model.text_vectors(text), z0)
+    # saved and loaded with the state dict, so serving (and new items) use the same transform
+    other = SequenceRetriever(cfg)
+    other.load_state_dict(model.state_dict())
+    table = torch.cat([torch.zeros(1, 16), text])
+    assert torch.allclose(other.item_vectors(table), model.item_vectors(table))
+    plain = SequenceRetriever(RetrieverConfig(num_items=200, text_dim=16, dim=8))
+    assert "text_white" not in plain.state_dict()

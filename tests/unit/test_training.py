@@ -126,3 +126,20 @@ def test_lists_and_ranks_scored_in_chunks_are_those_scored_at_once():
     assert len(rows) == 100 and len(set(rows)) == 100 and np.all(np.diff(rows) > 0)
     assert np.array_equal(rows, fit_rows(users, N_ITEMS, cells=100 * N_ITEMS))
     assert 0.3 < np.mean(rows < 300) < 0.7  # spread over the users, not the first 100
+
+
+def test_a_stale_extension_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path):
+    """A build killed mid-way leaves <root>/<py>/<op>/lock: every later DeepSpeed run would wait on it."""
+    import os
+    import time
+
+    from components.training.stepper import clear_stale_build_locks
+
+    stale, fresh = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "other_op" / "lock"
+    for f in (stale, fresh):
+        f.parent.mkdir(parents=True)
+        f.touch()
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    assert clear_stale_build_locks(600, tmp_path) == [stale]
+    assert not stale.exists() and fresh.exists()  # a build in progress keeps its lock
