@@ -326,7 +326,20 @@ def reliability_load(results: Path) -> str:
     return markdown_table(["measure", "value"], "lr", rows)
 
 
+# ---- LLM bundle part size (benchmarks/bundle_size.py) ----------------------------------------
+
+def bundle_size(results: Path) -> str:
+    rows = load(results, "bundle_size")["rows"]
+    return markdown_table(
+        ["`llm/` part", "LoRA rank", "dtype", "parameters", "tensors saved", "weights file", "whole part (+ hf/)"],
+        "lllrrrr",
+        [[r["model"], r["lora_r"] or "— (full)", r["dtype"], f"{r['parameters'] / 1e6:.1f} M",
+          f"{r['saved_tensors'] / 1e6:.2f} M", f"{r['weights_bytes'] / 2**20:,.1f} MiB",
+          f"{r['part_bytes'] / 2**20:,.1f} MiB"] for r in rows])
+
+
 RENDERERS: Dict[str, Callable[[Path], str]] = {
+    "bundle-size": bundle_size,
     "quality": lambda res: quality(res, ["ml-latest-small", "amazon-gift-cards"]),
     "published": lambda res: published(res, ["amazon-scientific", "amazon-beauty"]),
     "preprocess": preprocess,

@@ -39,6 +39,7 @@ from components.models.text_encoder import TextEncoder, TextEncoderConfig
 from components.storage import Storage
 
 # The key each weights part keeps its model config under in config.json.
+HF = "hf"  # an llm/ part's Hugging Face files: tokenizer, config, peft adapter
 CONFIG_KEYS = {layout.RETRIEVER: "retriever", layout.RANKER: "ranker", layout.LLM: "text"}
 
 
@@ -98,11 +99,21 @@ def load_text_encoder(folder: str | Path, base_cfg: Optional[Dict[str, Any]] = N
     if has(folder, layout.LLM):
         state, cfg = load_weights(folder, layout.LLM, verify)
         encoder = TextEncoder(TextEncoderConfig(**cfg))
-        encoder.load_state_dict(state, strict=False)
+        encoder.load_exported(state)  # strict: a LoRA adapter onto its base, or every weight
     else:
         cfg = base_cfg if base_cfg is not None else read_lineage(folder).get("config", {}).get("text", {})
         encoder = TextEncoder(TextEncoderConfig(**cfg))
     return encoder.eval()
+
+
+def add_hf_files(part: str | Path) -> None:
+    """Write the Hugging Face files of an ``llm/`` part (tokenizer, model config, and with LoRA
+    the peft adapter) under ``<part>/hf/`` and re-seal its manifest."""
+    state, cfg = ck.load_local(part)[:2]
+    encoder = TextEncoder(TextEncoderConfig(**cfg[CONFIG_KEYS[layout.LLM]]))
+    encoder.load_exported(state)
+    encoder.save_hf(Path(part) / HF)
+    ck.write_manifest(part)
 
 
 # -- tables --------------------------------------------------------------------------------------

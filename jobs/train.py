@@ -98,6 +98,7 @@ def _stages(cfg: Any, storage: Storage, ds: DatasetRef, run_id: str, text_prefix
         t0 = time.perf_counter()
         llm_dir = run_stage("llm", workers.llm_worker, {**base, "text": to_dict(cfg.text), "llm": to_dict(cfg.train.llm)},
                             cfg, storage, run_id)
+        bundle.add_hf_files(llm_dir)
         shutil.copytree(llm_dir, folder / layout.LLM)
         encoder = layout.join(layout.index(f"{run_id}-llm"), layout.ENCODER)  # what the embedding actors read
         storage.upload_dir(llm_dir, encoder)

@@ -8,7 +8,8 @@ Knows nothing of Ray or DeepSpeed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -16,6 +17,9 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def default_model_path() -> str:
@@ -33,9 +37,12 @@ class TextEncoderConfig:
     max_length: int = 64
     # L2-normalise embeddings (cosine geometry).
     normalize: bool = True
-    # LoRA rank; 0 fine-tunes (or freezes) the full model.
+    # LoRA rank; 0 fine-tunes (or freezes) the full model. With LoRA a bundle keeps only the
+    # adapter (peft's state dict, a few MB) and loads it onto the base model named by ``model``.
     lora_r: int = 0
     lora_alpha: int = 16
+    # Weights dtype: float32 | bfloat16 | float16 (embeddings are returned as float32 either way).
+    dtype: str = "float32"
     # Build from the model's config with random weights (throughput checks, tiny unit tests).
     random_init: bool = False
 
@@ -52,6 +59,8 @@ class TextEncoder(nn.Module):
 
         if cfg.pooling not in ("mean", "cls", "last"):
             raise ValueError(f"text encoder pooling must be mean, cls or last; got {cfg.pooling!r}")
+        if cfg.dtype not in DTYPES:
+            raise ValueError(f"text.dtype must be one of {', '.join(DTYPES)}; got {cfg.dtype!r}")
         self.cfg = cfg
         path = cfg.model or default_model_path()
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
@@ -61,8 +70,8 @@ class TextEncoder(nn.Module):
             hf_cfg = AutoConfig.from_pretrained(path)
             extra = {"add_pooling_layer": False} if getattr(hf_cfg, "model_type", "") == "bert" else {}
             # An unused pooler breaks DDP/ZeRO gradient bookkeeping (FACTS.md).
-            model = (AutoModel.from_config(hf_cfg, **extra) if cfg.random_init
-                     else AutoModel.from_pretrained(path, **extra))
+            model = (AutoModel.from_config(hf_cfg, torch_dtype=DTYPES[cfg.dtype], **extra) if cfg.random_init
+                     else AutoModel.from_pretrained(path, torch_dtype=DTYPES[cfg.dtype], **extra))
         if cfg.lora_r > 0:
             from peft import LoraConfig, get_peft_model
 
@@ -73,6 +82,48 @@ class TextEncoder(nn.Module):
     @property
     def dim(self) -> int:
         return int(self.model.config.hidden_size)
+
+    # -- what a bundle keeps ------------------------------------------------------------------
+    def export_state(self, state: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """The weights a bundle keeps from this encoder's ``state`` (default: its own state dict):
+        with LoRA only the adapter, in peft's naming (``get_peft_model_state_dict``); else all."""
+        state = self.state_dict() if state is None else state
+        if self.cfg.lora_r <= 0:
+            return state
+        from peft import get_peft_model_state_dict
+
+        inner = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        return get_peft_model_state_dict(self.model, state_dict=inner)
+
+    def load_exported(self, state: Dict[str, torch.Tensor]) -> None:
+        """Load what ``export_state`` kept, strictly: every key expected and none other (a LoRA
+        adapter onto the base weights loaded from ``cfg.model``)."""
+        if self.cfg.lora_r <= 0:
+            self.load_state_dict(state, strict=True)
+            return
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        expected = get_peft_model_state_dict(self.model)
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        shapes = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+        if missing or unexpected or shapes:
+            raise ValueError(f"LoRA adapter does not fit the encoder (r={self.cfg.lora_r}, model={self.cfg.model!r}): "
+                             f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                             f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}, "
+                             f"other shape {shapes[:3]}{'...' if len(shapes) > 3 else ''}")
+        set_peft_model_state_dict(self.model, state)
+
+    def save_hf(self, folder: str | Path) -> None:
+        """Hugging Face files beside a bundle's weights: the tokenizer and the model config, and with
+        LoRA the adapter as peft writes it (``PeftModel.from_pretrained(base, folder)`` loads it)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(folder)
+        if self.cfg.lora_r > 0:
+            self.model.save_pretrained(folder)  # adapter_config.json + adapter_model.safetensors
+            self.model.get_base_model().config.save_pretrained(folder)
+        else:
+            self.model.config.save_pretrained(folder)
 
     def tokenize(self, texts: Sequence[str]) -> dict:
         return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.cfg.max_length,

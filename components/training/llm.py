@@ -47,7 +47,7 @@ def train_llm(stepper, encoder: TextEncoder, texts: List[str], pairs: tuple[np.n
         tick(1, force=last, loss=float(loss.item()))
         metrics = {"step": step, "loss": float(loss.item())}
         if last:
-            progress["_best_state"] = stepper.state()
+            progress["_best_state"] = encoder.export_state(stepper.state())  # LoRA: the adapter only
             progress["best_metrics"] = {"contrastive_loss": stepper.mean(total / steps)}
             metrics["loss"] = progress["best_metrics"]["contrastive_loss"]
         after_step(metrics, progress, last)

@@ -289,3 +289,63 @@ def test_text_whitening_decorrelates_the_catalog_and_travels_with_the_weights():
     assert torch.allclose(other.item_vectors(table), model.item_vectors(table))
     plain = SequenceRetriever(RetrieverConfig(num_items=200, text_dim=16, dim=8))
     assert "text_white" not in plain.state_dict()
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny random BERT saved the Hugging Face way (a local 'base model' path)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from components.models.text_encoder import default_model_path
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64), add_pooling_layer=False).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_a_lora_bundle_keeps_the_adapter_only_loads_strictly_and_is_peft_native(tiny_base, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    from components import bundle, layout
+    from components import checkpoints as ck
+
+    cfg = TextEncoderConfig(model=tiny_base, lora_r=4, max_length=16)
+    enc = TextEncoder(cfg)
+    opt = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad], lr=5e-2)
+    tok = enc.tokenize(["red shoes", "blue shoes", "a novel", "a poem"])
+    contrastive_loss(*enc(tok["input_ids"], tok["attention_mask"]).split(2)).backward()
+    opt.step()
+    kept = enc.export_state()
+    assert kept and all("lora_" in k for k in kept)
+    full = sum(v.numel() for v in enc.state_dict().values())
+    assert sum(v.numel() for v in kept.values()) < 0.1 * full
+    folder = tmp_path / "bundle"
+    bundle.save_weights(folder, layout.LLM, kept, cfg)
+    bundle.add_hf_files(folder / layout.LLM)
+    ck.verify_local(folder / layout.LLM)  # the manifest covers the Hugging Face files too
+    texts = ["red shoes", "a poem about shoes"]
+    loaded = bundle.load_text_encoder(folder)
+    assert torch.allclose(loaded.encode(texts), enc.encode(texts), atol=1e-5)
+    # the Hugging Face way: base model + peft adapter from <part>/hf
+    hf = folder / layout.LLM / bundle.HF
+    assert (hf / "adapter_config.json").is_file() and (hf / "tokenizer.json").is_file()
+    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_base), str(hf)).eval()
+    enc.eval()
+    with torch.no_grad():
+        assert torch.allclose(peft_model(**tok).last_hidden_state, enc.model(**tok).last_hidden_state, atol=1e-5)
+    # strict: an adapter of another rank is refused with a message, not half-loaded
+    with pytest.raises(ValueError, match="does not fit"):
+        TextEncoder(TextEncoderConfig(model=tiny_base, lora_r=2, max_length=16)).load_exported(kept)
+
+
+def test_text_encoder_honours_the_dtype(tiny_base):
+    enc = TextEncoder(TextEncoderConfig(model=tiny_base, dtype="bfloat16", max_length=16))
+    assert {p.dtype for p in enc.parameters()} == {torch.bfloat16}
+    assert enc.encode(["a", "b"]).dtype == torch.float32
+    with pytest.raises(ValueError, match="text.dtype"):
+        TextEncoder(TextEncoderConfig(model=tiny_base, dtype="int3"))
