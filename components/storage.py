@@ -341,6 +341,45 @@ class Storage:
         return out
 
 
+MODEL_CACHE_ENV = "LLMREC_MODEL_CACHE"
+
+
+def is_storage_uri(name: Optional[str]) -> bool:
+    """Whether a model name is a storage URI (fetched) rather than a local path or hub name."""
+    return bool(name) and name.startswith(("s3://", "file://"))
+
+
+def fetch_cached(uri: str, cache_root: Optional[str | os.PathLike] = None) -> Path:
+    """A local copy of the folder at ``uri`` (``s3://`` or ``file://``), kept under
+    ``$LLMREC_MODEL_CACHE`` (default ``~/.cache/llmrec/models``) and keyed by the URI and its
+    listing (names and sizes), so a changed folder is fetched again and an unchanged one never.
+    The copy is written beside and renamed into place: a killed fetch leaves no half folder."""
+    import shutil
+    import tempfile
+
+    src = Storage(uri)
+    files = sorted(src.list_files(""))
+    if not files:
+        raise StorageError(f"{uri}: no files to fetch (is the model uploaded there?)")
+    key = hashlib.sha256(json.dumps([uri, [(f, src.size(f)) for f in files]]).encode()).hexdigest()[:20]
+    root = Path(cache_root or os.environ.get(MODEL_CACHE_ENV) or Path.home() / ".cache" / "llmrec" / "models")
+    dest = root / key
+    if dest.is_dir():
+        return dest
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    try:
+        src.download_dir("", tmp)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process put the same copy in place first
+            if not dest.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 def split_uri(uri: str) -> Tuple[str, str]:
     """``s3://bucket/a/b`` -> (``bucket``, ``a/b``)."""
     if not uri.startswith("s3://"):

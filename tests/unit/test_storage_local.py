@@ -88,3 +88,23 @@ def test_listing_does_not_need_the_working_directory(tmp_path, monkeypatch):
     gone.rmdir()
     assert st.list_files("a") == ["a/b/part-0.parquet"]
     assert [p.name for p in st.download_dir("a", tmp_path / "out")] == ["part-0.parquet"]
+
+
+def test_fetch_cached_copies_a_folder_once_and_again_when_it_changes(tmp_path, monkeypatch):
+    from components.storage import StorageError, fetch_cached
+
+    src = tmp_path / "models" / "enc"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    (src / "sub" / "w.bin").write_bytes(b"x" * 10)
+    monkeypatch.setenv("LLMREC_MODEL_CACHE", str(tmp_path / "cache"))
+    first = fetch_cached(f"file://{src}")
+    assert (first / "sub" / "w.bin").read_bytes() == b"x" * 10
+    (first / "marker").write_text("kept")  # a second call reuses the copy, it does not fetch again
+    assert fetch_cached(f"file://{src}") == first and (first / "marker").is_file()
+    (src / "sub" / "w.bin").write_bytes(b"y" * 20)  # a new upload: another copy
+    second = fetch_cached(f"file://{src}")
+    assert second != first and (second / "sub" / "w.bin").read_bytes() == b"y" * 20
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # no half copies left
+    with pytest.raises(StorageError, match="no files"):
+        fetch_cached(f"file://{tmp_path / 'nothing-here'}")
