@@ -59,6 +59,11 @@ def _parent_baseline(cfg: Any, storage: Storage, child: Path, version: str) -> t
     return (baseline, token), parent
 
 
+# What main(cfg) reads (the retriever and train.* ones for evaluate.baselines and the new-item
+# variant, which train in-process): `--help` lists these settings.
+CONFIG_SECTIONS = ("storage", "evaluate", "retriever", "train.num_workers", "train.retriever")
+
+
 def main(cfg: Any) -> Dict[str, Any]:
     storage = Storage.from_config(cfg.storage)
     run_id = cfg.evaluate.run_id
