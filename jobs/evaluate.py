@@ -37,9 +37,10 @@ def _write_report(storage: Storage, run_id: str, ev: Dict[str, Any]) -> str:
     storage.write_parquet(layout.join(prefix, layout.TEST_RANKS), test_ranks_table(storage, ev))
     storage.write_json(layout.join(prefix, layout.METRICS), ev["results"])
     with tempfile.TemporaryDirectory() as tmp:
-        for name in plot_report(Path(tmp), ev):
+        plots = plot_report(Path(tmp), ev)
+        for name in plots:
             storage.write_bytes(layout.join(prefix, name), (Path(tmp) / name).read_bytes())
-    storage.write_bytes(layout.join(prefix, layout.REPORT), report_markdown(ev["results"]).encode())
+    storage.write_bytes(layout.join(prefix, layout.REPORT), report_markdown(ev["results"], plots).encode())
     return prefix
 
 
