@@ -1,13 +1,15 @@
 """Typed configuration: dataclass defaults <- YAML file <- ``key=value`` overrides.
 
-Every option is documented once, here, next to its default. OmegaConf merges the three layers in
-struct mode, so an unknown key fails with its dotted name instead of being silently ignored.
+Every option is documented once, here, next to its default, as the comment above (or beside) its
+field: ``--help`` reads it from there (components/config_help.py). OmegaConf merges the three
+layers in struct mode, so an unknown key fails with its dotted name (and the closest valid keys)
+instead of being silently ignored.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.resources
-
 import logging
 import os
 import re
@@ -358,7 +360,7 @@ def load_config(
             raise ConfigError(f"overrides must be key=value, got: {' '.join(bad)}")
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except ConfigKeyError as exc:
-        raise ConfigError(f"unknown config key: {_key_of(exc)}") from None
+        raise ConfigError(unknown_key_message(_key_of(exc), schema, overrides)) from None
     except OmegaConfBaseException as exc:
         raise ConfigError(f"invalid config value for {_key_of(exc)}: {exc.msg}") from None
     validate_config(cfg)
@@ -368,6 +370,30 @@ def load_config(
 def _key_of(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
     return str(key) if key else str(exc).splitlines()[0]
+
+
+def unknown_key_message(key: str, schema: type, overrides: Sequence[str] = ()) -> str:
+    """"unknown config key: K; did you mean A, B?": the closest keys of ``schema`` to ``K``.
+
+    ``key`` is the first part OmegaConf could not place (``retreiver`` for ``retreiver.dim=3``);
+    the override that holds it, when there is one, is what gets named and matched. Keys are
+    matched whole among those as deep (``retriever.dimm`` -> ``retriever.dim``; ``train.retreiver``
+    in a YAML file -> the section ``train.retriever``), else by their last part (``dim`` ->
+    ``ranker.dim``, ``retriever.dim``)."""
+    from components.config_help import option_keys
+
+    given = [o.split("=", 1)[0] for o in overrides]
+    key = next((g for g in given if g == key or g.startswith(key + ".")), key)
+    keys = option_keys(schema)
+    close = difflib.get_close_matches(key, [k for k in keys if k.count(".") == key.count(".")], n=3)
+    if not close:
+        by_leaf: Dict[str, List[str]] = {}
+        for k in keys:
+            by_leaf.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+        leaves = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_leaf), n=3)
+        close = sorted(k for leaf in leaves for k in by_leaf[leaf])[:5]
+    hint = f"did you mean {', '.join(close)}?" if close else "--help lists the valid keys"
+    return f"unknown config key: {key}; {hint}"
 
 
 def validate_config(cfg: Any) -> None:

@@ -1,7 +1,7 @@
 """``llmrec``: one command for every job (a console script; see pyproject.toml).
 
     llmrec <command> [--address ADDR] [--config FILE] [--preset NAME] key=value ...
-    llmrec <command> --help        # the command's settings and their defaults
+    llmrec <command> --help        # the settings the command reads: defaults and explanations
 
 Each command runs the same ``main(cfg)`` as ``python -m jobs.<module>`` (that contract stays): in
 this process on a local Ray, or, with ``--address`` (or $LLMREC_ADDRESS), submitted to a Ray
@@ -39,7 +39,7 @@ def usage() -> str:
              "commands:"]
     lines += [f"  {name:<{width}}  {desc}  (python -m {mod})" for name, (mod, _, desc) in COMMANDS.items()]
     lines += ["", f"presets (configs/hardware/, over the data.source preset): {', '.join(hardware_presets())}",
-              "llmrec <command> --help lists the command's settings and their defaults."]
+              "llmrec <command> --help lists the settings the command reads, with defaults and explanations."]
     return "\n".join(lines)
 
 
@@ -84,7 +84,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     job = importlib.import_module(module)
     try:
-        run_cli(job.main, getattr(job, schema, None) or getattr(config, schema), argv=args)
+        run_cli(job.main, getattr(job, schema, None) or getattr(config, schema), argv=args,
+                prog=f"llmrec {name} [--address ADDR]")
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     return 0

@@ -47,6 +47,10 @@ class ItemEmbedder:
         return embed_catalog(self.encoder, batch)
 
 
+# What main(cfg) reads: `--help` lists these settings.
+CONFIG_SECTIONS = ("storage", "data.source", "data.name", "train.dataset_version", "text", "embed", "ray")
+
+
 def main(cfg: Any) -> Dict[str, Any]:
     t0 = time.perf_counter()
     storage = Storage.from_config(cfg.storage)

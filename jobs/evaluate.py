@@ -37,9 +37,10 @@ def _write_report(storage: Storage, run_id: str, ev: Dict[str, Any]) -> str:
     storage.write_parquet(layout.join(prefix, layout.TEST_RANKS), test_ranks_table(storage, ev))
     storage.write_json(layout.join(prefix, layout.METRICS), ev["results"])
     with tempfile.TemporaryDirectory() as tmp:
-        for name in plot_report(Path(tmp), ev):
+        plots = plot_report(Path(tmp), ev)
+        for name in plots:
             storage.write_bytes(layout.join(prefix, name), (Path(tmp) / name).read_bytes())
-    storage.write_bytes(layout.join(prefix, layout.REPORT), report_markdown(ev["results"]).encode())
+    storage.write_bytes(layout.join(prefix, layout.REPORT), report_markdown(ev["results"], plots).encode())
     return prefix
 
 
@@ -57,6 +58,11 @@ def _parent_baseline(cfg: Any, storage: Storage, child: Path, version: str) -> t
     baseline = dict(pointer, metrics=registry.pointer_metrics(parent),
                     lineage={**pointer.get("lineage", {}), "dataset_version": version})
     return (baseline, token), parent
+
+
+# What main(cfg) reads (the retriever and train.* ones for evaluate.baselines and the new-item
+# variant, which train in-process): `--help` lists these settings.
+CONFIG_SECTIONS = ("storage", "evaluate", "retriever", "train.num_workers", "train.retriever")
 
 
 def main(cfg: Any) -> Dict[str, Any]:

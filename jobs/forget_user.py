@@ -20,6 +20,10 @@ from components.storage import Storage
 from jobs.runtime import run_cli
 
 
+# What main(cfg) reads: `--help` lists these settings.
+CONFIG_SECTIONS = ("storage", "forget")
+
+
 def main(cfg: Any) -> Dict[str, Any]:
     if not cfg.forget.user_id:
         raise ValueError("forget.user_id: give the id of the user to forget")

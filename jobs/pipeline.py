@@ -24,6 +24,11 @@ from jobs import serve as serve_job
 from jobs.runtime import ray_session, run_cli
 
 
+# What main(cfg) and the jobs it chains read: `--help` lists these settings.
+CONFIG_SECTIONS = ("storage", "data", "preprocess", "ray", "text", "retriever", "ranker", "train", "embed",
+                   "evaluate", "serve", "retrain.epochs")
+
+
 def main(cfg: Any) -> Dict[str, Any]:
     t0 = time.perf_counter()
     storage = Storage.from_config(cfg.storage)

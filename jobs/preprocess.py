@@ -167,6 +167,10 @@ def format_stats(stats: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# What main(cfg) reads: `--help` lists these settings.
+CONFIG_SECTIONS = ("storage", "data", "preprocess", "ray")
+
+
 def main(cfg: Any) -> Dict[str, Any]:
     if cfg.preprocess.engine == "ray":
         with ray_session(cfg.ray):

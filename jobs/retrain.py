@@ -128,6 +128,11 @@ def _f(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
+# What main(cfg) and the jobs it chains read: `--help` lists these settings. Not data (a pass
+# stages its own input) nor text, retriever, preprocess: those come from the promoted model (INHERITED).
+CONFIG_SECTIONS = ("storage", "ray", "train", "ranker", "embed", "evaluate", "retrain")
+
+
 def main(cfg: Any) -> Dict[str, Any]:
     if not cfg.retrain.every:
         return retrain_once(cfg)

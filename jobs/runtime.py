@@ -18,16 +18,16 @@ log = logging.getLogger("jobs")
 USER_ERRORS = (ConfigError, StorageError, FileNotFoundError, ValueError)
 
 
-def run_cli(main: Callable[[Any], Any], schema: type = AppConfig, argv: Optional[List[str]] = None) -> None:
-    """Parse ``[--config FILE] key=value ...``, run ``main(cfg)``, map user errors to exit codes."""
+def run_cli(main: Callable[[Any], Any], schema: type = AppConfig, argv: Optional[List[str]] = None,
+            prog: Optional[str] = None) -> None:
+    """Parse ``[--config FILE] key=value ...``, run ``main(cfg)``, map user errors to exit codes.
+    ``-h``/``--help`` prints the settings ``main`` reads instead (``help_text``); ``prog`` names
+    the command in it (default ``python -m <main's module>``)."""
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(f"usage: python -m {main.__module__} [--config FILE] key=value ...\n\ndefaults:\n")
-        from components.config import load_config, to_yaml
-
-        print(to_yaml(load_config([], None, schema)))
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text(main, schema, prog))
         return
     try:
         cfg = parse_cli(argv, schema)
@@ -41,6 +41,22 @@ def run_cli(main: Callable[[Any], Any], schema: type = AppConfig, argv: Optional
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+def help_text(main: Callable[[Any], Any], schema: type = AppConfig, prog: Optional[str] = None) -> str:
+    """Usage and the settings ``main`` reads: the ``CONFIG_SECTIONS`` its module declares (every
+    setting of ``schema`` when it declares none), each with its default and explanation."""
+    from components.config_help import describe_options
+
+    module = sys.modules.get(main.__module__)
+    spec = getattr(module, "__spec__", None)  # under `python -m jobs.x` the module is __main__
+    prog = prog or f"python -m {spec.name if spec else main.__module__}"
+    doc = (getattr(module, "__doc__", None) or "").strip().split("\n\n")[0]
+    return "\n".join([
+        f"usage: {prog} [--config FILE] [--preset NAME] key=value ...", "", doc, "",
+        "Settings as key=default. Later layers win: the defaults below <- --config FILE (or the",
+        "data.source preset) <- --preset NAME <- key=value.", "",
+        describe_options(schema, getattr(module, "CONFIG_SECTIONS", None))])
 
 
 def ray_log_level() -> str:

@@ -16,6 +16,10 @@ from components.storage import Storage
 from jobs.runtime import ray_session, run_cli
 
 
+# What main(cfg) reads (retrain.epochs: the serve.demo_feedback pass): `--help` lists these settings.
+CONFIG_SECTIONS = ("storage", "ray", "serve", "preprocess.pseudonymize_users", "retrain.epochs")
+
+
 def main(cfg: Any) -> None:
     from serve import demo, runner
 

@@ -168,6 +168,11 @@ def train(cfg: Any, storage: Storage, ds: DatasetRef, run_id: str) -> Dict[str, 
             "text_prefix": out["text_prefix"], "lineage": lineage}
 
 
+# What main(cfg) reads (jobs.embed_items included): `--help` lists these settings.
+CONFIG_SECTIONS = ("storage", "data.source", "data.name", "ray", "text", "retriever", "ranker", "train",
+                   "embed.concurrency", "evaluate.new_item_variant", "evaluate.new_item_frac")
+
+
 def main(cfg: Any) -> Dict[str, Any]:
     storage = Storage.from_config(cfg.storage)
     ds = resolve_dataset(storage, cfg)

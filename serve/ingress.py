@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Query, Request, Security
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPBearer
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -44,6 +45,18 @@ STALE_WAIT_S = 10.0
 RETRY_AFTER = {"Retry-After": "1"}
 
 http_app = FastAPI(title="llmrec", version="1", description="LLM-enhanced real-time recommendations on Ray Serve.")
+
+# The key the Guard checks, declared in the OpenAPI schema so that /docs has an Authorize button.
+# Only a declaration: auto_error=False reads the header and never answers, so the Guard (which runs
+# before any route) stays the one place that answers 401/403, with its own messages.
+API_KEY = HTTPBearer(scheme_name="apiKey", auto_error=False, description=(
+    "Authorization: Bearer <key>. LLMREC_WRITE_KEY may post events; LLMREC_ADMIN_KEY may also upsert "
+    "items, read users and histories and forget users; reads need a key only with require_read_key "
+    "or LLMREC_READ_KEY set (serve/auth.py)."))
+NEEDS_KEY = Security(API_KEY)  # on the write and admin routes (serve/auth.py _ROUTES)
+# The read routes: a key only when the config asks for one, so optional ({} = none); declared in
+# the schema alone, which adds no dependency to the request path.
+KEY_IF_REQUIRED = {"security": [{}, {API_KEY.scheme_name: []}]}
 
 
 @http_app.exception_handler(StarletteHTTPException)
@@ -90,12 +103,12 @@ class Ingress:
     async def index(self) -> str:
         return self.page
 
-    @http_app.get("/healthz")
+    @http_app.get("/healthz", openapi_extra=KEY_IF_REQUIRED)
     async def healthz(self) -> Dict[str, Any]:
         status = await self.retriever.status.remote()
         return {"status": "ok", "model_version": status["version"]}
 
-    @http_app.get("/v1/version")
+    @http_app.get("/v1/version", openapi_extra=KEY_IF_REQUIRED)
     async def version(self) -> Dict[str, Any]:
         handles = (self.encoder, self.retriever, self.ranker, self.text)
         out = dict(zip(MODEL_DEPLOYMENTS, await asyncio.gather(*[h.status.remote() for h in handles])))
@@ -111,7 +124,7 @@ class Ingress:
             log.warning("metrics: version status unavailable: %s", exc)
         return Response(self.metrics.exposition(), media_type=CONTENT_TYPE)
 
-    @http_app.post("/v1/recommend", response_model=api.RecommendResponse)
+    @http_app.post("/v1/recommend", response_model=api.RecommendResponse, openapi_extra=KEY_IF_REQUIRED)
     async def recommend(self, req: api.RecommendRequest) -> api.RecommendResponse:
         t0 = time.perf_counter()
         try:
@@ -134,7 +147,7 @@ class Ingress:
         self.metrics.served.inc(len(out.items))
         return out
 
-    @http_app.post("/v1/events", status_code=202, response_model=api.EventsResponse)
+    @http_app.post("/v1/events", status_code=202, response_model=api.EventsResponse, dependencies=[NEEDS_KEY])
     async def post_events(self, req: api.EventsRequest) -> JSONResponse:
         t0 = time.perf_counter()
         rows = [e.model_dump() for e in req.events]
@@ -153,7 +166,7 @@ class Ingress:
         return JSONResponse(status_code=202, content=api.EventsResponse(
             accepted=len(rows), shard=shard, unknown_items=unknown).model_dump())
 
-    @http_app.put("/v1/items", response_model=api.ItemsResponse)
+    @http_app.put("/v1/items", response_model=api.ItemsResponse, dependencies=[NEEDS_KEY])
     async def put_items(self, req: api.ItemsRequest) -> api.ItemsResponse:
         t0 = time.perf_counter()
         items = [x.model_dump() for x in req.items]
@@ -166,7 +179,7 @@ class Ingress:
         self.metrics.observe("items", t0, 200)
         return api.ItemsResponse(upserted=len(items), new=out["new"], model_version=out["version"])
 
-    @http_app.get("/v1/items/{item_id}")
+    @http_app.get("/v1/items/{item_id}", openapi_extra=KEY_IF_REQUIRED)
     async def get_item(self, item_id: str = PathParam(min_length=1, max_length=api.MAX_ID)) -> Dict[str, Any]:
         (item,) = await self.retriever.items.remote([item_id])
         if item is None:
@@ -174,11 +187,11 @@ class Ingress:
         return item
 
     # -- for the demo page ---------------------------------------------------------------------
-    @http_app.get("/v1/users")
+    @http_app.get("/v1/users", dependencies=[NEEDS_KEY])
     async def users(self, limit: int = Query(20, ge=1, le=1000)) -> Dict[str, Any]:
         return {"users": await self.events.users.remote(limit)}
 
-    @http_app.get("/v1/users/{user_id}/history")
+    @http_app.get("/v1/users/{user_id}/history", dependencies=[NEEDS_KEY])
     async def user_history(self, user_id: str = PathParam(min_length=1, max_length=api.MAX_ID),
                            limit: int = Query(20, ge=1, le=200)) -> Dict[str, Any]:
         hist = (await self.events.history.remote(user_id))[-limit:][::-1]
@@ -187,7 +200,7 @@ class Ingress:
             {"item_id": h[0], "event": EVENT_TYPES[h[1]], "ts": h[2], "title": (it or {}).get("title", "")}
             for h, it in zip(hist, items)]}
 
-    @http_app.delete("/v1/users/{user_id}")
+    @http_app.delete("/v1/users/{user_id}", dependencies=[NEEDS_KEY])
     async def forget_user(self, user_id: str = PathParam(min_length=1, max_length=api.MAX_ID)) -> Dict[str, Any]:
         """Forget the user: live state, feedback, datasets, reports (admin key). The answer is
         the audit record, which names the user only by a digest."""

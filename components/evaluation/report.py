@@ -1,16 +1,20 @@
 """The evaluation report (no Ray): report.md (tables of every model and split, slices, the
-new-item variant) and two PNG plots (Recall@10 by slice, popularity bias)."""
+new-item variant) and two PNG plots (Recall@10 by slice, popularity bias) that it shows inline."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 import numpy as np
 
 from components.evaluation.metrics import popularity_deciles
 from components.models.baselines import item_counts
 from components.models.channels import describe as describe_fusion
+
+# The plots plot_report writes next to report.md, with the caption the report gives each.
+PLOTS = {"metric_by_slice.png": "Recall@10 by slice (test)",
+         "popularity_bias.png": "Popularity bias: recommended top-10 vs test targets"}
 
 
 def plot_report(folder: Path, ev: Dict[str, Any]) -> list:
@@ -50,10 +54,13 @@ def plot_report(folder: Path, ev: Dict[str, Any]) -> list:
     fig.tight_layout()
     fig.savefig(folder / "popularity_bias.png", dpi=110)
     plt.close(fig)
-    return ["metric_by_slice.png", "popularity_bias.png"]
+    return list(PLOTS)
 
 
-def report_markdown(res: Dict[str, Any]) -> str:
+def report_markdown(res: Dict[str, Any], plots: Sequence[str] = ()) -> str:
+    """report.md for ``res`` (evaluate_bundle's results). ``plots``: names of image files in the
+    report's own folder (plot_report's), shown inline by links relative to report.md, so the report
+    renders with its figures wherever the folder is copied (a browser, GitHub, an S3 download)."""
     lines = [f"# Evaluation of {res['run_id']}", "",
              f"Dataset {res['dataset']} version {res['dataset_version']}; full ranking over the catalog, "
              "the user's history excluded; main model: " + res["main_model"] + ".", "",
@@ -88,5 +95,10 @@ def report_markdown(res: Dict[str, Any]) -> str:
         for name in ("hybrid", "id-only"):
             lines.append(f"| {name} | {nv[name]['all']['recall@10']:.4f} | "
                          f"{nv[name]['new_item_targets'].get('recall@10', 0):.4f} ({nv[name]['new_item_targets']['n']}) |")
-    lines += ["", "Plots: metric_by_slice.png, popularity_bias.png. Predictions: predictions.parquet.", ""]
+    lines += ["", "Predictions: predictions.parquet (top-100 item ids per test user)."]
+    if plots:
+        lines += ["", "## Plots"]
+        for name in plots:
+            lines += ["", f"![{PLOTS.get(name, name)}]({name})"]
+    lines.append("")
     return "\n".join(lines)

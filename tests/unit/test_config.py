@@ -103,3 +103,18 @@ def test_hardware_presets_merge_over_the_data_preset_and_under_key_values():
         parse_cli(["--preset", "gpu-8"])
     with pytest.raises(ConfigError, match="--preset needs a name"):
         parse_cli(["--preset"])
+
+
+def test_unknown_keys_name_the_closest_valid_keys(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key: retriever\.dimm; did you mean retriever\.dim\b"):
+        load_config(["retriever.dimm=64"])
+    with pytest.raises(ConfigError, match=r"retreiver\.dim; did you mean retriever\.dim\b"):  # a misspelt section
+        load_config(["retreiver.dim=64"])
+    with pytest.raises(ConfigError, match=r"unknown config key: dim; did you mean ranker\.dim, retriever\.dim\?"):
+        load_config(["dim=64"])  # the section left out: matched by the setting's own name
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  retreiver:\n    epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.retreiver; did you mean train\.retriever\b"):
+        load_config([], y)
+    with pytest.raises(ConfigError, match="unknown config key: zzzz; --help lists the valid keys"):
+        load_config(["zzzz=1"])

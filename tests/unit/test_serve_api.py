@@ -68,3 +68,33 @@ def test_items_need_an_id_and_bounded_text():
         api.ItemsRequest(items=[{"item_id": "a", "text": "x" * (api.MAX_TEXT + 1)}])
     ok = api.ItemsRequest(items=[{"item_id": " a ", "title": "T", "categories": ["c"]}])
     assert ok.items[0].item_id == "a"
+
+
+def test_openapi_declares_the_bearer_key_where_the_guard_asks_for_one():
+    """/docs gets an Authorize button: the schema declares the key scheme the Guard checks
+    (Authorization: Bearer), required on exactly the routes serve/auth.py closes to reads, optional
+    elsewhere; declaring it changes no answer (the Guard alone answers 401/403)."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from serve import auth
+    from serve.ingress import API_KEY, http_app
+
+    schema = http_app.openapi()
+    assert schema["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http", "scheme": "bearer", "description": API_KEY.model.description}
+    ops = [(method.upper(), path, op) for path, item in schema["paths"].items() for method, op in item.items()]
+    assert ops
+    for method, path, op in ops:
+        closed = auth.right_needed(method, path) > auth.READ
+        assert op["security"] == ([{"apiKey": []}] if closed else [{}, {"apiKey": []}]), (method, path)
+    assert ("POST", "/v1/events") in {(m, p) for m, p, op in ops if op["security"] == [{"apiKey": []}]}
+    assert all(p["name"] != "self" for _, _, op in ops for p in op.get("parameters", []))
+
+    def request(headers):
+        return Request({"type": "http", "method": "POST", "path": "/v1/events", "headers": headers})
+
+    assert asyncio.run(API_KEY(request([]))) is None  # no key: left to the Guard, not a FastAPI 401/403
+    assert asyncio.run(API_KEY(request([(b"authorization", b"Basic abc")]))) is None
+    assert asyncio.run(API_KEY(request([(b"authorization", b"Bearer k")]))).credentials == "k"
