@@ -153,18 +153,23 @@ class TextEncoder(nn.Module):
             emb = (h * m).sum(1) / m.sum(1).clamp(min=1e-6)
         return F.normalize(emb, dim=-1) if self.cfg.normalize else emb
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        """Embeddings of ``texts`` as a float32 tensor [len(texts), dim] (eval mode)."""
+        """Embeddings of ``texts`` as a float32 tensor [len(texts), dim] (eval mode). Texts are
+        batched by token length (tokenised once, padded per batch), so a batch of short titles
+        does not pay for one long description; the rows come back in the order given."""
         was_training = self.training
         self.eval()
         dev = next(self.parameters()).device
-        chunks: List[torch.Tensor] = []
-        for i in range(0, len(texts), batch_size):
-            tok = self.tokenize(texts[i:i + batch_size])
-            chunks.append(self(tok["input_ids"].to(dev), tok["attention_mask"].to(dev)).float().cpu())
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.cfg.max_length)["input_ids"]
+        order = sorted(range(len(ids)), key=lambda k: len(ids[k]))
+        out = torch.empty(len(ids), self.dim)
+        for i in range(0, len(order), batch_size):
+            rows = order[i:i + batch_size]
+            tok = self.tokenizer.pad({"input_ids": [ids[k] for k in rows]}, return_tensors="pt")
+            out[rows] = self(tok["input_ids"].to(dev), tok["attention_mask"].to(dev)).float().cpu()
         self.train(was_training)
-        return torch.cat(chunks) if chunks else torch.empty(0, self.dim)
+        return out
 
 
 def contrastive_loss(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
