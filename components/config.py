@@ -265,6 +265,17 @@ class ServeAppConfig:
     # Users whose live state stays in the event store's memory; the least recently active beyond
     # that are spilled to a local SQLite file and read back on their next request or event.
     live_users_max: int = 100_000
+    # Users that spill file holds; beyond it the least recently spilled are dropped from the live
+    # state (their events stay in the feedback log and return at the next rebuild), which bounds
+    # the file: a full history (history_len 200) takes ~7 KB, so at most ~7 GB, far less typically.
+    live_spill_users_max: int = 1_000_000
+    # Live co-visits (what /v1/events adds to the co-visitation channel between retrains), per
+    # event-store shard: only items of the served catalog (the model's and those upserted through
+    # PUT /v1/items) are counted; each item keeps its live_covisit_neighbours most co-visited
+    # partners, and past live_covisit_max_pairs pairs in all the weaker half is dropped
+    # (~100 bytes a pair: ~100 MB at the default).
+    live_covisit_neighbours: int = 200
+    live_covisit_max_pairs: int = 1_000_000
     # Group commit of /v1/events: events arriving during a write form the next shard (at most
     # feedback_max_events); linger > 0 waits that long to gather more (fewer S3 objects). A write
     # starts within linger + one write time of an event (well under 200 ms on local disk or S3).
