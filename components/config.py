@@ -215,6 +215,9 @@ class EvaluateConfig:
     # tolerance below the currently promoted model.
     ndcg_floor: float = 0.0
     tolerance: float = 0.005
+    # Promote without the gate: an operator's explicit override, read by jobs.quick_train (a
+    # servable demo model whatever its figures). jobs.evaluate and the pipeline always gate.
+    force_promote: bool = False
     # The promoted run this one was trained from (jobs.retrain): it is mapped onto this run's
     # dataset version and evaluated on the same split, the gate compares with that, and the
     # promotion happens only while the registry still points at it.
