@@ -59,11 +59,9 @@ class EventStore:
         out = {"dataset_events": 0, "feedback_events": 0, "feedback_shards": 0}
         pointer = registry.read_pointer(self.storage, model)
         lin = (pointer or {}).get("lineage", {})
-        dataset = layout.dataset(lin["dataset"], lin["dataset_version"]) if lin.get("dataset") and \
-            lin.get("dataset_version") else None
-        out["catalog_items"] = self._load_catalog(dataset)
-        if dataset is not None:
-            out.update(self._rebuild_from_dataset(dataset))
+        out["catalog_items"] = self._load_catalog(pointer)
+        if lin.get("dataset") and lin.get("dataset_version"):
+            out.update(self._rebuild_from_dataset(layout.dataset(lin["dataset"], lin["dataset_version"])))
         shards = list_feedback_shards(self.storage, after=lin.get("feedback_watermark", ""))
         out["feedback_shards"] = len(shards)
         feedback = shard_rows(read_feedback(self.storage, shards, event_ids=True), self.shard, self.shards)
@@ -72,10 +70,10 @@ class EventStore:
         out["feedback_events"] = self.state.add_table(feedback.drop_columns(["event_id"]), covisit=True)
         return out
 
-    def _load_catalog(self, dataset: Optional[str]) -> int:
-        """The served catalog into the live co-visits: the dataset's items (the model's catalog)
-        and every item upserted through the API; returns how many ids were read."""
-        sources = ([layout.join(dataset, layout.ITEMS)] if dataset else []) + \
+    def _load_catalog(self, pointer: Optional[Dict[str, Any]]) -> int:
+        """The served catalog into the live co-visits: the promoted bundle's items (what the
+        retriever serves) and every item upserted through the API; returns how many ids were read."""
+        sources = ([layout.join(pointer["prefix"], layout.ITEMS)] if pointer and pointer.get("prefix") else []) + \
             ([layout.UPSERTS] if self.storage.list_files(layout.UPSERTS, (".parquet",)) else [])
         n = 0
         for src in sources:

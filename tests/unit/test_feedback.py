@@ -255,13 +255,15 @@ def test_live_co_visits_count_only_catalog_items_and_hold_at_most_max_pairs():
 
 def test_the_event_store_stores_events_on_unknown_items_but_counts_only_the_catalog(tmp_path):
     """Issue 23 item 1, in the live-state holder: every event is stored durably, the live
-    co-visits count only the served catalog (the model's items and the upserts; an id the
-    ingress's lookup found counts too), and a restart rebuilds the same counts from the log."""
-    from components import layout
+    co-visits count only the served catalog (the promoted bundle's items and the upserts; an id
+    the ingress's lookup found counts too), and a restart rebuilds the same counts from the log."""
+    from components import layout, registry
     from serve.events import EventStore
 
     st = Storage(str(tmp_path))
-    st.write_parquet(layout.join(layout.UPSERTS, "part-0000000000001-aaaaaaaa.parquet"), pa.table({"item_id": ["a", "b"]}))
+    st.write_parquet(layout.join(layout.bundle("m1"), layout.ITEMS, "part-0.parquet"), pa.table({"item_id": ["a"]}))
+    registry.promote(st, layout.MODEL, "m1", layout.bundle("m1"), {}, {})  # no lineage: no dataset to read
+    st.write_parquet(layout.join(layout.UPSERTS, "part-0000000000001-aaaaaaaa.parquet"), pa.table({"item_id": ["b"]}))
     store_cls = getattr(EventStore, "func_or_class", EventStore)
     store = store_cls({"storage_root": str(tmp_path)})
     ts = 1_700_000_000_000
