@@ -55,7 +55,7 @@ def build_model(storage_root: str, data: str, epochs: int) -> Dict[str, Any]:
     if pointer is not None:
         return {"pointer": pointer, "storage": storage, "trained_s": 0.0}
     t0 = time.perf_counter()
-    out = build_bundle(storage_root, run_id="bench-1", epochs=epochs, small=False,
+    out = build_bundle(storage_root, run_id="bench-1", epochs=epochs, small=False, force_promote=True,
                        overrides=["data.source=movielens", f"data.path={data}", "data.name=ml-latest-small"])
     return {"pointer": out["pointer"], "storage": storage, "trained_s": round(time.perf_counter() - t0, 1)}
 

@@ -217,6 +217,9 @@ class EvaluateConfig:
     # tolerance below the currently promoted model.
     ndcg_floor: float = 0.0
     tolerance: float = 0.005
+    # Promote without the gate: an operator's explicit override, read by jobs.quick_train (a
+    # servable demo model whatever its figures). jobs.evaluate and the pipeline always gate.
+    force_promote: bool = False
     # The promoted run this one was trained from (jobs.retrain): it is mapped onto this run's
     # dataset version and evaluated on the same split, the gate compares with that, and the
     # promotion happens only while the registry still points at it.
@@ -267,6 +270,18 @@ class ServeAppConfig:
     # Users whose live state stays in the event store's memory; the least recently active beyond
     # that are spilled to a local SQLite file and read back on their next request or event.
     live_users_max: int = 100_000
+    # Users that spill file holds; beyond it the least recently spilled are dropped from the live
+    # state (their events stay in the feedback log and return at the next rebuild), which bounds
+    # the file: a full history (history_len 200) takes ~7 KB, so at most ~7 GB, far less typically.
+    live_spill_users_max: int = 1_000_000
+    # Live co-visits (what /v1/events adds to the co-visitation channel between retrains), per
+    # event-store shard: only items of the served catalog (the model's and those upserted through
+    # PUT /v1/items) are counted; each item keeps its live_covisit_neighbours most co-visited
+    # partners, and past live_covisit_max_pairs pairs in all the weaker half is dropped (measured
+    # ~40 bytes a pair, so well under 100 MB at the default; the trim takes ~1 s, once per 500k
+    # new pairs).
+    live_covisit_neighbours: int = 200
+    live_covisit_max_pairs: int = 1_000_000
     # Group commit of /v1/events: events arriving during a write form the next shard (at most
     # feedback_max_events); linger > 0 waits that long to gather more (fewer S3 objects). A write
     # starts within linger + one write time of an event (well under 200 ms on local disk or S3).

@@ -146,7 +146,8 @@ class EventsResponse(BaseModel):
     shard: str = Field(description="the feedback shard holding these events (with live state sharded by "
                                    "user, the shards, comma-separated, when the batch spans several)")
     unknown_items: List[str] = Field(default_factory=list,
-                                     description="items not in the catalog yet: stored, not used for recommendations")
+                                     description="items not in the catalog yet: stored, but neither used for "
+                                                 "recommendations nor counted in the live co-visits")
 
 
 class Item(_Strict):

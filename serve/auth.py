@@ -124,7 +124,11 @@ class AccessPolicy:
         return None
 
 
-def is_loopback(host: str) -> bool:
+def is_loopback(host: Optional[str]) -> bool:
+    """Whether ``host`` is surely a loopback address; anything else (None, a name other than
+    localhost, an unparseable string) is not."""
+    if host is None:
+        return False
     if host == "localhost":
         return True
     try:
@@ -134,12 +138,16 @@ def is_loopback(host: str) -> bool:
 
 
 def check_bind(policy: AccessPolicy, host: Optional[str]) -> None:
-    """Refuse an open service on a non-loopback address; warn about an open one on loopback."""
+    """Refuse an open service on a non-loopback address; warn about an open one on loopback.
+
+    Fails closed: a bind address that is unknown (``host`` None: Serve could not say) or not
+    recognisably loopback counts as public, so a lookup that broke cannot open the service."""
     if not policy.open:
         return
-    if host is not None and not is_loopback(host):
+    if not is_loopback(host):
+        where = host if host is not None else "an unknown address"
         raise RuntimeError(
-            f"refusing to serve on {host} without API keys: set LLMREC_WRITE_KEY and LLMREC_ADMIN_KEY "
+            f"refusing to serve on {where} without API keys: set LLMREC_WRITE_KEY and LLMREC_ADMIN_KEY "
             "(or keys_file in the Serve config), or bind to 127.0.0.1")
     log.warning("no API keys configured: the API is open to anyone who can reach it (loopback only; "
                 "set LLMREC_WRITE_KEY / LLMREC_ADMIN_KEY before exposing it)")

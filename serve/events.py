@@ -4,7 +4,8 @@ router that shards it by user.
 ``EventStore`` keeps every user's recent history and the live co-visits in memory
 (``components.online.live_state``) and writes ``POST /v1/events`` to the durable feedback log
 (``components.online.feedback_log``) before acknowledging; after a restart it rebuilds both from
-the promoted model's dataset and the feedback stored since. ``ShardedEvents`` puts the
+the promoted model's dataset and the feedback stored since. Every event is stored and joins its
+user's history; only items of the served catalog count in the live co-visits. ``ShardedEvents`` puts the
 ``EventStore0..N-1`` shards behind the same interface, so the ingress does not know how many there are.
 """
 
@@ -20,7 +21,7 @@ from ray import serve
 from components import layout, registry
 from components.config import ServeAppConfig
 from components.data import privacy
-from components.models.channels.covisit import merge_covisit
+from components.models.channels.covisit import LiveCovisitation, merge_covisit
 from components.online.feedback_log import GroupCommitLog, RecentIds, list_feedback_shards, read_feedback
 from components.online.live_state import SessionState, shard_rows, user_shard
 from serve.settings import as_settings, open_storage
@@ -36,7 +37,12 @@ class EventStore:
         s = as_settings(settings)
         self.shard, self.shards = shard, s.live_state_shards
         self.storage = open_storage(s)
-        self.state = SessionState(s.history_len, s.live_users_max)
+        # The catalog starts empty and is filled at rebuild and by each event batch's lookup
+        # (``append``): an item the service does not serve never becomes a live co-visit.
+        covisit = LiveCovisitation(neighbours=s.live_covisit_neighbours, max_pairs=s.live_covisit_max_pairs,
+                                   catalog=set())
+        self.state = SessionState(s.history_len, s.live_users_max, spill_users_max=s.live_spill_users_max,
+                                  covisit=covisit)
         self.log = GroupCommitLog(self.storage, s.feedback_linger_ms / 1000.0, s.feedback_max_events)
         self.acked_ids = RecentIds()
         # Keyed pseudonyms: every user id is mapped here, the one place that stores and looks up
@@ -53,6 +59,7 @@ class EventStore:
         out = {"dataset_events": 0, "feedback_events": 0, "feedback_shards": 0}
         pointer = registry.read_pointer(self.storage, model)
         lin = (pointer or {}).get("lineage", {})
+        out["catalog_items"] = self._load_catalog(pointer)
         if lin.get("dataset") and lin.get("dataset_version"):
             out.update(self._rebuild_from_dataset(layout.dataset(lin["dataset"], lin["dataset_version"])))
         shards = list_feedback_shards(self.storage, after=lin.get("feedback_watermark", ""))
@@ -62,6 +69,22 @@ class EventStore:
             self.acked_ids.seen(eid)
         out["feedback_events"] = self.state.add_table(feedback.drop_columns(["event_id"]), covisit=True)
         return out
+
+    def _load_catalog(self, pointer: Optional[Dict[str, Any]]) -> int:
+        """The served catalog into the live co-visits: the promoted bundle's items (what the
+        retriever serves) and every item upserted through the API; returns how many ids were read."""
+        sources = ([layout.join(pointer["prefix"], layout.ITEMS)] if pointer and pointer.get("prefix") else []) + \
+            ([layout.UPSERTS] if self.storage.list_files(layout.UPSERTS, (".parquet",)) else [])
+        n = 0
+        for src in sources:
+            try:
+                ids = self.storage.read_parquet(src, columns=["item_id"])["item_id"].to_pylist()
+            except Exception as exc:  # fail closed: those items count once an event's lookup knows them
+                log.warning("catalog from %s unavailable: %s", src, exc)
+                continue
+            self.state.add_catalog(ids)
+            n += len(ids)
+        return n
 
     def _rebuild_from_dataset(self, prefix: str) -> Dict[str, Any]:
         """This shard's users' histories from the dataset's splits (the users it was trained on)."""
@@ -87,10 +110,16 @@ class EventStore:
     def _uid(self, user_id: str) -> str:
         return self.pseudo(user_id) if self.pseudo is not None else user_id
 
-    async def append(self, rows: List[Dict[str, Any]]) -> str:
+    async def append(self, rows: List[Dict[str, Any]], unknown: Optional[List[str]] = None) -> str:
+        """Store ``rows`` (returns once durable), then add them to the live state. ``unknown``:
+        the ids among them the retriever's catalog lacks (the ingress looked them up; the others
+        join this holder's catalog); None: not looked up, this holder's catalog decides. Unknown
+        items are stored and join the user's history, but are not counted in the live co-visits."""
         if self.pseudo is not None:
             rows = [{**r, "user_id": self.pseudo(r["user_id"])} for r in rows]
         path = await self.log.append(rows)  # returns once durable
+        if unknown is not None:
+            self.state.add_catalog({r["item_id"] for r in rows}.difference(unknown))
         for r in rows:
             if r.get("event_id") is not None and self.acked_ids.seen(r["event_id"]):
                 continue  # a retry of an acknowledged event: stored again, counted once
@@ -130,7 +159,9 @@ class EventStore:
                 "rebuilt": self.rebuilt, "shards_written": self.log.shards_written,
                 "events_written": self.log.events_written, "write_failures": self.log.write_failures,
                 "last_write_ms": round(self.log.last_write_s * 1000, 2),
-                "live_covisit_events": self.state.covisit.events, "live_covisit_items": len(self.state.covisit.pairs)}
+                "users_dropped": self.state.dropped, "live_covisit_events": self.state.covisit.events,
+                "live_covisit_items": len(self.state.covisit.pairs), "live_covisit_pairs": self.state.covisit.size,
+                "live_covisit_skipped": self.state.covisit.skipped}
 
 
 class ShardedEvents:
@@ -151,13 +182,13 @@ class ShardedEvents:
     def owner(self, user_id: str):
         return self.handles[self._index(user_id)]
 
-    async def _append(self, rows: List[Dict[str, Any]]) -> str:
+    async def _append(self, rows: List[Dict[str, Any]], unknown: Optional[List[str]] = None) -> str:
         """Stored (every part durable) before it returns; a failed part fails the call, and the
         client's retry with the same event_ids counts the parts already stored once."""
         parts: Dict[int, List[Dict[str, Any]]] = {}
         for r in rows:
             parts.setdefault(self._index(r["user_id"]), []).append(r)
-        return ",".join(await asyncio.gather(*[self.handles[k].append.remote(p) for k, p in parts.items()]))
+        return ",".join(await asyncio.gather(*[self.handles[k].append.remote(p, unknown) for k, p in parts.items()]))
 
     async def _context(self, user_id: Optional[str], recent_items: List[str]) -> Dict[str, Any]:
         if not user_id:  # anonymous: only co-visits of the request's items, from every shard
@@ -182,8 +213,9 @@ class ShardedEvents:
     async def _status(self) -> Dict[str, Any]:
         parts = await asyncio.gather(*[h.status.remote() for h in self.handles])
         out: Dict[str, Any] = {k: sum(p[k] for p in parts) for k in (
-            "users", "users_spilled", "users_reloaded", "shards_written", "events_written", "write_failures",
-            "live_covisit_events", "live_covisit_items")}
+            "users", "users_spilled", "users_reloaded", "users_dropped", "shards_written", "events_written",
+            "write_failures", "live_covisit_events", "live_covisit_items", "live_covisit_pairs",
+            "live_covisit_skipped")}
         out.update(shards=len(parts), last_write_ms=max(p["last_write_ms"] for p in parts), per_shard=parts,
                    # events: each shard rebuilt its own users'; shards and seconds: every shard read
                    # the whole log, in parallel

@@ -81,12 +81,13 @@ def configure_access(settings: ServeAppConfig) -> None:
 
 
 def _http_host() -> Optional[str]:
-    """The address Serve's proxies bind to (None if the controller cannot say)."""
+    """The address Serve's proxies bind to (None if the controller cannot say: ``check_bind``
+    then treats it as public)."""
     try:
         import ray
         from ray.serve.context import _get_global_client
 
         return ray.get(_get_global_client()._controller.get_http_config.remote(), timeout=30).host
     except Exception as exc:  # an internal API: a newer Ray may move it
-        log.warning("could not read Serve's http host (%s); bind check skipped", exc)
+        log.warning("could not read Serve's http host (%s); treated as a public bind", exc)
         return None

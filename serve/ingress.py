@@ -151,20 +151,23 @@ class Ingress:
     async def post_events(self, req: api.EventsRequest) -> JSONResponse:
         t0 = time.perf_counter()
         rows = [e.model_dump() for e in req.events]
+        # Items outside the catalog are stored like any event but kept out of the live co-visits
+        # (the event store is told which); a failed lookup must not lose events: the store's own
+        # catalog then decides.
         try:
-            shard = await self.events.append.remote(rows)
+            unknown = await self.retriever.known.remote(sorted({r["item_id"] for r in rows}))
+        except Exception as exc:
+            log.warning("catalog lookup for unknown_items failed: %s", exc)
+            unknown = None
+        try:
+            shard = await self.events.append.remote(rows, unknown)
         except Exception as exc:
             self.metrics.observe("events", t0, 503)
             raise HTTPException(503, f"events not stored, retry: {exc}", headers=RETRY_AFTER) from None
         self.metrics.events.inc(len(rows))
-        try:  # informational: the events are stored already, so this must not fail the request
-            unknown = await self.retriever.known.remote(sorted({r["item_id"] for r in rows}))
-        except Exception as exc:
-            log.warning("events stored; catalog lookup for unknown_items failed: %s", exc)
-            unknown = []
         self.metrics.observe("events", t0, 202)
         return JSONResponse(status_code=202, content=api.EventsResponse(
-            accepted=len(rows), shard=shard, unknown_items=unknown).model_dump())
+            accepted=len(rows), shard=shard, unknown_items=unknown or []).model_dump())
 
     @http_app.put("/v1/items", response_model=api.ItemsResponse, dependencies=[NEEDS_KEY])
     async def put_items(self, req: api.ItemsRequest) -> api.ItemsResponse:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sqlite3
 import tempfile
 import threading
+import weakref
 import zlib
 from collections import OrderedDict, deque
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -50,24 +52,36 @@ class SessionState:
 
     At most ``max_users`` users are held in memory (least recently used first out); the others
     are spilled to a SQLite file on the replica's local disk and read back, in full, on their next
-    event or request. Memory stays bounded however many users the log has, and no history is lost
-    (the durable feedback log stays the source of truth: the file is rebuilt with the state).
+    event or request. That file holds at most ``spill_users_max`` users: beyond it the least
+    recently spilled are dropped (counted in ``dropped``), so memory and disk stay bounded however
+    many users the log has. A dropped user's events are not lost: the durable feedback log stays
+    the source of truth, and the state (file included) is rebuilt from it and the dataset.
+    ``covisit``: the live co-visitation counter (default: one counting every item).
     """
 
-    def __init__(self, max_len: int = 200, max_users: int = 100_000, spill_dir: Optional[str] = None):
+    def __init__(self, max_len: int = 200, max_users: int = 100_000, spill_dir: Optional[str] = None,
+                 spill_users_max: int = 1_000_000, covisit: Optional[LiveCovisitation] = None):
         self.max_len = max_len
         self.max_users = max_users
-        self.covisit = LiveCovisitation()
+        self.spill_users_max = spill_users_max
+        self.covisit = covisit if covisit is not None else LiveCovisitation()
         self._users: "OrderedDict[str, Deque[Entry]]" = OrderedDict()
         self._lock = threading.Lock()
         self._spill: Optional[sqlite3.Connection] = None
         self._spill_dir = spill_dir
+        self._spill_rows = 0  # users in the spill file now
         self.spilled = 0  # users written out so far
         self.reloaded = 0  # users read back
+        self.dropped = 0  # spilled users dropped for room
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._users) + self._spilled_count()
+            return len(self._users) + self._spill_rows
+
+    def add_catalog(self, item_ids: Iterable[str]) -> None:
+        """Items the live co-visits may count from now on (``LiveCovisitation.add_catalog``)."""
+        with self._lock:
+            self.covisit.add_catalog(item_ids)
 
     # -- spill (callers hold the lock) -----------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
@@ -77,10 +91,9 @@ class SessionState:
             self._spill.execute("PRAGMA journal_mode=OFF")
             self._spill.execute("PRAGMA synchronous=OFF")  # a cache: the feedback log is durable
             self._spill.execute("CREATE TABLE users (user_id TEXT PRIMARY KEY, entries TEXT NOT NULL)")
+            # The file goes with the state (a rebuilt state starts a new one): no file per restart left behind.
+            weakref.finalize(self, _remove_spill, self._spill, d)
         return self._spill
-
-    def _spilled_count(self) -> int:
-        return 0 if self._spill is None else self._spill.execute("SELECT COUNT(*) FROM users").fetchone()[0]
 
     def _evict(self) -> None:
         if len(self._users) <= self.max_users:
@@ -89,8 +102,15 @@ class SessionState:
         while len(self._users) > self.max_users:
             u, d = self._users.popitem(last=False)
             out.append((u, json.dumps(list(d))))
-        self._db().executemany("INSERT OR REPLACE INTO users VALUES (?, ?)", out)
+        db = self._db()
+        db.executemany("INSERT OR REPLACE INTO users VALUES (?, ?)", out)
         self.spilled += len(out)
+        self._spill_rows += len(out)
+        excess = self._spill_rows - self.spill_users_max
+        if excess > 0:  # rowids grow with each insert: the smallest were spilled longest ago
+            db.execute("DELETE FROM users WHERE rowid IN (SELECT rowid FROM users ORDER BY rowid LIMIT ?)", (excess,))
+            self._spill_rows -= excess
+            self.dropped += excess
 
     def _get(self, user_id: str, create: bool) -> Optional[Deque[Entry]]:
         d = self._users.get(user_id)
@@ -101,6 +121,7 @@ class SessionState:
             row = self._spill.execute("SELECT entries FROM users WHERE user_id = ?", (user_id,)).fetchone()
             if row is not None:
                 self._spill.execute("DELETE FROM users WHERE user_id = ?", (user_id,))
+                self._spill_rows -= 1
                 d = self._users[user_id] = deque((tuple(e) for e in json.loads(row[0])), maxlen=self.max_len)
                 self.reloaded += 1
                 self._evict()
@@ -180,3 +201,8 @@ class SessionState:
         with self._lock:
             ranked = sorted(self._users.items(), key=lambda kv: -len(kv[1]))[:limit]
         return [u for u, _ in ranked]
+
+
+def _remove_spill(db: sqlite3.Connection, folder: str) -> None:
+    db.close()
+    shutil.rmtree(folder, ignore_errors=True)

@@ -24,7 +24,7 @@ def app(ray_local, tmp_path_factory):
 
     data = shared_dataset("ml-latest-small")
     root = tmp_path_factory.mktemp("store")
-    bundle = build_bundle(root, run_id="ml-new-items", epochs=20, small=False,
+    bundle = build_bundle(root, run_id="ml-new-items", epochs=20, small=False, force_promote=True,
                           overrides=["data.source=movielens", f"data.path={data}"])
     url = runner.start("configs/serve.yaml", {"storage_root": str(root), "watch_interval_s": 1.0}, port=free_port())
     yield {"url": url, "bundle": bundle}

@@ -35,7 +35,7 @@ def test_feedback_retrain_swap_with_no_failed_request(ray_local, tmp_path):
     from ray import serve
 
     root = tmp_path / "store"
-    base = build_bundle(root, run_id="loop-base", epochs=4)
+    base = build_bundle(root, run_id="loop-base", epochs=4, force_promote=True)
     url = runner.start("configs/serve.yaml", {"storage_root": str(root), "watch_interval_s": 1.0}, port=free_port())
     results, stop = [], threading.Event()
 

@@ -166,7 +166,7 @@ def service(ray_local, s3_server, tmp_path_factory):
     bucket = f"faults-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
     root = f"s3://{bucket}/rec"
-    build_bundle(root, epochs=2, ranker=False)
+    build_bundle(root, epochs=2, ranker=False, force_promote=True)
     proxy = TcpProxy(int(s3_server.rsplit(":", 1)[1]))
     proxy.up()
     url = runner.start("configs/serve-fused.yaml", {"storage_root": root, "storage_endpoint": f"http://127.0.0.1:{proxy.port}",

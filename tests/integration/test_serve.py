@@ -36,7 +36,7 @@ def app(ray_local, tmp_path_factory, request):
 
     CONFIG = request.param
     root = tmp_path_factory.mktemp("serve-store")
-    bundle = build_bundle(root, epochs=6)
+    bundle = build_bundle(root, epochs=6, force_promote=True)
     keys = tmp_path_factory.mktemp("secret") / "keys.yaml"
     keys.write_text(f"admin: [{ADMIN_KEY}]\nwrite: [old-write-key-0123456789, {WRITE_KEY}]\n")
     url = runner.start(CONFIG, {"storage_root": str(root), "watch_interval_s": WATCH_S, "keys_file": str(keys)},
@@ -233,7 +233,7 @@ def test_hot_swap_with_a_client_running_fails_no_request_and_refuses_a_corrupt_m
     t = threading.Thread(target=client)
     t.start()
     try:
-        new = build_bundle(app["root"], run_id="serve-test-2", epochs=3, seed=1)  # trains + promotes
+        new = build_bundle(app["root"], run_id="serve-test-2", epochs=3, seed=1, force_promote=True)
         deadline = time.time() + 60
         while time.time() < deadline:
             v = requests.get(url + "/v1/version", timeout=10).json()

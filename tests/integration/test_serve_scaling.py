@@ -44,7 +44,7 @@ def test_a_swap_during_scale_up_fails_no_request_and_pins_each_request_to_one_mo
     from ray import serve
 
     root = tmp_path / "store"
-    old = build_bundle(root, run_id="scale-old", epochs=3)
+    old = build_bundle(root, run_id="scale-old", epochs=3, force_promote=True)
     new = build_bundle(root, run_id="scale-new", epochs=2, seed=1, promote=False)  # published, not promoted
     url = runner.start(_aggressive_autoscaling(tmp_path / "serve.yaml"),
                        {"storage_root": str(root), "watch_interval_s": 1.0}, port=free_port())
@@ -115,7 +115,7 @@ def test_two_live_state_shards_split_users_and_rebuild_from_the_log_after_a_kill
     from ray import serve
 
     root = tmp_path / "store"
-    bundle = build_bundle(root, run_id="shards", epochs=2)
+    bundle = build_bundle(root, run_id="shards", epochs=2, force_promote=True)
     url = runner.start("configs/serve-fused.yaml", {"storage_root": str(root), "live_state_shards": 2},
                        port=free_port())
     try:

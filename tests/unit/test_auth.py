@@ -67,6 +67,25 @@ def test_open_service_only_on_loopback(caplog):
     auth.check_bind(policy(LLMREC_ADMIN_KEY=ADMIN), "0.0.0.0")  # keys set: any address
 
 
+def test_open_service_check_fails_closed_when_the_bind_address_is_unknown(monkeypatch):
+    """An unknown bind (Serve's http host could not be read: None) or one not recognisably
+    loopback is treated as public: an open service refuses to start (issue 23 item 4)."""
+    for host in (None, "", "my-host", "localhost.example.com", "[::1]", "127.0.0.1:8000"):
+        with pytest.raises(RuntimeError, match="refusing to serve on"):
+            auth.check_bind(auth.AccessPolicy(), host)
+    auth.check_bind(policy(LLMREC_ADMIN_KEY=ADMIN), None)  # keys set: the address does not matter
+
+    # the ingress replica's check: the controller lookup failing refuses the open service
+    from components.config import ServeAppConfig
+    from serve import guard
+
+    for var in auth.ENV_VARS.values():
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(guard, "_http_host", lambda: None)
+    with pytest.raises(RuntimeError, match="refusing to serve on an unknown address"):
+        guard.configure_access(ServeAppConfig())
+
+
 def test_runner_refuses_an_open_public_bind_before_deploying(monkeypatch):
     from serve import runner
 

@@ -224,3 +224,87 @@ def test_what_one_request_reads_of_the_live_co_visits_is_bounded_to_the_stronges
     cv.observe(["q"], "z")
     assert cv.rows(["q", "b1", "b2", "b3"])["pairs"] == []  # q is 4th from the end: not read
     assert [p[:2] for p in cv.rows(["q", "b1", "b2"])["pairs"]] == [("q", "z")]
+
+
+def test_live_co_visits_count_only_catalog_items_and_hold_at_most_max_pairs():
+    """Issue 23 item 1: ids outside the served catalog never become live co-visits (nor partners
+    of catalog items) though they stay in the user's history; an item added to the catalog
+    counts from then on; all items together hold at most max_pairs pairs, the strongest kept
+    and, among equal counts, the newest."""
+    from components.models.channels.covisit import LiveCovisitation
+
+    s = SessionState(covisit=LiveCovisitation(catalog={"a", "b"}))
+    for ts, (user, item) in enumerate([("u", "a"), ("u", "junk-1"), ("u", "b"), ("v", "junk-2"), ("v", "a")]):
+        s.add(user, item, "click", ts)
+    assert [e[0] for e in s.history("u")] == ["a", "junk-1", "b"]
+    cv = s.covisit
+    assert cv.pairs == {"a": {"b": 1}, "b": {"a": 1}} and cv.users == {"a": 2, "b": 1} and cv.skipped == 2
+    s.add_catalog(["c"])  # upserted through PUT /v1/items
+    s.add("u", "c", "click", 9)
+    assert cv.pairs["c"] == {"a": 1, "b": 1} and "junk-1" not in cv.pairs["c"]
+
+    cv = LiveCovisitation(max_pairs=40)
+    for _ in range(5):  # five users take "pair" after "hot"
+        cv.observe(["hot"], "pair")
+    for k in range(200):  # 400 one-off pairs
+        cv.observe([f"x{k}"], f"y{k}")
+    assert cv.size == sum(len(row) for row in cv.pairs.values()) <= 40
+    assert cv.pairs["hot"] == {"pair": 5} and cv.pairs["pair"] == {"hot": 5}
+    assert cv.pairs["y199"] == {"x199": 1} and "x0" not in cv.pairs and "y0" not in cv.pairs
+
+
+def test_the_event_store_stores_events_on_unknown_items_but_counts_only_the_catalog(tmp_path):
+    """Issue 23 item 1, in the live-state holder: every event is stored durably, the live
+    co-visits count only the served catalog (the promoted bundle's items and the upserts; an id
+    the ingress's lookup found counts too), and a restart rebuilds the same counts from the log."""
+    from components import layout, registry
+    from serve.events import EventStore
+
+    st = Storage(str(tmp_path))
+    st.write_parquet(layout.join(layout.bundle("m1"), layout.ITEMS, "part-0.parquet"), pa.table({"item_id": ["a"]}))
+    registry.promote(st, layout.MODEL, "m1", layout.bundle("m1"), {}, {})  # no lineage: no dataset to read
+    st.write_parquet(layout.join(layout.UPSERTS, "part-0000000000001-aaaaaaaa.parquet"), pa.table({"item_id": ["b"]}))
+    store_cls = getattr(EventStore, "func_or_class", EventStore)
+    store = store_cls({"storage_root": str(tmp_path)})
+    ts = 1_700_000_000_000
+    asyncio.run(store.append([_ev("u", "a", ts), _ev("u", "junk", ts + 1), _ev("u", "b", ts + 2)]))  # no lookup
+    st.write_parquet(layout.join(layout.UPSERTS, "part-0000000000002-bbbbbbbb.parquet"), pa.table({"item_id": ["c"]}))
+    asyncio.run(store.append([_ev("u", "c", ts + 3), _ev("v", "junk", ts + 4)], unknown=["junk"]))  # c: known now
+    assert sorted(read_feedback(st, list_feedback_shards(st))["item_id"].to_pylist()) == ["a", "b", "c", "junk", "junk"]
+    assert [e[0] for e in asyncio.run(store.history("u"))] == ["a", "junk", "b", "c"]
+    cv = store.state.covisit
+    assert "junk" not in cv.pairs and not any("junk" in row for row in cv.pairs.values())
+    assert cv.pairs["c"] == {"a": 1, "b": 1} and cv.users == {"a": 1, "b": 1, "c": 1}
+    status = asyncio.run(store.status())
+    assert status["live_covisit_skipped"] == 2 and status["live_covisit_pairs"] == 6
+    again = store_cls({"storage_root": str(tmp_path)})  # a restart: catalog and counts from storage
+    assert again.state.covisit.pairs == cv.pairs and again.state.covisit.users == cv.users
+    assert again.rebuilt["catalog_items"] == 3 and again.rebuilt["feedback_events"] == 5
+
+
+def test_the_spill_file_holds_at_most_spill_users_max_users_and_goes_with_the_state(tmp_path):
+    """Issue 23 item 2: past spill_users_max spilled users the least recently spilled are dropped
+    (their events stay in the feedback log), so the SQLite file stops growing; it is removed
+    with the state instead of one file per rebuild being left behind."""
+    import gc
+
+    s = SessionState(max_len=20, max_users=2, spill_dir=str(tmp_path), spill_users_max=10)
+
+    def fill(state, users):
+        for u in users:
+            for k in range(20):
+                state.add(u, f"{u}-item-{k}", "click", 1_700_000_000_000 + k)
+
+    fill(s, [f"u{k}" for k in range(12)])  # 2 in memory, 10 spilled: at the cap
+    (folder,) = tmp_path.glob("live-state-*")
+    at_cap = (folder / "users.sqlite").stat().st_size
+    assert len(s) == 12 and s.dropped == 0
+    fill(s, [f"v{k}" for k in range(300)])
+    assert len(s) == 12 and s.dropped == 300 and s.spilled == 310
+    assert s._spill.execute("SELECT COUNT(*) FROM users").fetchone()[0] == 10
+    assert (folder / "users.sqlite").stat().st_size <= 2 * at_cap  # uncapped: 13x
+    assert s.history("u0") == [] and s.history("v287") == []  # spilled longest ago: dropped
+    assert [e[0] for e in s.history("v297")] == [f"v297-item-{k}" for k in range(20)]  # spilled lately: whole
+    del s
+    gc.collect()
+    assert not folder.exists()

@@ -96,3 +96,30 @@ def test_with_a_ranker_the_gate_decides_on_the_valid_lists_the_ranker_did_not_tr
     # a later run judged on plain valid is not compared with a held-out figure
     d = gate_and_promote(cfg, st, _res(0.12, knn_valid=0.05), _train_out("r2"))
     assert d["promoted"] is True and d["current_selection_ndcg@10"] is None and "not compared" in d["note"]
+
+
+def test_quick_train_goes_through_the_gate_so_a_worse_model_is_not_promoted(tmp_path):
+    """Issue 23 item 3: jobs.quick_train promoted every bundle it built. It is now evaluated and
+    gated like any model: a bundle worse than the promoted model is published but not promoted;
+    only the explicit override (force_promote) skips the gate."""
+    from omegaconf import OmegaConf
+
+    from components.data.datasets import resolve_dataset
+    from jobs import preprocess, quick_train
+
+    cfg = load_config([f"storage.root={tmp_path}", *quick_train.SMALL, "data.synthetic.num_events=2000",
+                       "data.synthetic.num_items=120", "data.synthetic.num_users=150", "evaluate.tolerance=0.0"])
+    st = Storage(str(tmp_path))
+    preprocess.main(OmegaConf.merge(cfg, {"preprocess": {"engine": "local"}}))
+    version = resolve_dataset(st, cfg).version
+    # the promoted model, on the same dataset version, far better than a one-epoch bundle
+    registry.promote(st, "recommender", "best", "checkpoints/recommender/best",
+                     {"selection_split": "valid", "selection_ndcg@10": 0.99, "test_ndcg@10": 0.99}, {},
+                     {"dataset_version": version})
+    out = quick_train.build(cfg, "quick-worse", epochs=1, ranker=False)
+    assert registry.read_pointer(st, "recommender")["run_id"] == "best"
+    assert out["pointer"] is None and st.exists(out["prefix"])  # published, not promoted
+    assert out["promotion"]["promoted"] is False and "worse than the promoted 0.9900" in out["promotion"]["reason"]
+    trained = {k: out[k] for k in ("run_id", "prefix", "manifest")} | {"lineage": {"dataset_version": version}}
+    forced = quick_train.promote_if_cleared(cfg, st, None, trained, force=True)  # the override: no evaluation
+    assert forced["promoted"] is True and registry.read_pointer(st, "recommender")["run_id"] == "quick-worse"

@@ -19,7 +19,7 @@ from jobs.quick_train import build_bundle
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    return build_bundle(tmp_path_factory.mktemp("store"), epochs=4)
+    return build_bundle(tmp_path_factory.mktemp("store"), epochs=4, force_promote=True)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ similarities the channel adds to its trained ones for that request. An item with
 from __future__ import annotations
 
 import heapq
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -112,24 +112,46 @@ class LiveCovisitation:
     (``covisitation``), counted over the events the model has not seen.
     ``rows`` hands the retriever the pairs of a user's recent items, which it adds to its trained
     similarities (``live_similarity``). Each item keeps its ``neighbours`` most
-    co-visited partners. The counts are aggregates: they are rebuilt from the feedback log with
-    the live state and fold into the model at the next retrain. Not thread-safe: ``SessionState``
-    holds its lock around every call.
+    co-visited partners and all items together at most ``max_pairs`` pairs. With a ``catalog``
+    only its items are counted. The counts are aggregates: they are rebuilt from the feedback log
+    with the live state and fold into the model at the next retrain. Not thread-safe:
+    ``SessionState`` holds its lock around every call.
     """
 
-    def __init__(self, window: int = 50, neighbours: int = 200, query_items: int = 20, query_neighbours: int = 32):
+    def __init__(self, window: int = 50, neighbours: int = 200, query_items: int = 20, query_neighbours: int = 32,
+                 max_pairs: int = 1_000_000, catalog: Optional[Set[str]] = None):
         self.window, self.neighbours = window, neighbours
         # What one recommendation reads: the user's last ``query_items`` distinct items (the
         # channel decays older ones: 0.9^20 = 0.12) and each one's ``query_neighbours`` most
         # co-visited partners. Unbounded, 8.7k feedback events already made requests carry ~4.8k
         # pairs (14k at most) and the in-process p99 went from 7 to 129 ms.
         self.query_items, self.query_neighbours = query_items, query_neighbours
+        # What is held: past ``max_pairs`` pairs over all items the half with the fewest co-visits
+        # is dropped (the newest first kept among equals: a new item's first co-visits are what
+        # this counter is for), so memory stays bounded however many items live events touch.
+        self.max_pairs = max(2, max_pairs)
+        # The items that may be counted (the served catalog); None counts every item (offline
+        # use). Without it any id a client posts would become a row: an event on another item is
+        # stored in the feedback log by the caller but counted nowhere here.
+        self.catalog = catalog
         self.pairs: Dict[str, Dict[str, int]] = {}
         self.users: Dict[str, int] = {}  # item -> users who interacted with it live
+        self.size = 0  # pairs held, over all items
         self.events = 0
+        self.skipped = 0  # events on items outside the catalog
+
+    def add_catalog(self, items: Iterable[str]) -> None:
+        """Let ``items`` be counted from now on (no-op without a catalog: all are)."""
+        if self.catalog is not None:
+            self.catalog.update(items)
 
     def observe(self, history: Sequence[str], item: str) -> None:
         """``item`` was just added to a user whose earlier items are ``history`` (oldest first)."""
+        if self.catalog is not None:
+            if item not in self.catalog:
+                self.skipped += 1
+                return
+            history = [h for h in history if h in self.catalog]
         if item in history:
             return  # this user already counts for the item and its pairs
         recent: Dict[str, None] = {}  # the last ``window`` distinct items, in insertion order
@@ -145,10 +167,25 @@ class LiveCovisitation:
 
     def _bump(self, a: str, b: str) -> None:
         row = self.pairs.setdefault(a, {})
+        if b not in row:
+            self.size += 1
         row[b] = row.get(b, 0) + 1
         if len(row) > 2 * self.neighbours:  # amortised: keep the most co-visited half
             keep = sorted(row.items(), key=lambda kv: -kv[1])[:self.neighbours]
             self.pairs[a] = dict(keep)
+            self.size -= len(row) - len(keep)
+        if self.size > self.max_pairs:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Keep the ``max_pairs // 2`` most co-visited pairs of all items (amortised: one pass
+        per ``max_pairs // 2`` new pairs); among equal counts the ones added last."""
+        newest_first = ((c, a, b) for a in reversed(self.pairs) for b, c in reversed(self.pairs[a].items()))
+        pairs: Dict[str, Dict[str, int]] = {}
+        for c, a, b in heapq.nlargest(self.max_pairs // 2, newest_first, key=lambda t: t[0]):
+            pairs.setdefault(a, {})[b] = c
+        self.pairs = pairs
+        self.size = sum(len(row) for row in pairs.values())
 
     def rows(self, items: Sequence[str]) -> Dict[str, Any]:
         """The live pairs of the last ``query_items`` distinct ``items`` (most recent last), each
