@@ -80,6 +80,9 @@ http_app.add_middleware(Guard)
 
 # Everything the ingress uses must be defined above it: serve.ingress serialises the class when
 # it is decorated.
+CATALOG_LOOKUP_S = 2.0  # longest a POST /v1/events waits for the catalog check before storing
+
+
 @serve.deployment
 @serve.ingress(http_app)
 class Ingress:
@@ -153,9 +156,10 @@ class Ingress:
         rows = [e.model_dump() for e in req.events]
         # Items outside the catalog are stored like any event but kept out of the live co-visits
         # (the event store is told which); a failed lookup must not lose events: the store's own
-        # catalog then decides.
+        # catalog then decides, and a slow one must not hold the write back for long.
         try:
-            unknown = await self.retriever.known.remote(sorted({r["item_id"] for r in rows}))
+            unknown = await asyncio.wait_for(self.retriever.known.remote(sorted({r["item_id"] for r in rows})),
+                                             CATALOG_LOOKUP_S)
         except Exception as exc:
             log.warning("catalog lookup for unknown_items failed: %s", exc)
             unknown = None
