@@ -62,10 +62,14 @@ def retriever_scores(model: SequenceRetriever, text_emb: Optional[torch.Tensor],
 
 
 def retriever_ranks(model: SequenceRetriever, text_emb: Optional[torch.Tensor], h: UserHistories, split: str,
-                    chunk_cells: int = CHUNK_CELLS) -> np.ndarray:
+                    chunk_cells: int = CHUNK_CELLS, shard: tuple[int, int] = (0, 1)) -> np.ndarray:
     """The ranks of ``split``'s targets under the retriever alone (``retriever_scores`` ranked),
-    scored in chunks of at most ``chunk_cells`` [users, items] cells."""
+    scored in chunks of at most ``chunk_cells`` [users, items] cells. ``shard=(rank, world)``:
+    only every ``world``-th target from ``rank`` (data-parallel workers split an evaluation)."""
     users, items, events, ts, targets = history_for(h, split)
+    rank, world = shard
+    if world > 1:
+        items, events, ts, targets = items[rank::world], events[rank::world], ts[rank::world], targets[rank::world]
     table = item_table(model, text_emb)
     step = chunk_rows(h.num_items, chunk_cells)
     ranks = [rank_and_topk(user_vectors(model, text_emb, items[s:s + step], events[s:s + step], ts[s:s + step]) @ table.T,

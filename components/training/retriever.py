@@ -141,8 +141,20 @@ def new_retriever(h: UserHistories, text: Optional[torch.Tensor], rcfg: Retrieve
     return model
 
 
-def valid_metrics(model: SequenceRetriever, x: RetrieverInputs) -> Dict[str, float]:
-    return ranking_metrics(retriever_ranks(model, x.text_emb, x.histories, "valid"))
+def valid_metrics(model: SequenceRetriever, x: RetrieverInputs, rank: int = 0, world: int = 1,
+                  mean: Callable[[float], float] = float) -> Dict[str, float]:
+    """Valid metrics of ``model``; with ``world`` > 1 each worker ranks its share of the users and
+    ``mean`` (the stepper's all-reduce average) combines the sums, so every worker gets the
+    figures of all users for half (a ``world``-th) of the work."""
+    ranks = retriever_ranks(model, x.text_emb, x.histories, "valid", shard=(rank, world))
+    local = ranking_metrics(ranks)
+    if world == 1:
+        return local
+    n = mean(float(len(ranks)))
+    out: Dict[str, float] = {"n": int(round(n * world))}
+    for k in (k for k in ranking_metrics(np.zeros(1)) if k != "n"):
+        out[k] = mean(local.get(k, 0.0) * len(ranks)) / n if n > 0 else 0.0
+    return out
 
 
 def new_progress() -> Dict[str, Any]:
@@ -182,7 +194,7 @@ def train_retriever(stepper, x: RetrieverInputs, tcfg: RetrieverTrainConfig, bud
         improved = False
         if last or (tcfg.eval_every > 0 and (epoch + 1) % tcfg.eval_every == 0):
             with stepper.full_params():
-                m = valid_metrics(stepper.module, x)
+                m = valid_metrics(stepper.module, x, rank, world, stepper.mean)
             metrics.update({f"valid_{k}": v for k, v in m.items() if k != "n"})
             if m["ndcg@10"] > progress["best"]:
                 progress.update(best=m["ndcg@10"], best_epoch=epoch, bad_evals=0,

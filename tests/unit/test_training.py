@@ -143,3 +143,33 @@ def test_a_stale_extension_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path):
     os.utime(stale, (old, old))
     assert clear_stale_build_locks(600, tmp_path) == [stale]
     assert not stale.exists() and fresh.exists()  # a build in progress keeps its lock
+
+
+def test_workers_split_the_valid_evaluation_and_get_everyone_s_figures():
+    """Two data-parallel workers each rank half the valid users; an all-reduce mean (two threads
+    exchanging values here, gloo in a Ray Train worker) gives both the figures of all users."""
+    import threading
+
+    h = _histories(users=61)  # odd: the shares differ in size
+    tcfg = retriever_loop.RetrieverTrainConfig(epochs=2, eval_every=1, batch_size=16, schedule="constant")
+    model = retriever_loop.fit_retriever_local(h, None, RCFG, tcfg)
+    x = retriever_loop.retriever_inputs(h, None, model.cfg)
+    whole = retriever_loop.valid_metrics(model, x)
+    barrier, box, out = threading.Barrier(2), [[], []], [None, None]
+
+    def worker(rank):
+        def mean(v):  # an all-reduce average over the two workers
+            box[rank].append(v)
+            barrier.wait()
+            r = (box[0][-1] + box[1][-1]) / 2
+            barrier.wait()
+            return r
+        out[rank] = retriever_loop.valid_metrics(model, x, rank, 2, mean)
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in (0, 1)]
+    [t.start() for t in threads]
+    [t.join(30) for t in threads]
+    assert out[0] == out[1]
+    assert out[0]["n"] == whole["n"] == 61
+    assert all(out[0][k] == pytest.approx(whole[k], abs=1e-9) for k in whole)
+    assert len(retriever_loop.retriever_ranks(model, None, h, "valid", shard=(1, 2))) == 30
