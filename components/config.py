@@ -325,6 +325,16 @@ class ForgetConfig:
 
 
 @dataclass
+class SecurityConfig:
+    # Let a job run on a Ray cluster (ray.address or $RAY_ADDRESS set) or on s3:// storage without
+    # $LLMREC_CHECKPOINT_KEY. Without the key, training checkpoints (whose DeepSpeed files are
+    # unpickled on resume) are vouched for by plain sha256 digests that anyone who can write the
+    # storage can regenerate, so such jobs refuse to start unless this accepts that. Local runs
+    # (no address, file:// storage) need no key.
+    allow_unsigned_checkpoints: bool = False
+
+
+@dataclass
 class AppConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -339,6 +349,7 @@ class AppConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     forget: ForgetConfig = field(default_factory=ForgetConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 def load_config(

@@ -7,7 +7,7 @@ import os
 import sys
 import traceback
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Mapping, Optional
 
 from components.config import AppConfig, ConfigError, parse_cli
 from components.storage import StorageError
@@ -31,6 +31,7 @@ def run_cli(main: Callable[[Any], Any], schema: type = AppConfig, argv: Optional
         return
     try:
         cfg = parse_cli(argv, schema)
+        require_checkpoint_key(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -41,6 +42,38 @@ def run_cli(main: Callable[[Any], Any], schema: type = AppConfig, argv: Optional
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+def require_checkpoint_key(cfg: Any, environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse a job on a Ray cluster (``ray.address`` / $RAY_ADDRESS) or on s3:// storage while
+    $LLMREC_CHECKPOINT_KEY is unset, unless ``security.allow_unsigned_checkpoints``.
+
+    Without the key, a training checkpoint's manifest is a plain sha256 list that anyone who can
+    write the storage can regenerate for a forged file, which DeepSpeed then unpickles on resume
+    (components/checkpoints.py). Local runs (no address, file:// storage) need no key.
+
+    Raises:
+        ConfigError: naming the variable and how to set it."""
+    if "storage" not in cfg or ("security" in cfg and cfg.security.allow_unsigned_checkpoints):
+        return
+    from components.checkpoints import CHECKPOINT_KEY_ENV  # imports torch: only when a job runs
+
+    if environ.get(CHECKPOINT_KEY_ENV):
+        return
+    address = (cfg.ray.address if "ray" in cfg else None) or environ.get("RAY_ADDRESS")
+    if address and address != "local":  # "local": ray.init starts a new local Ray
+        where = f"on the Ray cluster at {address}"
+    elif str(cfg.storage.root).startswith("s3://"):
+        where = f"on shared storage {cfg.storage.root}"
+    else:
+        return
+    raise ConfigError(
+        f"{CHECKPOINT_KEY_ENV} is not set, and this job runs {where}: without it anyone who can write "
+        f"the storage can forge a training checkpoint that a resume unpickles. Set it to the same "
+        f"secret on every node: infra/*.yaml read it from the Kubernetes Secret llmrec-checkpoint-key "
+        f"(kubectl create secret generic llmrec-checkpoint-key --from-literal=key=$(openssl rand -hex 32)); "
+        f"elsewhere export {CHECKPOINT_KEY_ENV}=<that secret> before `ray start` on each node and for "
+        f"the job. Or accept unsigned checkpoints with security.allow_unsigned_checkpoints=true.")
 
 
 def help_text(main: Callable[[Any], Any], schema: type = AppConfig, prog: Optional[str] = None) -> str:
@@ -56,7 +89,17 @@ def help_text(main: Callable[[Any], Any], schema: type = AppConfig, prog: Option
         f"usage: {prog} [--config FILE] [--preset NAME] key=value ...", "", doc, "",
         "Settings as key=default. Later layers win: the defaults below <- --config FILE (or the",
         "data.source preset) <- --preset NAME <- key=value.", "",
-        describe_options(schema, getattr(module, "CONFIG_SECTIONS", None))])
+        describe_options(schema, _help_sections(schema, getattr(module, "CONFIG_SECTIONS", None)))])
+
+
+def _help_sections(schema: type, sections: Optional[tuple]) -> Optional[tuple]:
+    """A job's CONFIG_SECTIONS plus ``security``, which run_cli reads for every job
+    (require_checkpoint_key)."""
+    import dataclasses
+
+    if sections and "security" in {f.name for f in dataclasses.fields(schema)}:
+        return (*sections, "security")
+    return sections
 
 
 def ray_log_level() -> str:

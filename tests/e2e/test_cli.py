@@ -19,6 +19,11 @@ ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BAR
        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
+# What a cluster's nodes get from infra/ besides: the checkpoint signing key, without which jobs
+# that run with $RAY_ADDRESS set (every `ray job submit`) refuse to start (jobs/runtime.py).
+NODE_KEY_ENV = {"LLMREC_CHECKPOINT_KEY": "e2e-checkpoint-key-" + "0" * 32}
+
+
 def _run(*args, timeout=300, **kw):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=timeout, **kw)
@@ -55,7 +60,7 @@ def ray_head(tmp_path):
     start = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
                             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                             f"--temp-dir={temp}", "--disable-usage-stats"],
-                           env=ENV, capture_output=True, text=True, timeout=180)
+                           env={**ENV, **NODE_KEY_ENV}, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stderr[-3000:]
     address = f"http://127.0.0.1:{dash}"
     try:

@@ -22,7 +22,7 @@ import requests
 
 from serve.runner import serve_env
 from tests.conftest import ROOT, free_port
-from tests.e2e.test_cli import stop_cluster
+from tests.e2e.test_cli import NODE_KEY_ENV, stop_cluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.cluster]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -40,9 +40,10 @@ def two_nodes(s3_server):
     """A head and a worker node (2 logical CPUs each, own ports), the jobs API on loopback."""
     # Started after the S3 server: every Ray process (job drivers, workers on both nodes) gets its
     # endpoint and credentials from the environment, as pods get them on a cluster; Serve's fast
-    # path as infra/ sets it.
+    # path and the checkpoint signing key as infra/ sets them.
     env = {**os.environ, **serve_env(), "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           **NODE_KEY_ENV}
     port, dash = free_port(), free_port()
     # A temp dir per node, as two machines have: a node's runtime-env agent deletes the packages it
     # does not use from its own folder (a shared one lost the job's working directory).

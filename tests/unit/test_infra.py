@@ -45,10 +45,39 @@ def test_the_public_rayservice_gets_api_keys_on_every_node():
         for container in group["template"]["spec"]["containers"]:
             refs = [e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e]
             assert "llmrec-api-keys" in refs, container["name"]
-            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
             from serve.runner import SERVE_ENV
 
             assert env == SERVE_ENV, container["name"]  # the fast path the benchmark measured
+
+
+@pytest.mark.parametrize("name", sorted(MANIFESTS))
+def test_every_container_gets_the_checkpoint_key_from_the_secret(name):
+    """Jobs refuse to run on a cluster without LLMREC_CHECKPOINT_KEY (jobs/runtime.py), and the Ray
+    Train workers sign and verify checkpoints with it: every pod of every cluster reads it from the
+    Secret the manifest's comment says how to create."""
+    from components.checkpoints import CHECKPOINT_KEY_ENV
+
+    text = (ROOT / "infra" / name).read_text()
+    assert "kubectl create secret generic llmrec-checkpoint-key --from-literal=key=" in text
+    spec = _spec(name)
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        for c in _containers(group):
+            env = [e for e in c.get("env", []) if e["name"] == CHECKPOINT_KEY_ENV]
+            assert env == [{"name": CHECKPOINT_KEY_ENV,
+                            "valueFrom": {"secretKeyRef": {"name": "llmrec-checkpoint-key", "key": "key"}}}], \
+                (name, group.get("groupName", "head"), c["name"])
+
+
+def test_the_cluster_launcher_starts_every_node_with_the_checkpoint_key():
+    from components.checkpoints import CHECKPOINT_KEY_ENV
+
+    doc = yaml.safe_load((ROOT / "infra" / "cluster-launcher.yaml").read_text())
+    key_file = "~/.llmrec/checkpoint_key"
+    assert doc["file_mounts"][key_file] == key_file
+    for section in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in doc[section] if "ray start" in c]
+        assert start and all(f"{CHECKPOINT_KEY_ENV}=$(cat {key_file}) ray start" in c for c in start), section
 
 
 # --- offline validation against the KubeRay CRD schemas (what `kubectl apply` would check) -------
