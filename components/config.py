@@ -461,8 +461,8 @@ def validate_config(cfg: Any) -> None:
                               f"got {t.placement_strategy!r}")
         if t.retriever.schedule not in ("onecycle", "constant"):
             raise ConfigError(f"train.retriever.schedule must be onecycle or constant; got {t.retriever.schedule!r}")
-    if "retriever" in cfg and cfg.retriever.loss not in ("softmax", "sampled"):
-        raise ConfigError(f"retriever.loss must be softmax or sampled; got {cfg.retriever.loss!r}")
+    if "retriever" in cfg and cfg.retriever.loss not in ("auto", "softmax", "sampled"):
+        raise ConfigError(f"retriever.loss must be auto, softmax or sampled; got {cfg.retriever.loss!r}")
     if "text" in cfg and cfg.text.pooling not in ("mean", "cls", "last"):
         raise ConfigError(f"text.pooling must be mean, cls or last; got {cfg.text.pooling!r}")
 

@@ -9,7 +9,7 @@ recommendable as soon as its text is embedded (its ID embedding stays at zero).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -36,7 +36,13 @@ class RetrieverConfig:
     id_dropout: float = 0.1
     num_events: int = 6
     # softmax: full cross-entropy over the catalog. sampled: sampled softmax with logQ correction.
-    loss: str = "softmax"
+    # auto: softmax up to sampled_above items, sampled above; made concrete when the model is
+    # built, so a saved model's config says which one it trained with.
+    loss: str = "auto"
+    # The catalog size above which loss=auto samples: a full softmax scores every item at every
+    # training position, so its step cost and its logits' memory (4 B x items a position) grow
+    # with the catalog, while a sampled one's grow with num_negatives.
+    sampled_above: int = 200_000
     num_negatives: int = 1024
     # Logits are <u, i> / temperature; 0 means sqrt(dim). User and item vectors are layer-normed
     # (norm ~ sqrt(dim) each), so unscaled logits start with a spread of ~dim and the softmax
@@ -66,15 +72,23 @@ def attention_mask(present: torch.Tensor, heads: int) -> torch.Tensor:
     return mask.repeat_interleave(heads, dim=0)
 
 
+def resolve_loss(cfg: RetrieverConfig) -> RetrieverConfig:
+    """``cfg`` with ``loss="auto"`` replaced by the loss its catalog size (``num_items``) calls for."""
+    if cfg.loss != "auto":
+        return cfg
+    return replace(cfg, loss="sampled" if cfg.num_items > cfg.sampled_above else "softmax")
+
+
 class SequenceRetriever(nn.Module):
     def __init__(self, cfg: RetrieverConfig):
         super().__init__()
+        cfg = resolve_loss(cfg)
         if not (cfg.use_id or cfg.use_text):
             raise ValueError("retriever needs use_id or use_text")
         if cfg.use_text and cfg.text_dim <= 0:
             raise ValueError("retriever.use_text needs item text embeddings (text_dim > 0)")
         if cfg.loss not in ("softmax", "sampled"):
-            raise ValueError(f"retriever.loss must be softmax or sampled; got {cfg.loss!r}")
+            raise ValueError(f"retriever.loss must be auto, softmax or sampled; got {cfg.loss!r}")
         self.cfg = cfg
         d = cfg.dim
         self.logit_scale = 1.0 / (cfg.temperature if cfg.temperature > 0 else math.sqrt(d))

@@ -43,6 +43,21 @@ def test_paired_bca_interval():
     assert paired_bootstrap(a, a) == {"diff": 0.0, "ci95": [0.0, 0.0], "method": "BCa", "n": 3000}
 
 
+def test_paired_bootstrap_batched_is_the_unbatched_result():
+    """Bounded memory changes nothing: 7 resamples a call (2000 is no multiple of 7, so the
+    last call is short) give the same interval as scipy's single call for the same seed."""
+    from scipy.stats import bootstrap
+
+    rng = np.random.default_rng(3)
+    a, b = rng.random(1500), rng.random(1500)
+    batched = paired_bootstrap(a, b, seed=5, max_cells=7 * 1500 + 10)
+    whole = bootstrap((a - b,), np.mean, n_resamples=2000, confidence_level=0.95, method="BCa",
+                      random_state=np.random.default_rng(5), vectorized=True).confidence_interval
+    assert batched["diff"] == (a - b).mean()
+    assert batched["ci95"] == [whole.low, whole.high]
+    assert paired_bootstrap(a, b, max_cells=1)["ci95"] == paired_bootstrap(a, b)["ci95"]  # batch >= 1
+
+
 def test_tuning_never_reads_the_test_split(tmp_path):
     from benchmarks.tune import load_without_test
     from components.storage import Storage

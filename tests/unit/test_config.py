@@ -32,6 +32,9 @@ def test_invalid_values_are_rejected():
     with pytest.raises(ConfigError, match="train.placement_strategy must be PACK, SPREAD"):
         load_config(["train.placement_strategy=spread-out"])
     assert load_config(["train.placement_strategy=SPREAD"]).train.placement_strategy == "SPREAD"
+    with pytest.raises(ConfigError, match="retriever.loss must be auto, softmax or sampled"):
+        load_config(["retriever.loss=full"])
+    assert load_config([]).retriever.loss == "auto"  # softmax or sampled by catalog size, when the model is built
 
 
 def test_cli_config_flag_and_missing_file(tmp_path):
@@ -97,6 +100,7 @@ def test_hardware_presets_merge_over_the_data_preset_and_under_key_values():
     assert cfg.retriever.max_len == 200  # from configs/movielens.yaml
     assert cfg.train.use_gpu and cfg.train.precision == "bf16"  # from configs/hardware/gpu-1.yaml
     assert cfg.train.num_workers == 3  # key=value last
+    assert parse_cli(["--preset", "gpu-cluster"]).retriever.loss == "sampled"  # an explicit loss stays
     cfg = parse_cli(["--preset=tiny", "--preset", "cpu"])  # in order: tiny, then cpu
     assert cfg.retriever.dim == 32 and cfg.train.precision == "fp32"
     with pytest.raises(ConfigError, match="unknown preset 'gpu-8'; choose from cpu, gpu-1, gpu-cluster, tiny"):

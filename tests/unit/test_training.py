@@ -8,7 +8,7 @@ import torch
 from components.data.sequences import UserHistories
 from components.evaluation.ranking import scored_lists
 from components.models.ranker import RankerConfig, RankerMLP
-from components.models.retriever import RetrieverConfig
+from components.models.retriever import RetrieverConfig, SequenceRetriever
 from components.training import ranker as ranker_loop
 from components.training import retriever as retriever_loop
 from components.training.stepper import LocalStepper
@@ -173,3 +173,31 @@ def test_workers_split_the_valid_evaluation_and_get_everyone_s_figures():
     assert out[0]["n"] == whole["n"] == 61
     assert all(out[0][k] == pytest.approx(whole[k], abs=1e-9) for k in whole)
     assert len(retriever_loop.retriever_ranks(model, None, h, "valid", shard=(1, 2))) == 30
+
+
+@pytest.mark.parametrize("sampled_above,loss", [(200_000, "softmax"), (N_ITEMS - 1, "sampled")])
+def test_loss_auto_is_softmax_up_to_the_threshold_and_trains_a_step_either_way(tmp_path, sampled_above, loss):
+    """loss=auto (the default) becomes a concrete loss once the catalog size is known, and the
+    bundle records that one: serving, evaluation and warm starts never see "auto"."""
+    from dataclasses import asdict, replace
+
+    from components import bundle, layout
+
+    h = _histories()
+    assert RCFG.loss == "auto"
+    model = retriever_loop.new_retriever(h, None, replace(RCFG, sampled_above=sampled_above), seed=0)
+    assert model.cfg.loss == loss and model.cfg.num_items == N_ITEMS
+    x = retriever_loop.retriever_inputs(h, None, model.cfg)
+    batch = next(retriever_loop.batches(x.windows, 16, np.random.default_rng(0)))
+    stepper = LocalStepper(model, 1e-2, 0.0)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    stepper.train()
+    loss_value = stepper(batch, x.text_emb, x.log_q)
+    assert torch.isfinite(loss_value)
+    stepper.step(loss_value)
+    assert any(not torch.equal(before[k], v) for k, v in model.named_parameters())
+    bundle.save_weights(tmp_path, layout.RETRIEVER, model.state_dict(), model.cfg)
+    assert bundle.load_weights(tmp_path, layout.RETRIEVER)[1]["loss"] == loss
+    assert bundle.load_retriever(tmp_path).cfg.loss == loss
+    old = {k: v for k, v in asdict(model.cfg).items() if k != "sampled_above"}  # a bundle from before the setting
+    assert SequenceRetriever(RetrieverConfig(**old)).cfg.loss == loss
