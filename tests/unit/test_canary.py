@@ -1,0 +1,229 @@
+"""The canary: stable assignment, attribution of feedback, per-version metrics and the decision rule."""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from components.online.canary import (CanaryConfig, CanaryMonitor, RecommendationLog, assign, decide,
+                                      newcombe_interval, wilson_interval, z_value)
+
+T0 = 1_700_000_000_000  # epoch ms
+MIN = 60_000
+Z95 = z_value(0.95)
+
+
+# -- assignment --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("users", [1_000, 10_000])
+@pytest.mark.parametrize("share", [0.05, 0.1, 0.5])
+def test_candidate_share_is_within_two_points_of_the_setting(users, share):
+    arms = [assign(f"user-{k}", share, salt="run-20240101") for k in range(users)]
+    measured = arms.count("candidate") / users
+    assert abs(measured - share) <= 0.02, measured
+
+
+def test_the_share_varies_across_salts_as_a_fair_coin_would():
+    # Not a lucky salt: over 40 canaries of 1,000 users the measured shares spread like a binomial.
+    shares = np.array([sum(assign(f"u{k}", 0.5, f"salt-{s}") == "candidate" for k in range(1_000)) / 1_000
+                       for s in range(40)])
+    sd = (0.25 / 1_000) ** 0.5
+    assert abs(shares.mean() - 0.5) < 3 * sd / 40 ** 0.5
+    assert 0.6 * sd < shares.std() < 1.5 * sd
+    assert (np.abs(shares - 0.5) <= 0.02).mean() >= 0.6  # ~79% expected: 2 points are 1.26 sd at 1,000
+
+
+def test_assignment_is_stable_monotone_in_share_and_reshuffled_by_a_new_salt():
+    ids = [f"user-{k}" for k in range(5_000)]
+    first = [assign(u, 0.3, "a") for u in ids]
+    assert first == [assign(u, 0.3, "a") for u in ids]  # the same user, the same arm, every time
+    at_10 = {u for u in ids if assign(u, 0.1, "a") == "candidate"}
+    at_30 = {u for u, arm in zip(ids, first) if arm == "candidate"}
+    assert at_10 < at_30  # ramping the share up keeps who was already in
+    other = {u for u in ids if assign(u, 0.3, "b") == "candidate"}
+    overlap = len(at_30 & other) / len(at_30)
+    assert 0.2 < overlap < 0.4  # independent draws: ~30% of one set is in the other
+
+
+def test_anonymous_users_and_edge_shares():
+    assert assign(None, 0.9, "s") == assign("", 0.9, "s") == "control"
+    assert {assign(f"u{k}", 0.0, "s") for k in range(200)} == {"control"}
+    assert {assign(f"u{k}", 1.0, "s") for k in range(200)} == {"candidate"}
+    with pytest.raises(ValueError, match="share"):
+        assign("u", 1.5, "s")
+    with pytest.raises(ValueError, match="control"):
+        CanaryMonitor("v1", "v1", 0.1)
+    with pytest.raises(ValueError, match="canary.min_requests"):
+        CanaryMonitor("v1", "v2", 0.1, CanaryConfig(min_requests=0))
+
+
+# -- intervals ---------------------------------------------------------------------------------
+
+def test_intervals_match_known_values():
+    # Newcombe (1998), Stat. Med. 17:857, table II: 56/70 - 48/80 -> 0.0524 to 0.3339 (method 10).
+    lo, hi = newcombe_interval(56, 70, 48, 80, Z95)
+    assert lo == pytest.approx(0.0524, abs=5e-4) and hi == pytest.approx(0.3339, abs=5e-4)
+    # Wilson 81/263 (the example in Brown, Cai & DasGupta's review): 0.2553 to 0.3662.
+    lo, hi = wilson_interval(81, 263, Z95)
+    assert lo == pytest.approx(0.2553, abs=5e-4) and hi == pytest.approx(0.3662, abs=5e-4)
+    assert wilson_interval(0, 0, Z95) == (0.0, 1.0)
+
+
+# -- attribution -------------------------------------------------------------------------------
+
+def _monitor(**kw):
+    return CanaryMonitor("v1", "v2", share=0.5, cfg=CanaryConfig(**kw), clock=lambda: T0 / 1000)
+
+
+def test_feedback_goes_to_the_version_of_the_latest_list_that_showed_the_item():
+    m = _monitor(attribution_window_s=600)
+    m.record_request("v1", "u", ["a", "b"], ts_ms=T0)
+    m.record_request("v2", "u", ["b", "c"], ts_ms=T0 + MIN)
+    assert m.record_feedback("u", "b", ts_ms=T0 + 2 * MIN) == "v2"  # the latest list with b
+    assert m.record_feedback("u", "a", ts_ms=T0 + 2 * MIN) == "v1"
+    assert m.record_feedback("u", "d", ts_ms=T0 + 2 * MIN) is None  # never recommended
+    assert m.record_feedback("w", "a", ts_ms=T0 + 2 * MIN) is None  # recommended to someone else
+    assert m.record_feedback("u", "a", ts_ms=T0 + 11 * MIN) is None  # past the 10-minute window
+    assert m.record_feedback("u", "c", ts_ms=T0 - MIN) is None  # before the list existed
+    assert m.record_feedback("u", "c", "skip", ts_ms=T0 + 2 * MIN) is None  # not acting on it
+    assert m.record_feedback(None, "c", ts_ms=T0 + 2 * MIN) is None
+    assert m.record_feedback("u", "c", "purchase", ts_ms=T0 + 2 * MIN) == "v2"
+    assert m.record_feedback("u", "c", "click", ts_ms=T0 + 3 * MIN) == "v2"
+    met = m.metrics()
+    # c acted on twice: two events, one acted-on recommendation; b once.
+    assert (met.candidate.events, met.candidate.acted_on, met.candidate.recommendations) == (3, 2, 2)
+    assert (met.control.events, met.control.acted_on, met.control.recommendations) == (1, 1, 2)
+    assert met.unattributed_events == 4
+    assert met.candidate.events_per_user == 3.0 and met.candidate.users_served == 1
+
+
+def test_anonymous_lists_and_errors_count_as_requests_only():
+    m = _monitor()
+    m.record_request("v1", None, ["a", "b"], latency_ms=3.0)
+    m.record_request("v1", "u", latency_ms=9.0, error=True)
+    m.record_request("v-old", "u", ["a"])
+    c = m.metrics().control
+    assert (c.requests, c.errors, c.recommendations, c.users_served) == (2, 1, 0, 0)
+    assert c.error_rate == 0.5 and c.latency_p50_ms == pytest.approx(6.0)
+    assert m.other_version_requests == 1
+    json.dumps(m.metrics().to_dict())  # what GET /v1/version shows
+
+
+def test_memory_bounds_hold():
+    log = RecommendationLog(window_ms=10 * MIN, lists_per_user=3, users_max=50)
+    for k in range(10):  # one user, ten lists: the oldest seven are gone
+        log.add("u", "v1", [f"i{k}"], T0 + k)
+    assert log.lists_held() == 3
+    assert log.attribute("u", "i0", T0 + 20) is None and log.attribute("u", "i9", T0 + 20) == ("v1", True)
+    for k in range(200):  # 200 users: the least recently served out first
+        log.add(f"w{k}", "v1", ["x"], T0 + 100 + k)
+    assert len(log) == 50 and log.evicted_users == 151
+    assert log.attribute("w149", "x", T0 + 400) is None and log.attribute("w199", "x", T0 + 400) is not None
+    log.add("late", "v1", ["x"], T0 + 11 * MIN)  # time moves past everyone else's window
+    assert len(log) == 1
+
+    m = _monitor(latency_samples=64, users_sample_max=1_000, lists_per_user=2, attribution_users_max=500)
+    for k in range(20_000):
+        m.record_request("v1", f"user-{k}", ["a", "b"], latency_ms=float(k), ts_ms=T0 + k)
+    users, lists = m.attribution_held()
+    assert users == 500 and lists == 500
+    c = m.metrics().control
+    assert c.latency_p50_ms > 19_900  # the most recent 64 samples only
+    assert c.user_sample_rate < 1 and 500 <= c.users_sampled <= 1_000
+    assert c.users_served == pytest.approx(20_000, rel=0.15)  # estimated from the hash sample
+
+
+def test_concurrent_recording_loses_nothing():
+    m = _monitor()
+
+    def work(w):
+        for k in range(500):
+            user = f"t{w}-{k}"
+            m.record_request("v1", user, ["a"], latency_ms=1.0, ts_ms=T0)
+            m.record_feedback(user, "a", ts_ms=T0 + 1)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    c = m.metrics().control
+    assert (c.requests, c.recommendations, c.acted_on, c.events, c.users_served) == (4000, 4000, 4000, 4000, 4000)
+
+
+# -- the decision rule -------------------------------------------------------------------------
+
+RULE = dict(min_requests=300, min_recommendations=3_000, noninferiority_recommendations=20_000,
+            noninferiority_margin=0.15)
+
+
+def _simulate(m, act, requests, errors=None, latency=None, seed=0, users=3_000, k=10):
+    """``requests`` recommends by users drawn from a pool, each list's items acted on with the
+    arm's probability ``act[arm]``; returns the decision after them."""
+    rng = np.random.default_rng(seed)
+    errors, latency = errors or {}, latency or {}
+    for r in range(requests):
+        user = f"u{rng.integers(users)}"
+        version = m.version_for(user)
+        arm = "candidate" if version == m.candidate else "control"
+        ts = T0 + r * 50
+        lat = latency.get(arm, 20.0) * rng.uniform(0.5, 1.5)
+        if rng.random() < errors.get(arm, 0.0):
+            m.record_request(version, user, latency_ms=lat, error=True, ts_ms=ts)
+            continue
+        items = [f"i{r}-{j}" for j in range(k)]
+        m.record_request(version, user, items, latency_ms=lat, ts_ms=ts)
+        for item in np.array(items)[rng.random(k) < act[arm]]:
+            m.record_feedback(user, str(item), ts_ms=ts + 30_000)
+    return m.decide()
+
+
+def test_a_worse_candidate_is_rolled_back():
+    m = CanaryMonitor("v1", "v2", 0.1, CanaryConfig(**RULE))
+    d = _simulate(m, {"control": 0.10, "candidate": 0.05}, 8_000)
+    assert d.action == "rollback" and d.reason.startswith("worse"), d.reason
+    assert d.figures["acted_share_diff_ci"][1] < 0
+    json.dumps(d.to_dict())  # logged with its figures
+
+
+def test_a_better_candidate_is_promoted():
+    m = CanaryMonitor("v1", "v2", 0.1, CanaryConfig(**RULE))
+    d = _simulate(m, {"control": 0.10, "candidate": 0.15}, 8_000)
+    assert d.action == "promote" and d.reason.startswith("better"), d.reason
+    assert d.figures["acted_share_diff_ci"][0] > 0
+
+
+def test_an_equal_candidate_is_promoted_only_after_the_minimum_sample():
+    cfg = CanaryConfig(**RULE)
+    m = CanaryMonitor("v1", "v2", 0.5, cfg)
+    early = _simulate(m, {"control": 0.10, "candidate": 0.10}, 2_000, seed=1)
+    assert early.action == "continue", early.reason  # ~10k candidate recommendations: not yet
+    m = CanaryMonitor("v1", "v2", 0.5, cfg)
+    late = _simulate(m, {"control": 0.10, "candidate": 0.10}, 6_000, seed=1)
+    assert late.action == "promote" and late.reason.startswith("not worse"), late.reason
+    lo, hi = late.figures["acted_share_diff_ci"]
+    assert lo < 0 < hi and lo > -late.figures["noninferiority_margin_abs"]
+
+
+def test_a_candidate_whose_errors_rise_is_rolled_back():
+    m = CanaryMonitor("v1", "v2", 0.1, CanaryConfig(**RULE))
+    d = _simulate(m, {"control": 0.10, "candidate": 0.15}, 8_000, errors={"candidate": 0.05})
+    assert d.action == "rollback" and d.reason.startswith("error rate"), d.reason
+    # Below the minimum number of candidate requests the same error rate is not judged yet.
+    m = CanaryMonitor("v1", "v2", 0.1, CanaryConfig(**RULE))
+    assert _simulate(m, {"control": 0.1, "candidate": 0.1}, 1_000, errors={"candidate": 0.05}).action == "continue"
+
+
+def test_a_slow_candidate_is_rolled_back():
+    m = CanaryMonitor("v1", "v2", 0.5, CanaryConfig(**RULE))
+    d = _simulate(m, {"control": 0.10, "candidate": 0.10}, 1_500, latency={"candidate": 80.0})
+    assert d.action == "rollback" and d.reason.startswith("p99 latency"), d.reason
+
+
+def test_decide_is_pure_over_a_snapshot():
+    m = CanaryMonitor("v1", "v2", 0.1, CanaryConfig(**RULE))
+    _simulate(m, {"control": 0.10, "candidate": 0.05}, 8_000)
+    snap = m.metrics()
+    assert decide(snap, m.cfg) == decide(snap, m.cfg)
+    assert decide(snap, CanaryConfig(**{**RULE, "min_recommendations": 10**9})).action == "continue"
