@@ -1,7 +1,9 @@
-"""The ingress's metrics (serve/metrics.py), without Ray: what is recorded, and how GET /metrics
-merges the node agents' expositions."""
+"""The ingress's metrics (serve/metrics.py) and the logging encoding plumbing, without Ray: what is
+recorded, how GET /metrics merges the node agents' expositions, and which LoggingConfig the jobs
+and the Serve app are given."""
 
 import time
+from contextlib import nullcontext
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -188,3 +190,68 @@ def test_an_ingress_replica_refreshes_its_model_info_and_answers_metrics_of_the_
     assert answer.body == b"ray_llmrec_requests_total 3.0\n" and answer.media_type == sm.CONTENT_TYPE
     assert [c for c in made["llmrec_model_info"].calls if c[2]["model"] == "text"][:2] == [
         ("set", 1, {"model": "text", "model_version": "v1"})] * 2
+
+
+# --- logging encoding: jobs (ray.init) and the Serve app ----------------------------------------
+def test_a_jobs_ray_session_gets_the_configured_log_encoding(monkeypatch):
+    import ray
+
+    from components.config import load_config
+    from jobs import runtime
+
+    monkeypatch.delenv("RAY_LOGGING_CONFIG_ENCODING", raising=False)
+    cfg = load_config(["ray.log_encoding=json", "ray.address=ray://head:10001"])
+    assert runtime.ray_logging_config(cfg.ray, "WARNING") == ray.LoggingConfig(encoding="JSON", log_level="WARNING")
+    assert runtime.ray_logging_config(load_config([]).ray, "INFO").encoding == "TEXT"
+    monkeypatch.setenv("RAY_LOGGING_CONFIG_ENCODING", "JSON")  # Ray's own variable, when the config is silent
+    assert runtime.ray_logging_config(load_config([]).ray, "INFO").encoding == "JSON"
+
+    seen = {}
+    monkeypatch.setenv("LLMREC_RAY_LOGS", "1")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    with runtime.ray_session(load_config(["ray.log_encoding=TEXT", "ray.address=ray://head:10001"]).ray):
+        pass
+    assert seen["address"] == "ray://head:10001"
+    assert seen["logging_config"] == ray.LoggingConfig(encoding="TEXT", log_level="INFO")
+
+
+def test_a_log_encoding_other_than_text_or_json_is_refused_by_name():
+    from components.config import ConfigError, load_config
+
+    for key in ("ray.log_encoding", "serve.log_encoding"):
+        with pytest.raises(ConfigError, match=f"{key} must be TEXT or JSON"):
+            load_config([f"{key}=XML"])
+    assert load_config(["serve.log_encoding=JSON"]).serve.log_encoding == "JSON"
+
+
+def test_the_serve_app_gets_the_configured_log_encoding_over_the_yamls():
+    from ray.serve.schema import LoggingConfig
+
+    from serve.runner import load_serve_config, serve_logging_config
+
+    yaml_config = load_serve_config("configs/serve-fused.yaml")["logging_config"]
+    assert yaml_config["encoding"] == "TEXT"
+    assert serve_logging_config(yaml_config) == yaml_config  # unset: the YAML decides
+    json_config = serve_logging_config(yaml_config, "json")
+    assert json_config == {**yaml_config, "encoding": "JSON"}
+    assert LoggingConfig(**json_config).encoding == "JSON"  # what serve.start/serve.run validate it as
+    assert serve_logging_config(None, "JSON") == {"encoding": "JSON"}
+    with pytest.raises(ValueError, match="TEXT or JSON"):
+        serve_logging_config(yaml_config, "XML")
+
+
+def test_jobs_serve_passes_serve_log_encoding_to_the_app(monkeypatch, tmp_path):
+    from components import registry
+    from components.config import load_config
+    from jobs import serve as serve_job
+    from serve import runner
+
+    started = {}
+    monkeypatch.setattr(registry, "read_pointer", lambda storage: {"run_id": "r"})
+    monkeypatch.setattr(serve_job, "ray_session", lambda ray_cfg: nullcontext())
+    monkeypatch.setattr(runner, "start", lambda *a, **kw: started.update(kw) or "http://127.0.0.1:1")
+    monkeypatch.setattr(runner, "serve_until_signal", lambda url: None)
+    serve_job.main(load_config([f"storage.root={tmp_path}", "serve.log_encoding=JSON"]))
+    assert started["log_encoding"] == "JSON"
