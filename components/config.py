@@ -27,6 +27,7 @@ from components.models.text_encoder import TextEncoderConfig
 
 SOURCES = ("synthetic", "movielens", "amazon", "mind", "recbole", "sequences", "files")
 SPLITS = ("loo", "temporal")
+LOG_ENCODINGS = ("TEXT", "JSON")  # Ray's logging encodings (ray.LoggingConfig, Serve's LoggingConfig)
 
 
 class ConfigError(ValueError):
@@ -141,6 +142,11 @@ class RayConfig:
     address: Optional[str] = None
     # CPUs for a local Ray (empty: all cores).
     num_cpus: Optional[int] = None
+    # Log lines of the job's driver and of every Ray task and actor it starts: TEXT, or JSON (one
+    # object a line with Ray's job, worker and task ids, for a log collector); passed to
+    # ray.init(logging_config=ray.LoggingConfig(encoding=...)). Empty: Ray's own
+    # $RAY_LOGGING_CONFIG_ENCODING, else TEXT.
+    log_encoding: Optional[str] = None
 
 
 @dataclass
@@ -239,6 +245,10 @@ class ServeConfig:
     config: str = "configs/serve-fused.yaml"
     # Registry poll interval of every model replica; empty: the YAML's value.
     watch_interval_s: Optional[float] = None
+    # Log lines of the Serve controller, proxies and replicas: TEXT, or JSON (one object a line,
+    # with the deployment, replica and request ids); empty: the YAML's logging_config.encoding
+    # (TEXT unless it says otherwise).
+    log_encoding: Optional[str] = None
     # Once serving, show the feedback loop: post simulated clicks through the API, run one
     # jobs.retrain pass, and print the version and metric change (then keep serving). It writes
     # simulated feedback into storage.root, so it is off unless asked for (`make run` asks).
@@ -465,6 +475,10 @@ def validate_config(cfg: Any) -> None:
         raise ConfigError(f"retriever.loss must be auto, softmax or sampled; got {cfg.retriever.loss!r}")
     if "text" in cfg and cfg.text.pooling not in ("mean", "cls", "last"):
         raise ConfigError(f"text.pooling must be mean, cls or last; got {cfg.text.pooling!r}")
+    for section in ("ray", "serve"):
+        encoding = cfg[section].log_encoding if section in cfg else None
+        if encoding and encoding.upper() not in LOG_ENCODINGS:
+            raise ConfigError(f"{section}.log_encoding must be TEXT or JSON; got {encoding!r}")
 
 
 def parse_duration(text: str) -> float:

@@ -132,6 +132,16 @@ def quiet_worker_logs() -> None:
         pass
 
 
+def ray_logging_config(ray_cfg: Any, level: str, environ: Mapping[str, str] = os.environ) -> Any:
+    """The ``ray.LoggingConfig`` of a job's Ray session: ``ray.log_encoding`` (TEXT or JSON), else
+    Ray's own $RAY_LOGGING_CONFIG_ENCODING, else TEXT; ``level`` as ``ray_log_level`` gives it.
+    Ray applies it to the driver and to every task and actor of the job."""
+    import ray
+
+    encoding = ray_cfg.log_encoding or environ.get("RAY_LOGGING_CONFIG_ENCODING") or "TEXT"
+    return ray.LoggingConfig(encoding=encoding.upper(), log_level=level)
+
+
 class _AtLeastWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING
@@ -170,7 +180,7 @@ def ray_session(ray_cfg: Any) -> Iterator[None]:
         if not any(isinstance(f, _AtLeastWarning) for f in serve_logger.filters):
             serve_logger.addFilter(_AtLeastWarning())
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
-             logging_config=ray.LoggingConfig(log_level=level), **kwargs)
+             logging_config=ray_logging_config(ray_cfg, level), **kwargs)
     try:
         yield
     finally:

@@ -32,7 +32,8 @@ def main(cfg: Any) -> None:
     if cfg.serve.watch_interval_s:
         overrides["watch_interval_s"] = cfg.serve.watch_interval_s
     with ray_session(cfg.ray):
-        url = runner.start(cfg.serve.config, overrides, host=cfg.serve.host, port=cfg.serve.port)
+        url = runner.start(cfg.serve.config, overrides, host=cfg.serve.host, port=cfg.serve.port,
+                           log_encoding=cfg.serve.log_encoding)
         if cfg.serve.demo_feedback:
             demo.run(cfg, storage, url)
         runner.serve_until_signal(url)

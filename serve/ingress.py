@@ -30,7 +30,7 @@ from serve.deployments import StaleVersion, fused_models
 from serve.events import ShardedEvents
 from serve.flow import HandleBackend, recommend
 from serve.guard import Guard, configure_access
-from serve.metrics import CONTENT_TYPE, MODEL_DEPLOYMENTS, IngressMetrics
+from serve.metrics import CONTENT_TYPE, MODEL_DEPLOYMENTS, IngressMetrics, cluster_exposition
 from serve.settings import as_settings
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,10 @@ http_app.add_middleware(Guard)
 # Everything the ingress uses must be defined above it: serve.ingress serialises the class when
 # it is decorated.
 CATALOG_LOOKUP_S = 2.0  # longest a POST /v1/events waits for the catalog check before storing
+# How often each ingress replica records the model versions and swaps it sees (llmrec_model_info):
+# Prometheus scrapes the Ray metrics agents, not this replica, so the replica keeps them fresh
+# itself; Ray's agents export on a 10 s interval by default.
+MODEL_INFO_REFRESH_S = 10.0
 
 
 @serve.deployment
@@ -101,6 +105,20 @@ class Ingress:
         self.backend = HandleBackend(encoder, retriever, ranker, events)
         self.metrics = IngressMetrics()
         self.page = (STATIC / "index.html").read_text()
+        try:  # Serve runs the constructor on the replica's event loop
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a hand-built ingress (no replica, no loop) records nothing anyway
+            loop = None
+        # kept here: the loop holds only a weak reference to a task
+        self._model_info = loop.create_task(self._record_model_info()) if loop else None
+
+    async def _record_model_info(self) -> None:
+        while True:
+            try:
+                self.metrics.set_versions(await self._model_status())
+            except Exception as exc:  # a deployment down or starting: the next round records it
+                log.debug("model info not recorded: %s", exc)
+            await asyncio.sleep(MODEL_INFO_REFRESH_S)
 
     @http_app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index(self) -> str:
@@ -111,21 +129,22 @@ class Ingress:
         status = await self.retriever.status.remote()
         return {"status": "ok", "model_version": status["version"]}
 
+    async def _model_status(self) -> Dict[str, Any]:
+        handles = (self.encoder, self.retriever, self.ranker, self.text)
+        return dict(zip(MODEL_DEPLOYMENTS, await asyncio.gather(*[h.status.remote() for h in handles])))
+
     @http_app.get("/v1/version", openapi_extra=KEY_IF_REQUIRED)
     async def version(self) -> Dict[str, Any]:
-        handles = (self.encoder, self.retriever, self.ranker, self.text)
-        out = dict(zip(MODEL_DEPLOYMENTS, await asyncio.gather(*[h.status.remote() for h in handles])))
+        out = await self._model_status()
         out["events"] = await self.events.status.remote()
         out["model_version"] = out["retriever"]["version"]
         return out
 
     @http_app.get("/metrics", include_in_schema=False)
     async def prometheus(self) -> Response:
-        try:
-            self.metrics.set_versions(await self.version())
-        except Exception as exc:  # metrics must answer even when a deployment is down
-            log.warning("metrics: version status unavailable: %s", exc)
-        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE)
+        """The llmrec series of every replica (serve/metrics.py): gathered from the Ray metrics
+        agent of every alive node, so the answer does not depend on the replica that serves it."""
+        return Response(await asyncio.to_thread(cluster_exposition), media_type=CONTENT_TYPE)
 
     @http_app.post("/v1/recommend", response_model=api.RecommendResponse, openapi_extra=KEY_IF_REQUIRED)
     async def recommend(self, req: api.RecommendRequest) -> api.RecommendResponse:
@@ -139,15 +158,15 @@ class Ingress:
                 except StaleVersion:  # a swap between two hops: re-pin to the version now served
                     if time.perf_counter() - t0 > STALE_WAIT_S:
                         raise
-                    self.metrics.stale.inc()
+                    self.metrics.stale_retry()
                     await asyncio.sleep(min(0.05 * 2 ** attempt, 0.5))
                     attempt += 1
         except Exception as exc:
             self.metrics.observe("recommend", t0, 503)
             log.exception("recommend failed")
             raise HTTPException(503, f"recommendation backend unavailable: {exc}", headers=RETRY_AFTER) from None
-        self.metrics.observe("recommend", t0, 200)
-        self.metrics.served.inc(len(out.items))
+        self.metrics.observe("recommend", t0, 200, out.model_version)
+        self.metrics.recommended(len(out.items))
         return out
 
     @http_app.post("/v1/events", status_code=202, response_model=api.EventsResponse, dependencies=[NEEDS_KEY])
@@ -168,7 +187,7 @@ class Ingress:
         except Exception as exc:
             self.metrics.observe("events", t0, 503)
             raise HTTPException(503, f"events not stored, retry: {exc}", headers=RETRY_AFTER) from None
-        self.metrics.events.inc(len(rows))
+        self.metrics.ingested(len(rows))
         self.metrics.observe("events", t0, 202)
         return JSONResponse(status_code=202, content=api.EventsResponse(
             accepted=len(rows), shard=shard, unknown_items=unknown or []).model_dump())
@@ -183,7 +202,7 @@ class Ingress:
         except Exception as exc:
             self.metrics.observe("items", t0, 503)
             raise HTTPException(503, f"items not indexed, retry: {exc}", headers=RETRY_AFTER) from None
-        self.metrics.observe("items", t0, 200)
+        self.metrics.observe("items", t0, 200, out["version"])
         return api.ItemsResponse(upserted=len(items), new=out["new"], model_version=out["version"])
 
     @http_app.get("/v1/items/{item_id}", openapi_extra=KEY_IF_REQUIRED)

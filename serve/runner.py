@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 
 import yaml
 
-from components.config import packaged_config
+from components.config import LOG_ENCODINGS, packaged_config
 from components.data.privacy import privacy_key
 from serve.auth import AccessPolicy, check_bind
 from serve.settings import load_settings
@@ -80,18 +80,33 @@ def deployment_options(app: Dict[str, Any], more: Optional[Dict[str, Dict[str, A
     return options
 
 
+def serve_logging_config(config: Optional[Dict[str, Any]], encoding: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """The Serve config's ``logging_config`` with ``encoding`` (TEXT or JSON) in place of its own;
+    ``config`` itself when ``encoding`` is empty.
+
+    Raises:
+        ValueError: an encoding other than TEXT or JSON."""
+    if not encoding:
+        return config
+    if encoding.upper() not in LOG_ENCODINGS:
+        raise ValueError(f"log encoding must be TEXT or JSON, got {encoding!r}")
+    return {**(config or {}), "encoding": encoding.upper()}
+
+
 def start(config_path: str | Path, overrides: Optional[Dict[str, Any]] = None, host: Optional[str] = None,
-          port: Optional[int] = None) -> str:
+          port: Optional[int] = None, log_encoding: Optional[str] = None) -> str:
     """Deploy the app (Ray must be initialised); returns its URL. ``overrides`` update the app args
     (``components.config.ServeAppConfig``: defaults <- the YAML's args <- overrides, checked here before
     anything is deployed); its ``deployment_options`` ({deployment: {option: value}}) update the
-    config's deployment options."""
+    config's deployment options. ``log_encoding`` (TEXT or JSON) replaces the config's
+    ``logging_config.encoding`` (``serve_logging_config``)."""
     from ray import serve
 
     from serve.app import build
 
     conf = load_serve_config(config_path)
     app = conf["app"]
+    logging_config = serve_logging_config(conf["logging_config"], log_encoding)
     http = {**conf["http_options"], **({"host": host} if host else {}), **({"port": port} if port else {})}
     http.setdefault("host", "127.0.0.1")
     http.setdefault("port", 8000)
@@ -110,9 +125,9 @@ def start(config_path: str | Path, overrides: Optional[Dict[str, Any]] = None, h
     # logging_config here too: the controller and proxies log at the app's level (their INFO
     # banner and per-start lines stay out of the console)
     serve.start(http_options={**opts, "port": int(opts["port"])}, proxy_location=conf["proxy_location"],
-                logging_config=conf["logging_config"])
+                logging_config=logging_config)
     serve.run(build({**asdict(settings), "deployment_options": options}), name=app.get("name", "recommender"),
-              route_prefix=app.get("route_prefix", "/"), logging_config=conf["logging_config"])
+              route_prefix=app.get("route_prefix", "/"), logging_config=logging_config)
     return f"http://{http['host']}:{http['port']}"
 
 

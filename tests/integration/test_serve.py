@@ -62,8 +62,10 @@ def test_health_version_and_docs(app):
     assert {v[d]["version"] for d in ("encoder", "retriever", "ranker", "text")} == {run_id}
     assert v["retriever"]["lineage"]["dataset_version"] == app["bundle"]["dataset"].version
     assert "/v1/recommend" in requests.get(app["url"] + "/openapi.json", timeout=10).json()["paths"]
-    metrics = requests.get(app["url"] + "/metrics", timeout=10).text
-    assert "llmrec_request_seconds" in metrics and f'version="{run_id}"' in metrics
+    # the series themselves come from the Ray metrics agents on their export interval:
+    # tests/integration/test_telemetry.py waits for them
+    metrics = requests.get(app["url"] + "/metrics", timeout=10)
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
 
 
 def test_recommend_for_a_known_user_with_reasons_from_history(app):

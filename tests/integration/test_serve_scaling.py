@@ -95,7 +95,7 @@ def test_a_swap_during_scale_up_fails_no_request_and_pins_each_request_to_one_mo
             if t.is_alive():
                 t.join()
         retries = [ln for ln in requests.get(url + "/metrics", timeout=10).text.splitlines()
-                   if ln.startswith("llmrec_stale_version_retries_total")]
+                   if ln.startswith("ray_llmrec_stale_version_retries_total")]
         serve.shutdown()
     print(f"replicas when promoted {scaling_at_promotion}, after {states}; {len(results)} requests, "
           f"re-pinned: {retries}")

@@ -1,12 +1,19 @@
 """Job metrics reach Prometheus through Ray's metrics API (jobs/telemetry.py), from the driver and
-from a worker process, on the local Ray the other integration tests use."""
+from a worker process, and the ingress replicas' metrics through Ray Serve's (serve/metrics.py),
+summed over replicas by GET /metrics, on the local Ray the other integration tests use."""
 
+import threading
 import time
 import urllib.request
 
 import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from jobs import telemetry
+from jobs.quick_train import build_bundle
+from serve import runner
+from tests.conftest import free_port
 
 pytestmark = [pytest.mark.ray]
 
@@ -102,3 +109,89 @@ def test_a_stage_bar_follows_ticks_from_a_worker_process(ray_local):
     assert "30/30" in out.getvalue().split("\r")[-1] and "epoch=2" in out.getvalue()
     with pytest.raises(ValueError):  # the stage's actor is gone with the stage
         ray.get_actor(bar.actor_name, namespace="llmrec")
+
+
+def _samples(text, name, **labels):
+    """[(labels, value)] of the samples ``name`` of a Prometheus exposition that carry ``labels``."""
+    return [(s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+
+
+def _per_replica(samples):
+    out = {}
+    for labels, value in samples:
+        out[labels.get("replica")] = out.get(labels.get("replica"), 0.0) + value
+    return out
+
+
+@pytest.mark.serve
+def test_the_endpoint_sums_the_request_counts_of_two_ingress_replicas(ray_local, tmp_path):
+    """Issue 23.4: each ingress replica records its own series through Ray Serve's metrics API,
+    exported by the node's Ray metrics agent, and GET /metrics (whichever replica answers it)
+    gathers them from every node's agent: the counts of both replicas add up to the requests sent."""
+    from ray import serve
+
+    run_id = "telemetry-test"
+    root = tmp_path / "store"
+    build_bundle(root, run_id=run_id, epochs=2, force_promote=True)
+    two = {"Ingress": {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2}}}
+    url = runner.start("configs/serve-fused.yaml", {"storage_root": str(root), "deployment_options": two},
+                       port=free_port())
+    recommend = {"route": "recommend", "status": "200"}
+    try:
+        deadline = time.time() + 60
+        while dict(serve.status().applications["recommender"].deployments["Ingress"].replica_states) != {
+                "RUNNING": 2}:
+            assert time.time() < deadline, serve.status().applications["recommender"].deployments["Ingress"]
+            time.sleep(0.5)
+        # Counters of the apps that earlier tests started stay in the agent (under other replica
+        # tags): count from what it holds now.
+        before = _per_replica(_samples(requests.get(url + "/metrics", timeout=30).text,
+                                       "ray_llmrec_requests_total", **recommend))
+
+        statuses, stop = [], threading.Event()
+        users = [f"u{k:07d}" for k in range(1, 30)]
+
+        def client(offset):  # a new connection per request, so the load balancer spreads them
+            k = offset
+            while not stop.is_set():
+                try:
+                    r = requests.post(url + "/v1/recommend", json={"user_id": users[k % len(users)], "k": 5},
+                                      timeout=30)
+                    statuses.append(r.status_code)
+                except Exception as exc:
+                    statuses.append(repr(exc))
+                k += 1
+                time.sleep(0.02)
+
+        threads = [threading.Thread(target=client, args=(j,)) for j in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(5.0)  # long enough for the load balancer to route to both replicas
+        stop.set()
+        for t in threads:
+            t.join()
+        sent = len(statuses)
+        assert sent >= 20 and set(statuses) == {200}, [s for s in statuses if s != 200][:3]
+
+        deadline, text, grown, info = time.time() + 90, "", {}, {}
+        while time.time() < deadline:  # the agent exports on its report interval (10 s by default)
+            text = requests.get(url + "/metrics", timeout=30).text
+            now = _per_replica(_samples(text, "ray_llmrec_requests_total", **recommend))
+            grown = {r: v - before.get(r, 0.0) for r, v in now.items() if v > before.get(r, 0.0)}
+            info = _per_replica(_samples(text, "ray_llmrec_model_info", model="retriever", model_version=run_id))
+            if sum(grown.values()) == sent and len(grown) == 2 and all(info.get(r) == 1 for r in grown):
+                break
+            time.sleep(2)
+    finally:
+        serve.shutdown()
+    lines = [ln for ln in text.splitlines() if ln.startswith("ray_llmrec_requests_total")]
+    assert sum(grown.values()) == sent, (grown, sent, lines)  # the totals of all replicas
+    assert len(grown) == 2, lines  # both replicas answered, each counted in its own series
+    for labels, _ in _samples(text, "ray_llmrec_requests_total", **recommend):
+        if labels["replica"] in grown:
+            assert (labels["deployment"], labels["application"], labels["model_version"]) == (
+                "Ingress", "recommender", run_id), labels
+    assert all(info.get(r) == 1 for r in grown), info  # each replica records the model version it serves
+    types = [ln.split()[2] for ln in text.splitlines() if ln.startswith("# TYPE ")]
+    assert len(types) == len(set(types)) and all(t.startswith("ray_llmrec_") for t in types), types

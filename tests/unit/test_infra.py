@@ -190,32 +190,43 @@ def test_the_image_installs_what_make_setup_installs():
 
 
 def test_grafana_dashboard_charts_metrics_that_exist():
-    """infra/grafana-dashboard.json: every PromQL name is one the project or Ray Serve exports:
-    the jobs' gauges (jobs/telemetry.py, under Ray's ray_ namespace), the ingress's registry
-    (serve/metrics.py, /metrics) and Ray Serve's own (named in Ray's source)."""
+    """infra/grafana-dashboard.json: every PromQL name is one the project or Ray Serve exports, all
+    under Ray's ray_ namespace: the jobs' gauges (jobs/telemetry.py), the ingress replicas' metrics
+    (serve/metrics.py, with the suffix of their kind) and Ray Serve's own (named in Ray's source)."""
     import json
 
     import ray.serve
 
-    from jobs.telemetry import METRICS
-    from serve.metrics import IngressMetrics
+    from jobs.telemetry import METRICS as JOB_METRICS
+    from serve.metrics import METRICS as INGRESS_METRICS
 
     dash = json.loads((ROOT / "infra" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] if p["type"] != "row" for t in p["targets"]]
     assert len(exprs) >= 12
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
-    ingress = {m.name + s for m in IngressMetrics().registry.collect() for s in suffixes[m.type]}
+    exported = {f"ray_{name}" for name in JOB_METRICS}
+    exported |= {f"ray_{name}{s}" for name, (kind, _, _) in INGRESS_METRICS.items() for s in suffixes[kind]}
     serve_src = "".join(p.read_text() for p in (Path(ray.serve.__file__).parent / "_private").rglob("*.py"))
     names = {n for e in exprs for n in re.findall(r"\b((?:ray_)?(?:llmrec|serve)_[a-z0-9_]+)", e)}
-    assert {n for n in names if n.startswith("ray_llmrec_")} and {n for n in names if n.startswith("ray_serve_")}
+    assert {n for n in names if n.startswith("ray_llmrec_request")} and {n for n in names if n.startswith("ray_serve_")}
+    assert {n for n in names if n.startswith("ray_llmrec_job")}
     for n in names:
+        assert n.startswith("ray_"), n  # Ray exports everything under its namespace
         if n.startswith("ray_llmrec_"):
-            assert n[len("ray_"):] in METRICS, n
-        elif n.startswith("llmrec_"):
-            assert n in ingress, (n, sorted(ingress))
+            assert n in exported, (n, sorted(exported))
         else:
             base = re.sub(r"_(total|bucket|sum|count)$", "", n[len("ray_"):])
             assert f'"{base}"' in serve_src, n
+    # the labels a query groups or selects the project's metrics by are tags they carry (Ray Serve
+    # adds deployment, replica and application to the ingress's)
+    tags = {f"ray_{name}": set(keys) for name, (_, keys) in JOB_METRICS.items()}
+    tags |= {f"ray_{name}{s}": {*keys, "deployment", "replica", "application", "le"}
+             for name, (kind, _, keys) in INGRESS_METRICS.items() for s in suffixes[kind]}
+    for e in exprs:
+        for n in re.findall(r"\b(ray_llmrec_[a-z0-9_]+)", e):
+            used = {x.strip() for by in re.findall(r"by \(([^)]*)\)", e) for x in by.split(",")}
+            used |= set(re.findall(r"(\w+)=", "".join(re.findall(n + r"\{([^}]*)\}", e))))
+            assert used <= tags[n], (e, used - tags[n])
 
 
 def test_deployment_options_from_the_config_are_overridden_per_deployment():
