@@ -77,11 +77,23 @@ def _quality_rows(r: Dict[str, Any]) -> List[str]:
         _pair(ev["ItemKNN"]["test"]),
         _pair(ev["MostPopular"]["test"]),
         _interval(r.get("hybrid_minus_id_only_test_ndcg@10")),
+        _interval(r.get("hybrid_retriever_minus_id_only_test_ndcg@10")),
         f"{holdout['ndcg@10']:.4f} / {without:.4f} ({holdout['n']} users)",
         _interval((r.get("shipped_minus_test_ndcg@10") or {}).get(r["main_model"].replace("+ranker", ""))),
+        _halves(r),
         f"{r['pipeline_wall_s'] / 60:.1f} min",
         f"{w['retriever']:g} / {w['covisit']:g} / {w['text']:g} / {w['popularity']:g}, {fusion['decay']:.1f}",
     ]
+
+
+def _halves(r: Dict[str, Any]) -> str:
+    """Test NDCG@10 of the shipped model / the peer on each half of the users (a preset chosen on
+    one half's valid leaves the other half's test untouched)."""
+    mine, peer = r.get("project_test_by_user_half") or {}, (r.get("peer_sasrec_ce") or {}).get("test_by_user_half") or {}
+    if not mine or not peer:
+        return "—"
+    return "; ".join(f"{h.replace('half', 'half ')}: {mine[h]['ndcg@10']:.4f} / {peer[h]['ndcg@10']:.4f} ({mine[h]['n']})"
+                     for h in sorted(mine))
 
 
 QUALITY_ROW_NAMES = [
@@ -94,8 +106,10 @@ QUALITY_ROW_NAMES = [
     "ItemKNN",
     "MostPopular",
     "shipped − ID-only, NDCG@10, paired bootstrap 95%",
+    "hybrid retriever − ID-only retriever (what the LLM text adds), NDCG@10, BCa 95%",
     "valid lists the ranker did not train on but chose its epoch on (so at least the fusion by construction), NDCG@10: shipped / best without a ranker",
     "shipped − fused (the ranker's gain on test), NDCG@10, BCa 95%",
+    "test NDCG@10 by user half, shipped / peer (users)",
     "contract command wall time",
     "fitted fusion (retriever / co-visit / text / popularity, decay)",
 ]
