@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Any, Dict, List, Optional
 
@@ -37,8 +38,14 @@ class EventStore:
         s = as_settings(settings)
         self.shard, self.shards = shard, s.live_state_shards
         self.storage = open_storage(s)
-        # The catalog starts empty and is filled at rebuild and by each event batch's lookup
-        # (``append``): an item the service does not serve never becomes a live co-visit.
+        # This holder keeps its own copy of the served catalog (the promoted bundle's items and the
+        # upserts), so an event batch needs no lookup on its way to storage: filled at rebuild,
+        # told of each ``PUT /v1/items`` by the ingress (``add_catalog``) and refreshed by a poll
+        # that also catches promotions and a missed notice. An item it does not know never becomes
+        # a live co-visit.
+        self.model, self.poll_s = s.model, s.watch_interval_s
+        self._catalog_run: Optional[str] = None  # the bundle whose items are in the catalog
+        self._catalog_files: set = set()  # upsert shards read into it
         covisit = LiveCovisitation(neighbours=s.live_covisit_neighbours, max_pairs=s.live_covisit_max_pairs,
                                    catalog=set())
         self.state = SessionState(s.history_len, s.live_users_max, spill_users_max=s.live_spill_users_max,
@@ -53,6 +60,7 @@ class EventStore:
         self.rebuilt = self._rebuild(s.model)
         self.rebuilt["seconds"] = round(time.perf_counter() - t0, 2)
         log.warning("event store rebuilt: %s", self.rebuilt)
+        threading.Thread(target=self._poll_catalog, name="catalog", daemon=True).start()
 
     def _rebuild(self, model: str) -> Dict[str, Any]:
         """Live state from the promoted model's dataset, then the feedback stored after it."""
@@ -71,20 +79,41 @@ class EventStore:
         return out
 
     def _load_catalog(self, pointer: Optional[Dict[str, Any]]) -> int:
-        """The served catalog into the live co-visits: the promoted bundle's items (what the
-        retriever serves) and every item upserted through the API; returns how many ids were read."""
-        sources = ([layout.join(pointer["prefix"], layout.ITEMS)] if pointer and pointer.get("prefix") else []) + \
-            ([layout.UPSERTS] if self.storage.list_files(layout.UPSERTS, (".parquet",)) else [])
+        """Add the served catalog's ids not read yet: the promoted bundle's items (once per bundle)
+        and the upsert shards written since the last call. Returns how many ids were read; a part
+        that cannot be read now is tried again on the next call (fail closed until then)."""
         n = 0
-        for src in sources:
+        run = (pointer or {}).get("run_id")
+        if pointer and pointer.get("prefix") and run != self._catalog_run:
             try:
-                ids = self.storage.read_parquet(src, columns=["item_id"])["item_id"].to_pylist()
-            except Exception as exc:  # fail closed: those items count once an event's lookup knows them
-                log.warning("catalog from %s unavailable: %s", src, exc)
+                ids = self.storage.read_parquet(layout.join(pointer["prefix"], layout.ITEMS),
+                                                columns=["item_id"])["item_id"].to_pylist()
+                self.state.add_catalog(ids)
+                self._catalog_run, n = run, len(ids)
+            except Exception as exc:
+                log.warning("catalog of run %s unavailable: %s", run, exc)
+        for f in sorted(set(self.storage.list_files(layout.UPSERTS, (".parquet",))) - self._catalog_files):
+            try:
+                ids = self.storage.read_parquet(f, columns=["item_id"])["item_id"].to_pylist()
+            except Exception as exc:
+                log.warning("upserted items in %s unavailable: %s", f, exc)
                 continue
             self.state.add_catalog(ids)
+            self._catalog_files.add(f)
             n += len(ids)
         return n
+
+    def _poll_catalog(self) -> None:
+        while True:
+            time.sleep(self.poll_s)
+            try:
+                self._load_catalog(registry.read_pointer(self.storage, self.model))
+            except Exception as exc:  # storage hiccup: try again next interval
+                log.warning("catalog poll failed: %s", exc)
+
+    async def add_catalog(self, item_ids: List[str]) -> None:
+        """Items just upserted through ``PUT /v1/items``: counted from the next event on."""
+        self.state.add_catalog(item_ids)
 
     def _rebuild_from_dataset(self, prefix: str) -> Dict[str, Any]:
         """This shard's users' histories from the dataset's splits (the users it was trained on)."""
@@ -110,21 +139,18 @@ class EventStore:
     def _uid(self, user_id: str) -> str:
         return self.pseudo(user_id) if self.pseudo is not None else user_id
 
-    async def append(self, rows: List[Dict[str, Any]], unknown: Optional[List[str]] = None) -> str:
-        """Store ``rows`` (returns once durable), then add them to the live state. ``unknown``:
-        the ids among them the retriever's catalog lacks (the ingress looked them up; the others
-        join this holder's catalog); None: not looked up, this holder's catalog decides. Unknown
-        items are stored and join the user's history, but are not counted in the live co-visits."""
+    async def append(self, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """Store ``rows`` (returns once durable), then add them to the live state. Returns the
+        feedback shard and the ids among them outside the served catalog: those are stored and
+        join the user's history, but are not counted in the live co-visits."""
         if self.pseudo is not None:
             rows = [{**r, "user_id": self.pseudo(r["user_id"])} for r in rows]
         path = await self.log.append(rows)  # returns once durable
-        if unknown is not None:
-            self.state.add_catalog({r["item_id"] for r in rows}.difference(unknown))
         for r in rows:
             if r.get("event_id") is not None and self.acked_ids.seen(r["event_id"]):
                 continue  # a retry of an acknowledged event: stored again, counted once
             self.state.add(r["user_id"], r["item_id"], r.get("event") or "click", r["ts"])
-        return path
+        return {"shard": path, "unknown": self.state.unknown(r["item_id"] for r in rows)}
 
     async def history(self, user_id: str) -> List[tuple]:
         return self.state.history(self._uid(user_id))
@@ -173,7 +199,7 @@ class ShardedEvents:
     def __init__(self, handles: List[Any], pseudonymize: bool):
         self.handles = list(handles)
         self.pseudo = privacy.Pseudonymizer.from_env() if pseudonymize else None
-        for name in ("append", "context", "history", "users", "forget", "status"):
+        for name in ("append", "add_catalog", "context", "history", "users", "forget", "status"):
             setattr(self, name, _Remote(getattr(self, "_" + name)))
 
     def _index(self, user_id: str) -> int:
@@ -182,13 +208,18 @@ class ShardedEvents:
     def owner(self, user_id: str):
         return self.handles[self._index(user_id)]
 
-    async def _append(self, rows: List[Dict[str, Any]], unknown: Optional[List[str]] = None) -> str:
+    async def _append(self, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
         """Stored (every part durable) before it returns; a failed part fails the call, and the
         client's retry with the same event_ids counts the parts already stored once."""
         parts: Dict[int, List[Dict[str, Any]]] = {}
         for r in rows:
             parts.setdefault(self._index(r["user_id"]), []).append(r)
-        return ",".join(await asyncio.gather(*[self.handles[k].append.remote(p, unknown) for k, p in parts.items()]))
+        done = await asyncio.gather(*[self.handles[k].append.remote(p) for k, p in parts.items()])
+        return {"shard": ",".join(d["shard"] for d in done),
+                "unknown": sorted({i for d in done for i in d["unknown"]})}
+
+    async def _add_catalog(self, item_ids: List[str]) -> None:
+        await asyncio.gather(*[h.add_catalog.remote(item_ids) for h in self.handles])
 
     async def _context(self, user_id: Optional[str], recent_items: List[str]) -> Dict[str, Any]:
         if not user_id:  # anonymous: only co-visits of the request's items, from every shard

@@ -80,7 +80,6 @@ http_app.add_middleware(Guard)
 
 # Everything the ingress uses must be defined above it: serve.ingress serialises the class when
 # it is decorated.
-CATALOG_LOOKUP_S = 2.0  # longest a POST /v1/events waits for the catalog check before storing
 # How often each ingress replica records the model versions and swaps it sees (llmrec_model_info):
 # Prometheus scrapes the Ray metrics agents, not this replica, so the replica keeps them fresh
 # itself; Ray's agents export on a 10 s interval by default.
@@ -173,24 +172,15 @@ class Ingress:
     async def post_events(self, req: api.EventsRequest) -> JSONResponse:
         t0 = time.perf_counter()
         rows = [e.model_dump() for e in req.events]
-        # Items outside the catalog are stored like any event but kept out of the live co-visits
-        # (the event store is told which); a failed lookup must not lose events: the store's own
-        # catalog then decides, and a slow one must not hold the write back for long.
-        try:
-            unknown = await asyncio.wait_for(self.retriever.known.remote(sorted({r["item_id"] for r in rows})),
-                                             CATALOG_LOOKUP_S)
-        except Exception as exc:
-            log.warning("catalog lookup for unknown_items failed: %s", exc)
-            unknown = None
-        try:
-            shard = await self.events.append.remote(rows, unknown)
+        try:  # the event store knows the served catalog itself: no lookup on the write path
+            out = await self.events.append.remote(rows)
         except Exception as exc:
             self.metrics.observe("events", t0, 503)
             raise HTTPException(503, f"events not stored, retry: {exc}", headers=RETRY_AFTER) from None
         self.metrics.ingested(len(rows))
         self.metrics.observe("events", t0, 202)
         return JSONResponse(status_code=202, content=api.EventsResponse(
-            accepted=len(rows), shard=shard, unknown_items=unknown or []).model_dump())
+            accepted=len(rows), shard=out["shard"], unknown_items=out["unknown"]).model_dump())
 
     @http_app.put("/v1/items", response_model=api.ItemsResponse, dependencies=[NEEDS_KEY])
     async def put_items(self, req: api.ItemsRequest) -> api.ItemsResponse:
@@ -202,6 +192,10 @@ class Ingress:
         except Exception as exc:
             self.metrics.observe("items", t0, 503)
             raise HTTPException(503, f"items not indexed, retry: {exc}", headers=RETRY_AFTER) from None
+        try:  # live co-visits count them from the next event (the store's poll catches a miss)
+            await self.events.add_catalog.remote([x["item_id"] for x in items])
+        except Exception as exc:
+            log.warning("event store not told of %d upserted items (its next poll reads them): %s", len(items), exc)
         self.metrics.observe("items", t0, 200, out["version"])
         return api.ItemsResponse(upserted=len(items), new=out["new"], model_version=out["version"])
 

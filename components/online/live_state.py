@@ -83,6 +83,11 @@ class SessionState:
         with self._lock:
             self.covisit.add_catalog(item_ids)
 
+    def unknown(self, item_ids: Iterable[str]) -> List[str]:
+        """The ids among ``item_ids`` outside the live co-visits' catalog, sorted (none without one)."""
+        cat = self.covisit.catalog
+        return [] if cat is None else sorted({i for i in item_ids if i not in cat})
+
     # -- spill (callers hold the lock) -----------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
         if self._spill is None:

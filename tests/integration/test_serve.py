@@ -215,6 +215,10 @@ def test_a_new_item_from_text_is_recommendable_at_once(app):
     recs = post(app, "/v1/recommend", {"k": 10, "recent_events": recent})
     assert "fresh-helmet-1" in [it["item_id"] for it in recs["items"]]
     assert any(p.startswith("catalog/upserts/") for p in app["storage"].list_files("catalog"))
+    # the event store was told: an event on it is in the catalog, so it counts in the live co-visits
+    ack = post(app, "/v1/events", {"events": [{"user_id": "u-fresh", "item_id": "fresh-helmet-1"},
+                                              {"user_id": "u-fresh", "item_id": "never-upserted"}]}, expect=202)
+    assert ack["unknown_items"] == ["never-upserted"], ack
 
 
 def test_hot_swap_with_a_client_running_fails_no_request_and_refuses_a_corrupt_model(app):

@@ -126,6 +126,7 @@ def test_two_live_state_shards_split_users_and_rebuild_from_the_log_after_a_kill
         r = requests.post(url + "/v1/events", json={"events": batch}, timeout=30)
         assert r.status_code == 202 and r.json()["accepted"] == len(batch), r.text
         assert len(r.json()["shard"].split(",")) == 2  # one durable write per shard
+        assert r.json()["unknown_items"] == []  # each shard knows the served catalog itself
         live = requests.get(url + "/v1/version", timeout=30).json()["events"]
         assert live["shards"] == 2 and [p["shard"] for p in live["per_shard"]] == [0, 1]
         assert all(p["events_written"] > 0 for p in live["per_shard"])

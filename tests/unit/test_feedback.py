@@ -255,8 +255,9 @@ def test_live_co_visits_count_only_catalog_items_and_hold_at_most_max_pairs():
 
 def test_the_event_store_stores_events_on_unknown_items_but_counts_only_the_catalog(tmp_path):
     """Issue 23 item 1, in the live-state holder: every event is stored durably, the live
-    co-visits count only the served catalog (the promoted bundle's items and the upserts; an id
-    the ingress's lookup found counts too), and a restart rebuilds the same counts from the log."""
+    co-visits count only the served catalog (the promoted bundle's items and the upserts, known
+    to the store itself: by the ingress's notice of a PUT /v1/items or by its poll of storage), the
+    store reports the ids outside it, and a restart rebuilds the same counts from the log."""
     from components import layout, registry
     from serve.events import EventStore
 
@@ -265,21 +266,30 @@ def test_the_event_store_stores_events_on_unknown_items_but_counts_only_the_cata
     registry.promote(st, layout.MODEL, "m1", layout.bundle("m1"), {}, {})  # no lineage: no dataset to read
     st.write_parquet(layout.join(layout.UPSERTS, "part-0000000000001-aaaaaaaa.parquet"), pa.table({"item_id": ["b"]}))
     store_cls = getattr(EventStore, "func_or_class", EventStore)
-    store = store_cls({"storage_root": str(tmp_path)})
+    store = store_cls({"storage_root": str(tmp_path), "watch_interval_s": 3600})  # no poll during the test
     ts = 1_700_000_000_000
-    asyncio.run(store.append([_ev("u", "a", ts), _ev("u", "junk", ts + 1), _ev("u", "b", ts + 2)]))  # no lookup
-    st.write_parquet(layout.join(layout.UPSERTS, "part-0000000000002-bbbbbbbb.parquet"), pa.table({"item_id": ["c"]}))
-    asyncio.run(store.append([_ev("u", "c", ts + 3), _ev("v", "junk", ts + 4)], unknown=["junk"]))  # c: known now
-    assert sorted(read_feedback(st, list_feedback_shards(st))["item_id"].to_pylist()) == ["a", "b", "c", "junk", "junk"]
+    out = asyncio.run(store.append([_ev("u", "a", ts), _ev("u", "junk", ts + 1), _ev("u", "b", ts + 2)]))
+    assert out["unknown"] == ["junk"] and out["shard"].startswith(layout.FEEDBACK)
+    # PUT /v1/items: the retriever stores the upsert, then the ingress tells the store
+    st.write_parquet(layout.join(layout.UPSERTS, "part-0000000000002-cccccccc.parquet"), pa.table({"item_id": ["c"]}))
+    asyncio.run(store.add_catalog(["c"]))
+    st.write_parquet(layout.join(layout.UPSERTS, "part-0000000000003-dddddddd.parquet"), pa.table({"item_id": ["d"]}))
+    # the poll reads only the shards it has not read (c's too: the notice did not read storage)
+    assert store._load_catalog(registry.read_pointer(st, layout.MODEL)) == 2
+    out = asyncio.run(store.append([_ev("u", "c", ts + 3), _ev("v", "junk", ts + 4), _ev("v", "d", ts + 5)]))
+    assert out["unknown"] == ["junk"]
+    assert sorted(read_feedback(st, list_feedback_shards(st))["item_id"].to_pylist()) == \
+        ["a", "b", "c", "d", "junk", "junk"]
     assert [e[0] for e in asyncio.run(store.history("u"))] == ["a", "junk", "b", "c"]
     cv = store.state.covisit
     assert "junk" not in cv.pairs and not any("junk" in row for row in cv.pairs.values())
-    assert cv.pairs["c"] == {"a": 1, "b": 1} and cv.users == {"a": 1, "b": 1, "c": 1}
+    assert cv.pairs["c"] == {"a": 1, "b": 1} and cv.users == {"a": 1, "b": 1, "c": 1, "d": 1}
     status = asyncio.run(store.status())
     assert status["live_covisit_skipped"] == 2 and status["live_covisit_pairs"] == 6
-    again = store_cls({"storage_root": str(tmp_path)})  # a restart: catalog and counts from storage
+    # a restart: catalog and counts from storage
+    again = store_cls({"storage_root": str(tmp_path), "watch_interval_s": 3600})
     assert again.state.covisit.pairs == cv.pairs and again.state.covisit.users == cv.users
-    assert again.rebuilt["catalog_items"] == 3 and again.rebuilt["feedback_events"] == 5
+    assert again.rebuilt["catalog_items"] == 4 and again.rebuilt["feedback_events"] == 6
 
 
 def test_the_spill_file_holds_at_most_spill_users_max_users_and_goes_with_the_state(tmp_path):
