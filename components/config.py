@@ -21,6 +21,7 @@ from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING re-exported for
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from components.models.ranker import RankerConfig
+from components.online.canary import CanaryConfig
 from components.models.retriever import RetrieverConfig
 from components.training.retriever import RetrieverTrainConfig
 from components.models.text_encoder import TextEncoderConfig
@@ -312,6 +313,11 @@ class ServeAppConfig:
     # of its users' histories, live co-visits and feedback writes, rebuilt from the shared
     # feedback log after a restart. 1 = the single EventStore deployment.
     live_state_shards: int = 1
+    # Canary rollout (POST /v1/admin/canary or retrain.rollout=canary; serve/rollout.py): the
+    # decision rule's thresholds and the memory bounds of its metrics (components/online/canary.py
+    # CanaryConfig documents each), and how often the judge applies the rule.
+    canary: CanaryConfig = field(default_factory=CanaryConfig)
+    canary_check_s: float = 5.0
 
 
 @dataclass
@@ -326,6 +332,12 @@ class RetrainConfig:
     # Gate: the retrained model's test NDCG@10 may be at most this much below the parent's on the
     # same (new) split; 0 = never promote a worse model.
     tolerance: float = 0.0
+    # What a model that passes the gate does: "swap" replaces the served model for everyone at
+    # once; "canary" serves it to canary_share of the users beside the served one and lets the
+    # serving judge promote or roll it back by online metrics (serve/rollout.py; needs the Serve
+    # application running to decide: until then the canary waits).
+    rollout: str = "swap"
+    canary_share: float = 0.1
 
 
 @dataclass
@@ -455,6 +467,11 @@ def validate_config(cfg: Any) -> None:
             raise ConfigError("preprocess.batch_size must be >= 1")
         if p.engine not in ("ray", "local"):
             raise ConfigError(f"preprocess.engine must be ray or local; got {p.engine!r}")
+    if "retrain" in cfg:
+        if cfg.retrain.rollout not in ("swap", "canary"):
+            raise ConfigError(f"retrain.rollout must be swap or canary; got {cfg.retrain.rollout!r}")
+        if not 0 < cfg.retrain.canary_share < 1:
+            raise ConfigError(f"retrain.canary_share must be in (0, 1); got {cfg.retrain.canary_share}")
     if "train" in cfg:
         t = cfg.train
         if t.zero_stage not in (0, 1, 2, 3):

@@ -105,6 +105,16 @@ def pointer(model: str = MODEL) -> str:
     return f"{REGISTRY}/{model}/latest.json"
 
 
+def canary_pointer(model: str = MODEL) -> str:
+    """The running canary (absent: none): the candidate bundle, its share of users and the control."""
+    return f"{REGISTRY}/{model}/canary.json"
+
+
+def canary_log(model: str = MODEL) -> str:
+    """One JSON record per canary decision (start, promote, rollback, end) with its figures."""
+    return f"{REGISTRY}/{model}/canary-log"
+
+
 def run_scratch(run_id: str) -> str:
     return f"{RUNS}/{run_id}"
 

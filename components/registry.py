@@ -119,15 +119,30 @@ def pointer_metrics(model: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def gate_and_promote(storage: Storage, res: Dict[str, Any], trained: Dict[str, Any], floor: float,
-                     tolerance: float, expected: Any = None) -> Dict[str, Any]:
+                     tolerance: float, expected: Any = None, canary_share: Optional[float] = None) -> Dict[str, Any]:
     """``decide_promotion`` against the pointer, then a compare-and-swap promotion if it says so.
 
     ``trained``: the bundle (run_id, prefix, manifest, lineage). ``expected``: (pointer, token)
     the run started from (retraining: its metrics are the parent's on the new split); a run then
-    never replaces a pointer that moved while it trained. Default: the pointer read here."""
+    never replaces a pointer that moved while it trained. Default: the pointer read here.
+    ``canary_share``: instead of promoting, start a canary of that share against the promoted
+    model (``start_canary``; the serving judge decides); ``promoted`` is then False and
+    ``canary`` True, or neither when a canary runs already or the pointer moved."""
     current, token = expected if expected is not None else read_pointer_versioned(storage)
     decision = decide_promotion(res, current, floor, tolerance)
     if not decision["promoted"]:
+        return decision
+    if canary_share is not None and current is not None:
+        decision["promoted"] = False
+        if read_canary(storage) is not None:
+            decision.update(canary=False, reason=decision["reason"] + "; passed the gate, but a canary is running: "
+                                                                      "not started")
+        elif read_pointer(storage) is None or read_pointer(storage)["run_id"] != current["run_id"]:
+            decision.update(canary=False, reason=decision["reason"] + "; another run promoted meanwhile: no canary")
+        else:
+            start_canary(storage, trained["run_id"], canary_share)
+            decision.update(canary=True, reason=decision["reason"] + f"; canary started for {canary_share:.0%} "
+                                                                     "of users (the serving judge decides)")
         return decision
     try:
         promote(storage, layout.MODEL, trained["run_id"], trained["prefix"],
@@ -136,3 +151,74 @@ def gate_and_promote(storage: Storage, res: Dict[str, Any], trained: Dict[str, A
     except PromotionConflict as exc:
         decision.update(promoted=False, reason=f"another run promoted meanwhile ({exc}); gate not re-run")
     return decision
+
+
+# -- canary (serve/rollout.py runs it) ---------------------------------------------------------
+def bundle_record(storage: Storage, run_id: str, model: str = layout.MODEL) -> Dict[str, Any]:
+    """What a pointer needs of a published bundle (prefix, manifest, metrics, lineage), read from
+    its files; raises ``LookupError`` naming the path when there is no such bundle."""
+    prefix = layout.bundle(run_id, model)
+    rel = layout.join(prefix, layout.MANIFEST)
+    if not storage.is_file(rel):
+        raise LookupError(f"run_id: no published bundle {run_id!r} (no {storage.uri(rel)})")
+    out: Dict[str, Any] = {"run_id": run_id, "prefix": prefix, "manifest": storage.read_json(rel)}
+    for key, name in (("metrics", "metrics.json"), ("lineage", layout.LINEAGE)):
+        path = layout.join(prefix, name)
+        out[key] = storage.read_json(path) if storage.is_file(path) else {}
+    out["lineage"] = {k: v for k, v in out["lineage"].items() if k != "config"}
+    return out
+
+
+def read_canary(storage: Storage, model: str = layout.MODEL) -> Optional[Dict[str, Any]]:
+    rel = layout.canary_pointer(model)
+    return storage.read_json(rel) if storage.is_file(rel) else None
+
+
+def start_canary(storage: Storage, run_id: str, share: float, model: str = layout.MODEL) -> Dict[str, Any]:
+    """Write ``registry/<model>/canary.json``: ``run_id`` serves ``share`` of the users (picked by
+    a hash salted with the run id) beside the promoted version, the control. Every serving replica
+    loads it from there, verified against its manifest like a promotion. Raises ``ValueError`` /
+    ``LookupError`` (no promoted model, the candidate is the promoted one, no such bundle)."""
+    current = read_pointer(storage, model)
+    if current is None:
+        raise LookupError("no promoted model: a canary needs a control to compare with")
+    if current["run_id"] == run_id:
+        raise ValueError(f"run_id: {run_id!r} is the promoted version already")
+    rec = bundle_record(storage, run_id, model)
+    canary = {"model": model, "run_id": run_id, "uri": storage.uri(rec["prefix"]), "prefix": rec["prefix"],
+              "sha256": rec["manifest"], "metrics": rec["metrics"], "lineage": rec["lineage"],
+              "share": float(share), "salt": run_id, "control": current["run_id"],
+              "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    storage.write_json_atomic(layout.canary_pointer(model), canary)
+    log_canary(storage, {"action": "start", "candidate": run_id, "control": current["run_id"], "share": share}, model)
+    return canary
+
+
+def end_canary(storage: Storage, model: str = layout.MODEL) -> Optional[Dict[str, Any]]:
+    """Remove the canary pointer (every replica drops the candidate on its next poll); returns it."""
+    canary = read_canary(storage, model)
+    if canary is not None:
+        storage.delete(layout.canary_pointer(model))
+    return canary
+
+
+def promote_canary(storage: Storage, canary: Dict[str, Any], model: str = layout.MODEL) -> Dict[str, Any]:
+    """Promote the canary's candidate for everyone, then end the canary. A compare-and-swap on the
+    pointer: if it no longer names the canary's control (a retrain promoted meanwhile), nothing is
+    promoted (``PromotionConflict``) and the canary is left for the caller to end."""
+    current, token = read_pointer_versioned(storage, model)
+    if current is None or current["run_id"] != canary["control"]:
+        raise PromotionConflict(f"the promoted version is {current and current['run_id']!r}, not the canary's "
+                                f"control {canary['control']!r}")
+    pointer = promote(storage, model, canary["run_id"], canary["prefix"], canary.get("metrics") or {},
+                      canary["sha256"], canary.get("lineage") or {}, expected=token)
+    end_canary(storage, model)
+    return pointer
+
+
+def log_canary(storage: Storage, record: Dict[str, Any], model: str = layout.MODEL) -> str:
+    """Append one decision record (``layout.canary_log``); returns its path."""
+    ms = int(time.time() * 1000)
+    rel = layout.join(layout.canary_log(model), f"{ms:013d}-{record.get('action', 'note')}.json")
+    storage.write_json_atomic(rel, {"at_ms": ms, **record})
+    return rel

@@ -62,7 +62,8 @@ def _parent_baseline(cfg: Any, storage: Storage, child: Path, version: str) -> t
 
 # What main(cfg) reads (the retriever and train.* ones for evaluate.baselines and the new-item
 # variant, which train in-process): `--help` lists these settings.
-CONFIG_SECTIONS = ("storage", "evaluate", "retriever", "train.num_workers", "train.retriever")
+CONFIG_SECTIONS = ("storage", "evaluate", "retriever", "train.num_workers", "train.retriever", "retrain.rollout",
+                   "retrain.canary_share")
 
 
 def main(cfg: Any) -> Dict[str, Any]:
@@ -87,15 +88,17 @@ def main(cfg: Any) -> Dict[str, Any]:
         decision = {"promoted": False, "reason": f"the registry no longer points at the parent {cfg.evaluate.parent}: "
                                                  "another run promoted meanwhile; gate not run"}
     else:
+        canary = cfg.retrain.canary_share if cfg.evaluate.parent and cfg.retrain.rollout == "canary" else None
         decision = registry.gate_and_promote(storage, res, trained, cfg.evaluate.ndcg_floor, cfg.evaluate.tolerance,
-                                             expected)
+                                             expected, canary_share=canary)
     res["promotion"] = decision
     storage.write_json(layout.join(report, layout.METRICS), res)
     for model, splits in res["models"].items():  # Prometheus gauges, while Ray is up
         for split, m in splits.items():
             telemetry.record_many("llmrec_eval_metric", m, "metric", run=run_id, model=model, split=split)
     print(report_markdown(res))
-    print(f"promotion: {'PROMOTED' if decision['promoted'] else 'not promoted'} ({decision['reason']})", flush=True)
+    verdict = "PROMOTED" if decision["promoted"] else "CANARY" if decision.get("canary") else "not promoted"
+    print(f"promotion: {verdict} ({decision['reason']})", flush=True)
     return {"results": res, "report_prefix": report, "promotion": decision, "parent": parent}
 
 

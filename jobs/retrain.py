@@ -118,7 +118,7 @@ def _summary(pointer, run_id, pre, new, out, holdout, timings) -> Dict[str, Any]
     bars = {b: res["models"][b]["test"]["ndcg@10"] for b in ("MostPopular", "ItemKNN") if b in res["models"]}
     print("baselines on the new split, test NDCG@10: " + ", ".join(f"{b} {v:.4f}" for b, v in bars.items()))
     print(f"timings: {timings}", flush=True)
-    return {"status": "promoted" if p["promoted"] else "rejected", "run_id": run_id, "parent": pointer["run_id"],
+    return {"status": "promoted" if p["promoted"] else "canary" if p.get("canary") else "rejected", "run_id": run_id, "parent": pointer["run_id"],
             "parent_on_new_split": out.get("parent"), "valid": child["valid"], "baselines_test_ndcg@10": bars,
             "dataset_version": pre["version"], "new_events": new.num_rows, "holdout": holdout, "test": child["test"],
             "promotion": p, "timings": timings}

@@ -165,3 +165,9 @@ class ItemsResponse(BaseModel):
     upserted: int
     new: int
     model_version: str
+
+
+class CanaryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    run_id: str = Field(min_length=1, max_length=MAX_ID, description="a published bundle (checkpoints/<model>/<run_id>/)")
+    share: float = Field(0.1, gt=0.0, lt=1.0, description="the share of users served by the candidate")

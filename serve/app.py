@@ -26,6 +26,7 @@ from ray import serve
 from serve.deployments import Ranker, Retriever, TextEmbedder, UserEncoder
 from serve.events import EventStore
 from serve.ingress import Ingress
+from serve.rollout import CanaryJudge
 from serve.settings import load_settings
 
 
@@ -56,9 +57,10 @@ def build(args: Optional[Dict[str, Any]] = None) -> serve.Application:
         events = dep(EventStore).bind(s)
     else:  # one deployment per user shard, each with the EventStore options of the config
         events = [dep(EventStore).options(name=f"EventStore{k}").bind(s, k) for k in range(s.live_state_shards)]
+    judge = dep(CanaryJudge).bind(s)
     if s.mode == "fused":
-        return dep(Ingress).bind(None, None, None, text, events, s)
+        return dep(Ingress).bind(None, None, None, text, events, judge, s)
     encoder = dep(UserEncoder).bind(s)
     retriever = dep(Retriever).bind(s)
     ranker = dep(Ranker).bind(s)
-    return dep(Ingress).bind(encoder, retriever, ranker, text, events, s)
+    return dep(Ingress).bind(encoder, retriever, ranker, text, events, judge, s)

@@ -8,7 +8,8 @@ read: [...]}``, e.g. a mounted Kubernetes Secret). Rights nest: admin > write > 
 - read: ``POST /v1/recommend``, ``GET /v1/items/{id}``, health, version, metrics, the page, docs.
   Open unless ``require_read_key`` is set or a read key is configured.
 - write: ``POST /v1/events``.
-- admin: ``PUT /v1/items``, ``GET /v1/users``, ``GET /v1/users/{id}/history``, ``DELETE /v1/users/{id}``.
+- admin: ``PUT /v1/items``, ``GET /v1/users``, ``GET /v1/users/{id}/history``, ``DELETE /v1/users/{id}``,
+  ``POST``/``DELETE /v1/admin/canary``.
 
 No key configured at all: the service is open (development) and only a loopback bind is allowed.
 Keys are compared by their SHA-256 digests with ``hmac.compare_digest`` against every configured
@@ -43,6 +44,8 @@ _ROUTES: List[Tuple[str, re.Pattern, int]] = [
     ("GET", re.compile(r"^/v1/users/?$"), ADMIN),
     ("GET", re.compile(r"^/v1/users/[^/]+/history/?$"), ADMIN),
     ("DELETE", re.compile(r"^/v1/users/[^/]+/?$"), ADMIN),
+    ("POST", re.compile(r"^/v1/admin/"), ADMIN),
+    ("DELETE", re.compile(r"^/v1/admin/"), ADMIN),
 ]
 
 

@@ -65,6 +65,9 @@ class _Versioned:
         cur = self.watcher.current
         if not version or version == cur.version:
             return cur
+        candidate = self.watcher.candidate
+        if candidate is not None and version == candidate.version:
+            return candidate
         old = self._previous.get(version)
         if old is None:
             raise StaleVersion(f"model version {version} is not loaded here (serving {cur.version})")
@@ -172,6 +175,8 @@ class Retriever(_Versioned):
             for r in rows:
                 self._upserts[r["item_id"]] = r
             model.upsert(rows, _embeddings(rows))
+            if self.watcher.candidate is not None and self.watcher.candidate is not model:
+                self.watcher.candidate.upsert(rows, _embeddings(rows))
             self._seen_upserts.add(f)
             n += len(rows)
         return n
@@ -190,9 +195,18 @@ class Retriever(_Versioned):
         """Serialises catalog reads and writes with upserts and swaps (faiss is not thread-safe)."""
         return self.watcher.swap_lock
 
-    async def history(self, item_ids: List[str], exclude: List[str]) -> Dict[str, Any]:
+    def _preferred(self, prefer: Optional[str]) -> RetrievalModel:
+        """The canary's candidate when the request prefers it and this replica holds it (the
+        ingress asks so for the users in the canary's share), else the promoted version; the
+        version answered pins the rest of the request."""
+        candidate = self.watcher.candidate
+        if prefer and candidate is not None and candidate.version == prefer:
+            return candidate
+        return self.watcher.current
+
+    async def history(self, item_ids: List[str], exclude: List[str], prefer: Optional[str] = None) -> Dict[str, Any]:
         with self.lock:
-            return self.watcher.current.history_inputs(item_ids, exclude)
+            return self._preferred(prefer).history_inputs(item_ids, exclude)
 
     async def candidates(self, version: str, u: np.ndarray, hist_rows: List[int], hist_ts: List[int],
                          hist_events: List[int], exclude_rows: List[int], categories: Optional[List[str]],
@@ -201,9 +215,10 @@ class Retriever(_Versioned):
             return self.model_for(version).candidates(u, hist_rows, hist_ts, hist_events, exclude_rows,
                                                       categories, n, covisit)
 
-    async def cold_start(self, n: int, exclude: List[str], categories: Optional[List[str]]) -> Dict[str, Any]:
+    async def cold_start(self, n: int, exclude: List[str], categories: Optional[List[str]],
+                         prefer: Optional[str] = None) -> Dict[str, Any]:
         with self.lock:
-            return self.watcher.current.cold_start_items(n, exclude, categories)
+            return self._preferred(prefer).cold_start_items(n, exclude, categories)
 
     async def known(self, item_ids: List[str]) -> List[str]:
         """The ids among ``item_ids`` that are not in the catalog."""
@@ -223,6 +238,8 @@ class Retriever(_Versioned):
         with self.lock:
             m = self.watcher.current
             new = m.upsert(rows, _embeddings(rows))
+            if self.watcher.candidate is not None:  # a canary serves the new items too
+                self.watcher.candidate.upsert(rows, _embeddings(rows))
             self._seen_upserts.add(path)
             for r in rows:
                 self._upserts[r["item_id"]] = r

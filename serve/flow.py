@@ -23,8 +23,8 @@ class HandleBackend:
     async def context(self, user_id: Optional[str], recent_items: List[str]) -> Dict[str, Any]:
         return await self.events.context.remote(user_id, recent_items)
 
-    async def history_inputs(self, item_ids: List[str], exclude: List[str]) -> Dict[str, Any]:
-        return await self.retriever.history.remote(item_ids, exclude)
+    async def history_inputs(self, item_ids: List[str], exclude: List[str], prefer: Optional[str] = None) -> Dict[str, Any]:
+        return await self.retriever.history.remote(item_ids, exclude, prefer)
 
     async def encode(self, request: Dict[str, Any]) -> np.ndarray:
         return await self.encoder.encode.remote(request)
@@ -35,8 +35,9 @@ class HandleBackend:
     async def score(self, lists: Dict[str, Any]) -> np.ndarray:
         return await self.ranker.score.remote(lists)
 
-    async def cold_start(self, n: int, exclude: List[str], categories: Optional[List[str]]) -> Dict[str, Any]:
-        return await self.retriever.cold_start.remote(n, exclude, categories)
+    async def cold_start(self, n: int, exclude: List[str], categories: Optional[List[str]],
+                         prefer: Optional[str] = None) -> Dict[str, Any]:
+        return await self.retriever.cold_start.remote(n, exclude, categories, prefer)
 
 
 class LocalBackend:
@@ -49,7 +50,7 @@ class LocalBackend:
     async def context(self, user_id: Optional[str], recent_items: List[str]) -> Dict[str, Any]:
         return self.state.context(user_id, recent_items)
 
-    async def history_inputs(self, item_ids: List[str], exclude: List[str]) -> Dict[str, Any]:
+    async def history_inputs(self, item_ids: List[str], exclude: List[str], prefer: Optional[str] = None) -> Dict[str, Any]:
         return self.retrieval.history_inputs(item_ids, exclude)
 
     async def encode(self, request: Dict[str, Any]) -> np.ndarray:
@@ -61,7 +62,8 @@ class LocalBackend:
     async def score(self, lists: Dict[str, Any]) -> np.ndarray:
         return self.ranker.score([lists])[0]
 
-    async def cold_start(self, n: int, exclude: List[str], categories: Optional[List[str]]) -> Dict[str, Any]:
+    async def cold_start(self, n: int, exclude: List[str], categories: Optional[List[str]],
+                         prefer: Optional[str] = None) -> Dict[str, Any]:
         return self.retrieval.cold_start_items(n, exclude, categories)
 
 
@@ -70,22 +72,24 @@ def _ms(t0: float) -> float:
 
 
 async def recommend(req: api.RecommendRequest, backend, candidates: int, history_len: int,
-                    t0: Optional[float] = None) -> api.RecommendResponse:
+                    t0: Optional[float] = None, prefer: Optional[str] = None) -> api.RecommendResponse:
     """Stored history + ``recent_events`` -> user vector -> candidates -> ranker -> top k with reasons.
     No known history (unknown user, no usable recent events) -> cold start. Live state answers
-    the user's history and the live co-visits of their items in one call."""
+    the user's history and the live co-visits of their items in one call. ``prefer``: the canary
+    candidate's version for a user in its share (the retriever answers it if it holds it; every
+    later hop is pinned to the version it answered)."""
     t0 = time.perf_counter() if t0 is None else t0
     recent = [e.item_id for e in req.recent_events]
     live = await backend.context(req.user_id, recent) if req.user_id or recent else {"history": [], "covisit": None}
     stored = live["history"]
     entries = list(stored) + [(e.item_id, EVENT_CODE[e.event], e.ts or api.now_ms()) for e in req.recent_events]
     categories = req.filters.categories if req.filters and req.filters.categories else None
-    h = await backend.history_inputs([e[0] for e in entries], req.exclude)
+    h = await backend.history_inputs([e[0] for e in entries], req.exclude, prefer)
     asked = set(req.exclude) | {e.item_id for e in req.recent_events}
     unknown = [i for i in h["unknown"] if i in asked]  # stale ids in stored feedback are not the caller's
     known = [entries[k] for k in h["known"]][-history_len:]
     if not known:
-        c = await backend.cold_start(req.k, req.exclude, categories)
+        c = await backend.cold_start(req.k, req.exclude, categories, prefer)
         items = [api.RecommendedItem(item_id=x["item_id"], title=x["title"], score=float(s), reason=None,
                                      categories=x["categories"]) for x, s in zip(c["items"], c["scores"])]
         return api.RecommendResponse(user_id=req.user_id, items=items, model_version=c["version"],

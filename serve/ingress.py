@@ -31,6 +31,7 @@ from serve.events import ShardedEvents
 from serve.flow import HandleBackend, recommend
 from serve.guard import Guard, configure_access
 from serve.metrics import CONTENT_TYPE, MODEL_DEPLOYMENTS, IngressMetrics, cluster_exposition
+from serve.rollout import CanaryView
 from serve.settings import as_settings
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,8 @@ class Ingress:
     models then live in this replica); ``events`` is a list of handles with sharded live state."""
 
     def __init__(self, encoder: Optional[DeploymentHandle], retriever: Optional[DeploymentHandle],
-                 ranker: Optional[DeploymentHandle], text: DeploymentHandle, events: Any, settings: ServeAppConfig):
+                 ranker: Optional[DeploymentHandle], text: DeploymentHandle, events: Any, judge: DeploymentHandle,
+                 settings: ServeAppConfig):
         self.settings = s = as_settings(settings)
         configure_access(s)
         if s.mode == "fused":  # the model stages live in this replica
@@ -103,6 +105,7 @@ class Ingress:
         self.encoder, self.retriever, self.ranker, self.text, self.events = encoder, retriever, ranker, text, events
         self.backend = HandleBackend(encoder, retriever, ranker, events)
         self.metrics = IngressMetrics()
+        self.judge, self.canary = judge, CanaryView(s, judge)
         self.page = (STATIC / "index.html").read_text()
         try:  # Serve runs the constructor on the replica's event loop
             loop = asyncio.get_running_loop()
@@ -110,6 +113,8 @@ class Ingress:
             loop = None
         # kept here: the loop holds only a weak reference to a task
         self._model_info = loop.create_task(self._record_model_info()) if loop else None
+        if loop:
+            self.canary.start(loop)
 
     async def _record_model_info(self) -> None:
         while True:
@@ -137,6 +142,7 @@ class Ingress:
         out = await self._model_status()
         out["events"] = await self.events.status.remote()
         out["model_version"] = out["retriever"]["version"]
+        out["canary"] = await self.judge.status.remote()
         return out
 
     @http_app.get("/metrics", include_in_schema=False)
@@ -148,24 +154,33 @@ class Ingress:
     @http_app.post("/v1/recommend", response_model=api.RecommendResponse, openapi_extra=KEY_IF_REQUIRED)
     async def recommend(self, req: api.RecommendRequest) -> api.RecommendResponse:
         t0 = time.perf_counter()
+        prefer = self.canary.prefer(req.user_id)  # a canary's candidate, for the users in its share
         try:
             attempt = 0
             while True:
                 try:
-                    out = await recommend(req, self.backend, self.settings.candidates, self.settings.history_len, t0)
+                    out = await recommend(req, self.backend, self.settings.candidates, self.settings.history_len, t0,
+                                          prefer)
                     break
                 except StaleVersion:  # a swap between two hops: re-pin to the version now served
                     if time.perf_counter() - t0 > STALE_WAIT_S:
                         raise
                     self.metrics.stale_retry()
+                    if prefer:  # a hop has not loaded the candidate yet: this request gets the promoted one
+                        prefer = None
+                        continue
                     await asyncio.sleep(min(0.05 * 2 ** attempt, 0.5))
                     attempt += 1
         except Exception as exc:
             self.metrics.observe("recommend", t0, 503)
             log.exception("recommend failed")
+            if self.canary.canary is not None:
+                self.canary.served(prefer or self.canary.canary["control"], req.user_id, [],
+                                   (time.perf_counter() - t0) * 1000, error=True)
             raise HTTPException(503, f"recommendation backend unavailable: {exc}", headers=RETRY_AFTER) from None
         self.metrics.observe("recommend", t0, 200, out.model_version)
         self.metrics.recommended(len(out.items))
+        self.canary.served(out.model_version, req.user_id, [it.item_id for it in out.items], out.took_ms)
         return out
 
     @http_app.post("/v1/events", status_code=202, response_model=api.EventsResponse, dependencies=[NEEDS_KEY])
@@ -178,6 +193,7 @@ class Ingress:
             self.metrics.observe("events", t0, 503)
             raise HTTPException(503, f"events not stored, retry: {exc}", headers=RETRY_AFTER) from None
         self.metrics.ingested(len(rows))
+        self.canary.acted(rows)
         self.metrics.observe("events", t0, 202)
         return JSONResponse(status_code=202, content=api.EventsResponse(
             accepted=len(rows), shard=out["shard"], unknown_items=out["unknown"]).model_dump())
@@ -205,6 +221,27 @@ class Ingress:
         if item is None:
             raise HTTPException(404, f"item_id: {item_id!r} is not in the catalog")
         return item
+
+    # -- canary rollout (serve/rollout.py) -----------------------------------------------------
+    @http_app.post("/v1/admin/canary", dependencies=[NEEDS_KEY])
+    async def start_canary(self, req: api.CanaryRequest) -> Dict[str, Any]:
+        """Serve a published bundle to ``share`` of the users beside the promoted version, judged
+        by online metrics (admin key)."""
+        out = await self.judge.start.remote(req.run_id, req.share)
+        if "error" in out:
+            raise HTTPException(out["status"], out["error"])
+        canary = out["canary"]
+        self.canary.set(canary)
+        return {"canary": {k: canary[k] for k in ("run_id", "share", "control", "created_at")}}
+
+    @http_app.delete("/v1/admin/canary", dependencies=[NEEDS_KEY])
+    async def end_canary(self) -> Dict[str, Any]:
+        """End the running canary without promoting it (roll back; admin key): its figures are logged."""
+        out = await self.judge.end.remote("ended by an operator (DELETE /v1/admin/canary)")
+        if out is None:
+            raise HTTPException(404, "no canary is running")
+        self.canary.set(None)
+        return out
 
     # -- for the demo page ---------------------------------------------------------------------
     @http_app.get("/v1/users", dependencies=[NEEDS_KEY])

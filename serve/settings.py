@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from components.config import ConfigError, ServeAppConfig
+from components.online.canary import check_canary_config
 from components.storage import Storage
 
 MODES = ("graph", "fused")
@@ -57,6 +58,12 @@ def validate_settings(s: ServeAppConfig) -> None:
     for name in ("live_spill_users_max", "live_covisit_neighbours", "live_covisit_max_pairs"):
         if getattr(s, name) < 0:
             raise ConfigError(f"serve args {name} must be >= 0, got {getattr(s, name)!r}")
+    if s.canary_check_s <= 0:
+        raise ConfigError(f"serve args canary_check_s must be > 0, got {s.canary_check_s!r}")
+    try:
+        check_canary_config(s.canary)
+    except ValueError as exc:
+        raise ConfigError(f"serve args {exc}") from None
     if s.rate_limit:
         from limits import parse
 

@@ -81,6 +81,10 @@ class ModelWatcher:
         self.prepare = prepare
         self.current: Any = None
         self.pointer: Optional[Dict[str, Any]] = None
+        # A running canary's candidate, loaded beside ``current`` (serve/rollout.py): requests of
+        # the users in its share are pinned to it.
+        self.candidate: Any = None
+        self.canary: Optional[Dict[str, Any]] = None
         self.swaps = 0
         self.refused: Dict[str, str] = {}
         self.last_swap_s: Optional[float] = None
@@ -94,7 +98,13 @@ class ModelWatcher:
         return self.pointer["run_id"] if self.pointer else ""
 
     def check_once(self) -> bool:
-        """One poll: returns True when a new version was swapped in."""
+        """One poll of the promoted pointer, then of the canary's; True when a new version was
+        swapped in."""
+        swapped = self._check_promoted()
+        self._check_canary()
+        return swapped
+
+    def _check_promoted(self) -> bool:
         pointer = registry.read_pointer(self.storage, self.model)
         if pointer is None:
             self.last_error = f"no promoted model at {self.storage.uri(layout.pointer(self.model))}"
@@ -103,10 +113,11 @@ class ModelWatcher:
         if run_id == self.version or run_id in self.refused:
             return False
         t0 = time.perf_counter()
-        tmp = Path(tempfile.mkdtemp(prefix=f"serve-{run_id}-"))
         try:
-            fetch_parts(self.storage, pointer, self.parts, tmp)
-            new = self.loader(tmp, run_id)
+            if self.candidate is not None and run_id == self.candidate_version:
+                new = self.candidate  # a canary promoted: loaded and verified already
+            else:
+                new = self._load(pointer)
             if self.prepare is not None:
                 with self._swap_lock:
                     self.prepare(self.current, new)
@@ -118,11 +129,50 @@ class ModelWatcher:
             self.last_error = f"refused {run_id}: {exc}"
             log.error("model %s: refused version %s, still serving %r: %s", self.model, run_id, self.version or None, exc)
             return False
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if new is self.candidate:
+            self.candidate, self.canary = None, None
         self.last_swap_s = time.perf_counter() - t0
         log.warning("model %s: now serving %s (loaded in %.2fs)", self.model, run_id, self.last_swap_s)
         return True
+
+    def _load(self, pointer: Dict[str, Any]) -> Any:
+        tmp = Path(tempfile.mkdtemp(prefix=f"serve-{pointer.get('run_id', '')}-"))
+        try:
+            fetch_parts(self.storage, pointer, self.parts, tmp)
+            return self.loader(tmp, pointer.get("run_id", ""))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @property
+    def candidate_version(self) -> str:
+        return self.canary["run_id"] if self.canary else ""
+
+    def _check_canary(self) -> None:
+        """Load the canary's candidate beside the promoted version (verified the same way), or drop
+        it once the canary ends or is promoted. A refused candidate is not retried."""
+        canary = registry.read_canary(self.storage, self.model)
+        run_id = (canary or {}).get("run_id", "")
+        if not run_id or run_id == self.version:
+            if self.candidate is not None:
+                log.warning("model %s: canary %s ended, candidate dropped", self.model, self.candidate_version)
+            self.candidate, self.canary = None, None
+            return
+        if run_id == self.candidate_version or run_id in self.refused:
+            return
+        try:
+            new = self._load(canary)
+            if self.prepare is not None:
+                with self._swap_lock:  # no previous version to keep: old=None
+                    self.prepare(None, new)
+                    self.candidate, self.canary = new, canary
+            else:
+                self.candidate, self.canary = new, canary
+        except Exception as exc:
+            self.refused[run_id] = str(exc)
+            self.last_error = f"refused canary {run_id}: {exc}"
+            log.error("model %s: refused canary %s: %s", self.model, run_id, exc)
+            return
+        log.warning("model %s: canary candidate %s loaded beside %s", self.model, run_id, self.version)
 
     def _swap(self, new: Any, pointer: Dict[str, Any]) -> None:
         first = self.current is None
@@ -180,6 +230,6 @@ class ModelWatcher:
 
     def status(self) -> Dict[str, Any]:
         p = self.pointer or {}
-        return {"version": self.version, "swaps": self.swaps, "refused": dict(self.refused),
+        return {"version": self.version, "candidate": self.candidate_version or None, "swaps": self.swaps, "refused": dict(self.refused),
                 "last_error": self.last_error, "lineage": p.get("lineage", {}), "metrics": p.get("metrics", {}),
                 "promoted_at": p.get("created_at")}

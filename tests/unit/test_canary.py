@@ -227,3 +227,101 @@ def test_decide_is_pure_over_a_snapshot():
     snap = m.metrics()
     assert decide(snap, m.cfg) == decide(snap, m.cfg)
     assert decide(snap, CanaryConfig(**{**RULE, "min_recommendations": 10**9})).action == "continue"
+
+
+# -- the judge in serving (serve/rollout.py), on local storage, without Ray ----------------------
+
+def _published(storage, run_id):
+    from components import layout
+
+    storage.write_json(layout.join(layout.bundle(run_id), layout.MANIFEST), {"retriever/x": "0"})
+
+
+def _arm_traffic(canary, control_acts, candidate_acts, users=200, now=1_800_000_000_000):
+    """Lists of 5 items to ``users`` users split between the arms; a user acts on its list's first
+    item when its arm's flag says so."""
+    served, acted = [], []
+    for k in range(users):
+        version = canary["run_id"] if k % 2 else canary["control"]
+        user = f"{canary['run_id']}-u{k}"
+        served.append({"canary": canary["run_id"], "version": version, "user_id": user,
+                       "items": [f"i{j}" for j in range(5)], "latency_ms": 5.0, "error": False, "ts_ms": now})
+        if (candidate_acts if k % 2 else control_acts):
+            acted.append({"canary": canary["run_id"], "user_id": user, "item_id": "i0", "event": "click",
+                          "ts_ms": now + 1})
+    return served, acted
+
+
+def test_the_judge_rolls_back_a_worse_candidate_promotes_a_better_one_and_logs_each_decision(tmp_path):
+    """Issue 25 item 1 in serving: the judge keeps the metrics the ingress replicas send it and
+    applies the rule: a candidate whose lists nobody acts on is rolled back (the canary file is
+    removed, the promoted version stays), a better one is promoted through the registry pointer,
+    and every start and decision is logged with its figures."""
+    import asyncio
+
+    from components import layout, registry
+    from components.storage import Storage
+    from serve.rollout import CanaryJudge
+
+    st = Storage(str(tmp_path))
+    for rid in ("a", "b", "c"):
+        _published(st, rid)
+    registry.promote(st, layout.MODEL, "a", layout.bundle("a"), {}, {"retriever/x": "0"})
+    judge = CanaryJudge.func_or_class({"storage_root": str(tmp_path), "canary": {
+        "min_requests": 50, "min_recommendations": 200, "latency_p99_ratio_max": 0}})
+    assert asyncio.run(judge.status()) is None
+    assert asyncio.run(judge.start("nope", 0.1))["status"] == 404
+    assert asyncio.run(judge.start("a", 0.1))["status"] == 409  # the promoted version itself
+    canary = asyncio.run(judge.start("b", 0.5))["canary"]
+    assert canary["control"] == "a" and canary["share"] == 0.5 and registry.read_canary(st)["run_id"] == "b"
+    assert "running" in asyncio.run(judge.start("c", 0.5))["error"]  # one canary at a time
+
+    asyncio.run(judge.record(*_arm_traffic(canary, control_acts=True, candidate_acts=False, users=20)))
+    assert judge.judge()["action"] == "continue"  # 10 candidate requests of the 50 needed
+    asyncio.run(judge.record(*_arm_traffic(canary, control_acts=True, candidate_acts=False)))
+    status = asyncio.run(judge.status())
+    assert status["running"] and status["metrics"]["candidate"]["requests"] == 110
+    assert status["metrics"]["control"]["acted_on"] == 110 and status["metrics"]["candidate"]["acted_on"] == 0
+    d = judge.judge()
+    assert d["action"] == "rollback" and "worse" in d["reason"]
+    assert registry.read_canary(st) is None and registry.read_pointer(st)["run_id"] == "a"
+
+    canary = asyncio.run(judge.start("c", 0.5))["canary"]
+    asyncio.run(judge.record(*_arm_traffic(canary, control_acts=False, candidate_acts=True)))
+    d = judge.judge()
+    assert d["action"] == "promote" and "better" in d["reason"]
+    assert registry.read_pointer(st)["run_id"] == "c" and registry.read_canary(st) is None
+    log = [st.read_json(f) for f in st.list_files(layout.canary_log(layout.MODEL))]
+    assert [(r["action"], r.get("candidate")) for r in log] == [
+        ("start", "b"), ("rollback", "b"), ("start", "c"), ("promote", "c")]
+    assert log[1]["figures"]["candidate"]["acted_share"] == 0.0 and log[3]["figures"]["acted_share_diff_ci"][0] > 0
+
+    # an operator's end: rolled back with its figures; a record for an ended canary is ignored
+    _published(st, "d")
+    canary = asyncio.run(judge.start("d", 0.2))["canary"]
+    assert canary["control"] == "c"
+    out = asyncio.run(judge.end("by hand"))
+    assert out["ended"] == "d" and out["metrics"]["candidate"]["requests"] == 0
+    asyncio.run(judge.record(*_arm_traffic(canary, True, True, users=4)))
+    assert asyncio.run(judge.end("again")) is None and registry.read_pointer(st)["run_id"] == "c"
+
+
+def test_a_canary_that_lost_its_control_to_a_retrain_is_abandoned_not_promoted(tmp_path):
+    import asyncio
+
+    from components import layout, registry
+    from components.storage import Storage
+    from serve.rollout import CanaryJudge
+
+    st = Storage(str(tmp_path))
+    for rid in ("a", "b", "r"):
+        _published(st, rid)
+    registry.promote(st, layout.MODEL, "a", layout.bundle("a"), {}, {})
+    judge = CanaryJudge.func_or_class({"storage_root": str(tmp_path), "canary": {
+        "min_requests": 50, "min_recommendations": 200, "latency_p99_ratio_max": 0}})
+    canary = asyncio.run(judge.start("b", 0.5))["canary"]
+    asyncio.run(judge.record(*_arm_traffic(canary, control_acts=False, candidate_acts=True)))
+    registry.promote(st, layout.MODEL, "r", layout.bundle("r"), {}, {})  # a retrain promoted meanwhile
+    d = judge.judge()
+    assert d["action"] == "abandon" and registry.read_pointer(st)["run_id"] == "r"
+    assert registry.read_canary(st) is None

@@ -52,3 +52,32 @@ def test_a_stale_promotion_is_refused_and_changes_nothing(tmp_path):
     assert registry.read_pointer(storage, "m")["run_id"] == "c"
     with pytest.raises(PreconditionFailed):
         storage.compare_and_swap("registry/m/latest.json", b"{}", "not-a-token")
+
+
+def test_a_retrain_with_rollout_canary_starts_a_canary_instead_of_swapping(tmp_path):
+    """retrain.rollout=canary: a model that passes the gate is served to a share of users beside
+    the promoted one (the serving judge decides); the pointer does not move, and a second run
+    does not start a canary over a running one."""
+    from components import layout, registry
+    from components.config import ConfigError, load_config
+    from components.storage import Storage
+
+    st = Storage(str(tmp_path))
+    for rid in ("parent", "child", "child2"):
+        st.write_json(layout.join(layout.bundle(rid), layout.MANIFEST), {"f": "0"})
+    registry.promote(st, layout.MODEL, "parent", layout.bundle("parent"), {"selection_split": "valid",
+                                                                          "selection_ndcg@10": 0.1}, {"f": "0"})
+    res = {"main_model": "m", "models": {"m": {"valid": {"ndcg@10": 0.2}, "test": {"ndcg@10": 0.2, "recall@10": 0.3}}}}
+
+    def trained(rid):
+        return {"run_id": rid, "prefix": layout.bundle(rid), "manifest": {"f": "0"}, "lineage": {}}
+
+    d = registry.gate_and_promote(st, res, trained("child"), 0.0, 0.0, canary_share=0.2)
+    assert not d["promoted"] and d["canary"] and "canary started for 20%" in d["reason"]
+    assert registry.read_pointer(st)["run_id"] == "parent"
+    assert registry.read_canary(st)["run_id"] == "child" and registry.read_canary(st)["share"] == 0.2
+    d = registry.gate_and_promote(st, res, trained("child2"), 0.0, 0.0, canary_share=0.2)
+    assert not d["promoted"] and not d["canary"] and "a canary is running" in d["reason"]
+    assert registry.read_canary(st)["run_id"] == "child"
+    with pytest.raises(ConfigError, match="retrain.rollout must be swap or canary"):
+        load_config(["retrain.rollout=gradual"])

@@ -207,7 +207,7 @@ def test_a_replica_never_answers_a_request_pinned_to_a_version_it_does_not_hold(
 
     replica = _Versioned()
     replica._init_versions()
-    replica.watcher = SimpleNamespace(current=SimpleNamespace(version="v2"))
+    replica.watcher = SimpleNamespace(current=SimpleNamespace(version="v2"), candidate=None)
     assert replica.model_for("v2").version == "v2" and replica.model_for(None).version == "v2"
     with pytest.raises(StaleVersion, match="v1 is not loaded here"):  # a replica started on v2
         replica.model_for("v1")
@@ -218,6 +218,40 @@ def test_a_replica_never_answers_a_request_pinned_to_a_version_it_does_not_hold(
     assert out == ["v1", "v2", "v1"]  # one dynamic batch, one sub-batch per pinned version
     with pytest.raises(StaleVersion):
         replica.per_version([{"version": "v2"}, {"version": "v0"}], lambda model, batch: [0] * len(batch))
+    with pytest.raises(StaleVersion):  # a canary's candidate not loaded here yet
+        replica.model_for("v3")
+    replica.watcher.candidate = SimpleNamespace(version="v3")  # loaded beside v2
+    assert replica.model_for("v3").version == "v3" and replica.model_for("v2").version == "v2"
+
+
+def test_the_watcher_loads_a_canary_beside_the_promoted_version_and_promotes_it_without_reloading(bundle):
+    """Issue 25: a canary's candidate is fetched and verified like a promotion, held beside the
+    promoted version, taken as is when the canary is promoted (no second download) and dropped
+    when a canary ends."""
+    storage, rid = bundle["storage"], bundle["run_id"]
+    loads = []
+    w = ModelWatcher(storage, "recommender", ENCODER_PARTS, lambda f, v: loads.append(v) or v, interval_s=0.1)
+    assert w.check_once() and w.current == rid and w.candidate is None
+    with pytest.raises(LookupError, match="no published bundle"):
+        registry.start_canary(storage, "never-trained", 0.1)
+    with pytest.raises(ValueError, match="promoted version already"):
+        registry.start_canary(storage, rid, 0.1)
+    storage.upload_dir(Path(storage.path(bundle["prefix"])), f"checkpoints/recommender/{rid}-canary")
+    canary = registry.start_canary(storage, rid + "-canary", 0.1)
+    assert canary["control"] == rid and canary["sha256"] == bundle["manifest"]
+    assert not w.check_once() and w.current == rid and w.candidate == rid + "-canary"
+    assert w.status()["candidate"] == rid + "-canary" and not w.check_once()  # loaded once
+    registry.promote_canary(storage, canary)
+    assert registry.read_canary(storage) is None
+    assert w.check_once() and w.current == rid + "-canary" and w.candidate is None and w.swaps == 1
+    assert loads.count(rid + "-canary") == 1
+    # a canary of the first version again, ended: the replica drops it
+    registry.start_canary(storage, rid, 0.5)
+    assert not w.check_once() and w.candidate == rid
+    registry.end_canary(storage)
+    assert not w.check_once() and w.candidate is None and w.current == rid + "-canary"
+    # put the good pointer back for the other tests of this module
+    registry.promote(storage, "recommender", rid, bundle["prefix"], {}, bundle["manifest"])
 
 
 def test_the_health_check_fails_without_a_model_or_a_live_watch_thread(bundle):
