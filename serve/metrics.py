@@ -49,7 +49,16 @@ METRICS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
     "llmrec_model_info": ("gauge", "Model version each model deployment serves, as this ingress replica sees it "
                                    "(1; 0 once swapped out)", ("model", "model_version")),
     "llmrec_model_swaps": ("gauge", "Hot swaps of a model deployment since its replica started", ("model",)),
+    # Set by the canary judge (serve/rollout.py) at each check while a canary runs; arm is control
+    # or candidate.
+    "llmrec_canary_acted_share": ("gauge", "Share of recommended items acted on, per arm of the running canary",
+                                  ("arm", "model_version")),
+    "llmrec_canary_requests": ("gauge", "Recommend requests per arm of the running canary", ("arm", "model_version")),
+    "llmrec_canary_error_rate": ("gauge", "Error rate per arm of the running canary", ("arm", "model_version")),
+    "llmrec_canary_latency_p99_seconds": ("gauge", "p99 recommend latency per arm of the running canary",
+                                          ("arm", "model_version")),
 }
+CANARY_METRICS = tuple(n for n in METRICS if n.startswith("llmrec_canary_"))
 
 MetricFactory = Callable[[str, str, str, Tuple[str, ...]], Any]
 
@@ -102,7 +111,8 @@ class IngressMetrics:
     def __init__(self, metric: Optional[MetricFactory] = None) -> None:
         if metric is None:
             metric = serve_metric if in_serve_replica() else not_recorded
-        m = {name: metric(name, kind, desc, tags) for name, (kind, desc, tags) in METRICS.items()}
+        m = {name: metric(name, kind, desc, tags) for name, (kind, desc, tags) in METRICS.items()
+             if name not in CANARY_METRICS}
         self._latency, self._requests = m["llmrec_request_seconds"], m["llmrec_requests"]
         self._served, self._events = m["llmrec_recommendations_served"], m["llmrec_events_ingested"]
         self._stale = m["llmrec_stale_version_retries"]
@@ -217,3 +227,31 @@ def merge_families(expositions: Iterable[str], prefix: str) -> str:
         out += headers.get(fam, [])
         out += lines.values()
     return "\n".join(out) + "\n" if out else ""
+
+
+class CanaryGauges:
+    """The running canary's per-arm figures as gauges (set by the judge at each check; an ended
+    canary's arms are set to 0 so a dashboard does not show it as still running)."""
+
+    def __init__(self, metric: Optional[MetricFactory] = None) -> None:
+        if metric is None:
+            metric = serve_metric if in_serve_replica() else not_recorded
+        self._m = {name: metric(name, *METRICS[name]) for name in CANARY_METRICS}
+        self._shown: List[Dict[str, str]] = []
+
+    def set(self, metrics: Optional[Dict[str, Any]]) -> None:
+        """``metrics``: ``CanaryMetrics.to_dict()``, or None when no canary runs."""
+        for tags in self._shown:
+            for g in self._m.values():
+                g.set(0.0, tags=tags)
+        self._shown = []
+        if metrics is None:
+            return
+        for arm in ("control", "candidate"):
+            v = metrics[arm]
+            tags = {"arm": arm, "model_version": v["version"]}
+            self._m["llmrec_canary_acted_share"].set(v["acted_share"], tags=tags)
+            self._m["llmrec_canary_requests"].set(v["requests"], tags=tags)
+            self._m["llmrec_canary_error_rate"].set(v["error_rate"], tags=tags)
+            self._m["llmrec_canary_latency_p99_seconds"].set((v["latency_p99_ms"] or 0.0) / 1000.0, tags=tags)
+            self._shown.append(tags)

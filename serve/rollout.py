@@ -31,6 +31,7 @@ from components import registry
 from components.config import ServeAppConfig
 from components.data import privacy
 from components.online.canary import CANDIDATE, CanaryMonitor, assign
+from serve.metrics import CanaryGauges
 from serve.settings import as_settings, open_storage
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class CanaryJudge:
         self.monitor: Optional[CanaryMonitor] = None
         self.last_decision: Optional[Dict[str, Any]] = None
         self.decisions = 0
+        self.gauges = CanaryGauges()
         self._sync()
         try:
             self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -86,8 +88,10 @@ class CanaryJudge:
             return None
         d = self.monitor.decide().to_dict()
         self.last_decision, self.decisions = d, self.decisions + 1
+        self.gauges.set({"control": d["figures"]["control"], "candidate": d["figures"]["candidate"]})
         if d["action"] == "continue":
             return d
+        self.gauges.set(None)
         canary = self.canary
         record = {"candidate": canary["run_id"], "control": canary["control"], "share": canary["share"],
                   "reason": d["reason"], "figures": d["figures"]}
@@ -158,6 +162,7 @@ class CanaryJudge:
                                            "control": canary["control"], "share": canary["share"],
                                            "reason": reason, "figures": figures}, self.model)
         self.canary = self.monitor = None
+        self.gauges.set(None)
         self.last_decision = {"action": "rollback", "reason": reason}
         return {"ended": canary["run_id"], "metrics": figures}
 
