@@ -159,6 +159,16 @@ def ray_session(ray_cfg: Any) -> Iterator[None]:
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS") or None
     # The dashboard stays on (127.0.0.1): Ray Train's controller is monitored through its state API.
     kwargs = {} if address else {"num_cpus": ray_cfg.num_cpus}
+    api_env = None
+    if not address and not os.environ.get("RAY_API_SERVER_ADDRESS"):
+        # A Ray we start: its dashboard on a port chosen here, named in RAY_API_SERVER_ADDRESS for
+        # the state API. Without it the state API of a process with no address (Ray Train's
+        # placement-group cleaner actor) looks for "the" local Ray and fails with "Found multiple
+        # active Ray instances" when another pipeline runs on the machine. The workers inherit the
+        # variable from this process (the raylet is started from it).
+        port = _free_port()
+        kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
+        api_env = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     if not address:  # a Ray we start: with Serve's fast path (serve/runner.py, read at start)
         from serve.runner import apply_serve_env
 
@@ -185,3 +195,13 @@ def ray_session(ray_cfg: Any) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+        if api_env is not None and os.environ.get("RAY_API_SERVER_ADDRESS") == api_env:
+            del os.environ["RAY_API_SERVER_ADDRESS"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
