@@ -194,11 +194,13 @@ def start_canary(storage: Storage, run_id: str, share: float, model: str = layou
     return canary
 
 
-def end_canary(storage: Storage, model: str = layout.MODEL) -> Optional[Dict[str, Any]]:
-    """Remove the canary pointer (every replica drops the candidate on its next poll); returns it."""
+def end_canary(storage: Storage, model: str = layout.MODEL, run_id: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """Remove the canary pointer (every replica drops the candidate on its next poll); returns it.
+    ``run_id``: only if the running canary is that run's (None otherwise: nothing removed)."""
     canary = read_canary(storage, model)
-    if canary is not None:
-        storage.delete(layout.canary_pointer(model))
+    if canary is None or (run_id is not None and canary["run_id"] != run_id):
+        return None
+    storage.delete(layout.canary_pointer(model))
     return canary
 
 
@@ -206,13 +208,16 @@ def promote_canary(storage: Storage, canary: Dict[str, Any], model: str = layout
     """Promote the canary's candidate for everyone, then end the canary. A compare-and-swap on the
     pointer: if it no longer names the canary's control (a retrain promoted meanwhile), nothing is
     promoted (``PromotionConflict``) and the canary is left for the caller to end."""
+    running = read_canary(storage, model)
+    if running is None or running["run_id"] != canary["run_id"]:
+        raise PromotionConflict(f"the canary of {canary['run_id']!r} was ended meanwhile")
     current, token = read_pointer_versioned(storage, model)
     if current is None or current["run_id"] != canary["control"]:
         raise PromotionConflict(f"the promoted version is {current and current['run_id']!r}, not the canary's "
                                 f"control {canary['control']!r}")
     pointer = promote(storage, model, canary["run_id"], canary["prefix"], canary.get("metrics") or {},
                       canary["sha256"], canary.get("lineage") or {}, expected=token)
-    end_canary(storage, model)
+    end_canary(storage, model, canary["run_id"])
     return pointer
 
 

@@ -189,12 +189,14 @@ def ray_session(ray_cfg: Any) -> Iterator[None]:
         serve_logger.setLevel(logging.WARNING)
         if not any(isinstance(f, _AtLeastWarning) for f in serve_logger.filters):
             serve_logger.addFilter(_AtLeastWarning())
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
-             logging_config=ray_logging_config(ray_cfg, level), **kwargs)
     try:
-        yield
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
+                 logging_config=ray_logging_config(ray_cfg, level), **kwargs)
+        try:
+            yield
+        finally:
+            ray.shutdown()
     finally:
-        ray.shutdown()
         if api_env is not None and os.environ.get("RAY_API_SERVER_ADDRESS") == api_env:
             del os.environ["RAY_API_SERVER_ADDRESS"]
 

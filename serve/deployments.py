@@ -175,8 +175,9 @@ class Retriever(_Versioned):
             for r in rows:
                 self._upserts[r["item_id"]] = r
             model.upsert(rows, _embeddings(rows))
-            if self.watcher.candidate is not None and self.watcher.candidate is not model:
-                self.watcher.candidate.upsert(rows, _embeddings(rows))
+            candidate = self.watcher.candidate  # read once: the watcher may drop it meanwhile
+            if candidate is not None and candidate is not model:
+                candidate.upsert(rows, _embeddings(rows))
             self._seen_upserts.add(f)
             n += len(rows)
         return n
@@ -238,8 +239,9 @@ class Retriever(_Versioned):
         with self.lock:
             m = self.watcher.current
             new = m.upsert(rows, _embeddings(rows))
-            if self.watcher.candidate is not None:  # a canary serves the new items too
-                self.watcher.candidate.upsert(rows, _embeddings(rows))
+            candidate = self.watcher.candidate  # a canary serves the new items too
+            if candidate is not None:
+                candidate.upsert(rows, _embeddings(rows))
             self._seen_upserts.add(path)
             for r in rows:
                 self._upserts[r["item_id"]] = r

@@ -142,7 +142,10 @@ class Ingress:
         out = await self._model_status()
         out["events"] = await self.events.status.remote()
         out["model_version"] = out["retriever"]["version"]
-        out["canary"] = await self.judge.status.remote()
+        try:
+            out["canary"] = await self.judge.status.remote()
+        except Exception as exc:  # the judge restarting: the rest of the answer still holds
+            out["canary"] = {"error": f"canary judge unavailable: {type(exc).__name__}"}
         return out
 
     @http_app.get("/metrics", include_in_schema=False)
@@ -227,7 +230,11 @@ class Ingress:
     async def start_canary(self, req: api.CanaryRequest) -> Dict[str, Any]:
         """Serve a published bundle to ``share`` of the users beside the promoted version, judged
         by online metrics (admin key)."""
-        out = await self.judge.start.remote(req.run_id, req.share)
+        try:
+            out = await self.judge.start.remote(req.run_id, req.share)
+        except Exception as exc:
+            log.warning("canary not started: %s", exc)
+            raise HTTPException(503, "canary judge or storage unavailable, retry", headers=RETRY_AFTER) from None
         if "error" in out:
             raise HTTPException(out["status"], out["error"])
         canary = out["canary"]
@@ -237,7 +244,11 @@ class Ingress:
     @http_app.delete("/v1/admin/canary", dependencies=[NEEDS_KEY])
     async def end_canary(self) -> Dict[str, Any]:
         """End the running canary without promoting it (roll back; admin key): its figures are logged."""
-        out = await self.judge.end.remote("ended by an operator (DELETE /v1/admin/canary)")
+        try:
+            out = await self.judge.end.remote("ended by an operator (DELETE /v1/admin/canary)")
+        except Exception as exc:
+            log.warning("canary not ended: %s", exc)
+            raise HTTPException(503, "canary judge or storage unavailable, retry", headers=RETRY_AFTER) from None
         if out is None:
             raise HTTPException(404, "no canary is running")
         self.canary.set(None)

@@ -53,15 +53,18 @@ class CanaryJudge:
         self.last_decision: Optional[Dict[str, Any]] = None
         self.decisions = 0
         self.gauges = CanaryGauges()
-        self._sync()
+        # Every change of the state above (the loop's judgement, start, end, records) runs on
+        # this replica's event loop under this lock, with only storage calls in threads: a
+        # decision is taken on the canary it read, never on one started or ended meanwhile.
+        self._lock = asyncio.Lock()
+        self._follow(registry.read_canary(self.storage, self.model))
         try:
             self._task = asyncio.get_running_loop().create_task(self._loop())
         except RuntimeError:  # constructed by hand (unit tests): ``judge()`` is called directly
             self._task = None
 
-    def _sync(self) -> None:
+    def _follow(self, canary: Optional[Dict[str, Any]]) -> None:
         """Follow the canary file: a new candidate starts fresh metrics; no file, no canary."""
-        canary = registry.read_canary(self.storage, self.model)
         if canary is None:
             self.canary = self.monitor = None
             return
@@ -73,98 +76,111 @@ class CanaryJudge:
             log.warning("canary %s (%.0f%% of users) against %s: judging every %.1fs", canary["run_id"],
                         100 * canary["share"], canary["control"], self.check_s)
 
+    async def _sync(self) -> None:
+        self._follow(await asyncio.to_thread(registry.read_canary, self.storage, self.model))
+
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.check_s)
             try:
-                await asyncio.to_thread(self._sync)
-                await asyncio.to_thread(self.judge)
+                await self.judge()
             except Exception as exc:  # storage hiccup: the next round tries again
                 log.warning("canary judgement failed: %s", exc)
 
-    def judge(self) -> Optional[Dict[str, Any]]:
-        """Apply the rule once; promote or roll back when it says so. Returns the decision."""
-        if self.monitor is None or self.canary is None:
-            return None
-        d = self.monitor.decide().to_dict()
-        self.last_decision, self.decisions = d, self.decisions + 1
-        self.gauges.set({"control": d["figures"]["control"], "candidate": d["figures"]["candidate"]})
-        if d["action"] == "continue":
+    async def judge(self) -> Optional[Dict[str, Any]]:
+        """Apply the rule once; promote, roll back or abandon when it says so. Returns the decision."""
+        async with self._lock:
+            await self._sync()
+            canary, m = self.canary, self.monitor
+            if m is None or canary is None:
+                return None
+            current = await asyncio.to_thread(registry.read_pointer, self.storage, self.model)
+            if current is None or current["run_id"] != canary["control"]:
+                # a retrain (or an operator) promoted another version: the control the
+                # candidate is compared with no longer serves, so the comparison is void
+                d = {"action": "abandon", "reason": f"the promoted version is now "
+                     f"{current and current['run_id']!r}, not the control {canary['control']!r}",
+                     "figures": m.metrics().to_dict()}
+            else:
+                d = m.decide().to_dict()
+            self.last_decision, self.decisions = d, self.decisions + 1
+            if d["action"] == "continue":
+                self.gauges.set({"control": d["figures"]["control"], "candidate": d["figures"]["candidate"]})
+                return d
+            record = {"candidate": canary["run_id"], "control": canary["control"], "share": canary["share"],
+                      "reason": d["reason"], "figures": d["figures"]}
+            if d["action"] == "promote":
+                try:
+                    await asyncio.to_thread(registry.promote_canary, self.storage, canary, self.model)
+                except registry.PromotionConflict as exc:  # the pointer moved: the comparison is void
+                    d = {**d, "action": "abandon", "reason": f"{d['reason']}; not promoted: {exc}"}
+                    record.update(reason=d["reason"])
+            if d["action"] != "promote":  # rollback or abandon: the candidate goes
+                await asyncio.to_thread(registry.end_canary, self.storage, self.model, canary["run_id"])
+            await asyncio.to_thread(registry.log_canary, self.storage, {"action": d["action"], **record}, self.model)
+            log.warning("canary %s: %s (%s)", canary["run_id"], d["action"], d["reason"])
+            self.gauges.set(None)
+            self.last_decision = d
+            self.canary = self.monitor = None
             return d
-        self.gauges.set(None)
-        canary = self.canary
-        record = {"candidate": canary["run_id"], "control": canary["control"], "share": canary["share"],
-                  "reason": d["reason"], "figures": d["figures"]}
-        if d["action"] == "promote":
-            try:
-                registry.promote_canary(self.storage, canary, self.model)
-                registry.log_canary(self.storage, {"action": "promote", **record}, self.model)
-            except registry.PromotionConflict as exc:  # a retrain moved the pointer: the comparison is void
-                registry.end_canary(self.storage, self.model)
-                registry.log_canary(self.storage, {"action": "abandon", **record, "conflict": str(exc)}, self.model)
-                d = {**d, "action": "abandon", "reason": f"{d['reason']}; not promoted: {exc}"}
-        else:
-            registry.end_canary(self.storage, self.model)
-            registry.log_canary(self.storage, {"action": "rollback", **record}, self.model)
-        log.warning("canary %s: %s (%s)", canary["run_id"], d["action"], d["reason"])
-        self.last_decision = d
-        self.canary = self.monitor = None
-        return d
 
     async def record(self, served: Sequence[Dict[str, Any]], feedback: Sequence[Dict[str, Any]]) -> None:
         """What the ingress replicas saw since their last flush (``CanaryView``)."""
-        if any(self.canary is None or r["canary"] != self.canary["run_id"] for r in (*served, *feedback)):
-            self._sync()  # a canary started since the last poll
-        m, canary = self.monitor, self.canary
-        if m is None:
-            return
-        for r in served:
-            if r["canary"] == canary["run_id"]:
-                m.record_request(r["version"], r["user_id"], r["items"], r["latency_ms"], r["error"], r["ts_ms"])
-        for e in feedback:
-            if e["canary"] == canary["run_id"]:
-                m.record_feedback(e["user_id"], e["item_id"], e["event"], e["ts_ms"])
+        async with self._lock:
+            if any(self.canary is None or r["canary"] != self.canary["run_id"] for r in (*served, *feedback)):
+                await self._sync()  # a canary started since the last poll (or one ended: dropped below)
+            m, canary = self.monitor, self.canary
+            if m is None or canary is None:
+                return
+            for r in served:
+                if r["canary"] == canary["run_id"]:
+                    m.record_request(r["version"], r["user_id"], r["items"], r["latency_ms"], r["error"], r["ts_ms"])
+            for e in feedback:
+                if e["canary"] == canary["run_id"]:
+                    m.record_feedback(e["user_id"], e["item_id"], e["event"], e["ts_ms"])
 
     async def status(self) -> Optional[Dict[str, Any]]:
         """The running canary with its metrics (None: none runs), and the last decision."""
-        if self.canary is None or self.monitor is None:
-            return None if self.last_decision is None else {"running": False, "last_decision": _brief(self.last_decision)}
-        return {"running": True, "version": self.canary["run_id"], "control": self.canary["control"],
-                "share": self.canary["share"], "started_at": self.canary.get("created_at"),
-                "metrics": self.monitor.metrics().to_dict(), "decisions": self.decisions,
-                "last_decision": _brief(self.last_decision)}
+        canary, m, last = self.canary, self.monitor, self.last_decision  # one consistent read
+        if canary is None or m is None:
+            return None if last is None else {"running": False, "last_decision": _brief(last)}
+        return {"running": True, "version": canary["run_id"], "control": canary["control"],
+                "share": canary["share"], "started_at": canary.get("created_at"),
+                "metrics": m.metrics().to_dict(), "decisions": self.decisions, "last_decision": _brief(last)}
 
     async def start(self, run_id: str, share: float) -> Dict[str, Any]:
         """Start a canary (``registry.start_canary`` checks it). Returns ``{"canary": ...}``, or
         ``{"error": why, "status": 404|409}`` (no such bundle or no control; one runs already, or
         the candidate is the promoted version): errors as values, so the ingress's answer carries
         the message and not a remote traceback."""
-        if registry.read_canary(self.storage, self.model) is not None:
-            return {"error": "a canary is running: end it first (DELETE /v1/admin/canary)", "status": 409}
-        try:
-            canary = await asyncio.to_thread(registry.start_canary, self.storage, run_id, share, self.model)
-        except LookupError as exc:
-            return {"error": str(exc).strip("'\""), "status": 404}
-        except ValueError as exc:
-            return {"error": str(exc), "status": 409}
-        self._sync()
-        return {"canary": canary}
+        async with self._lock:
+            if await asyncio.to_thread(registry.read_canary, self.storage, self.model) is not None:
+                return {"error": "a canary is running: end it first (DELETE /v1/admin/canary)", "status": 409}
+            try:
+                canary = await asyncio.to_thread(registry.start_canary, self.storage, run_id, share, self.model)
+            except LookupError as exc:
+                return {"error": str(exc).strip("'\""), "status": 404}
+            except ValueError as exc:
+                return {"error": str(exc), "status": 409}
+            self._follow(canary)
+            return {"canary": canary}
 
     async def end(self, reason: str) -> Optional[Dict[str, Any]]:
         """End the canary without promoting it (roll back), logging its figures; None: none ran."""
-        self._sync()
-        canary, m = self.canary, self.monitor
-        if canary is None:
-            return None
-        figures = m.metrics().to_dict() if m is not None else None
-        registry.end_canary(self.storage, self.model)
-        registry.log_canary(self.storage, {"action": "rollback", "candidate": canary["run_id"],
-                                           "control": canary["control"], "share": canary["share"],
-                                           "reason": reason, "figures": figures}, self.model)
-        self.canary = self.monitor = None
-        self.gauges.set(None)
-        self.last_decision = {"action": "rollback", "reason": reason}
-        return {"ended": canary["run_id"], "metrics": figures}
+        async with self._lock:
+            await self._sync()
+            canary, m = self.canary, self.monitor
+            if canary is None:
+                return None
+            figures = m.metrics().to_dict() if m is not None else None
+            await asyncio.to_thread(registry.end_canary, self.storage, self.model, canary["run_id"])
+            await asyncio.to_thread(registry.log_canary, self.storage, {
+                "action": "rollback", "candidate": canary["run_id"], "control": canary["control"],
+                "share": canary["share"], "reason": reason, "figures": figures}, self.model)
+            self.canary = self.monitor = None
+            self.gauges.set(None)
+            self.last_decision = {"action": "rollback", "reason": reason}
+            return {"ended": canary["run_id"], "metrics": figures}
 
 
 def _brief(d: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
@@ -209,10 +225,10 @@ class CanaryView:
             self._feedback.clear()
             try:
                 await self.judge.record.remote(served, feedback)
-            except Exception as exc:  # put them back (the deques keep the newest BUFFER_MAX)
+            except Exception as exc:  # put them back before the newer ones; the newest BUFFER_MAX stay
                 log.warning("canary records not sent (%d served, %d events): %s", len(served), len(feedback), exc)
-                self._served.extendleft(reversed(served))
-                self._feedback.extendleft(reversed(feedback))
+                self._served = deque([*served, *self._served], maxlen=BUFFER_MAX)
+                self._feedback = deque([*feedback, *self._feedback], maxlen=BUFFER_MAX)
 
     def prefer(self, user_id: Optional[str]) -> Optional[str]:
         """The candidate's version for a user in the canary's share, else None (the promoted one)."""

@@ -85,6 +85,7 @@ class ModelWatcher:
         # the users in its share are pinned to it.
         self.candidate: Any = None
         self.canary: Optional[Dict[str, Any]] = None
+        self.refused_candidates: Dict[str, str] = {}
         self.swaps = 0
         self.refused: Dict[str, str] = {}
         self.last_swap_s: Optional[float] = None
@@ -155,9 +156,10 @@ class ModelWatcher:
         if not run_id or run_id == self.version:
             if self.candidate is not None:
                 log.warning("model %s: canary %s ended, candidate dropped", self.model, self.candidate_version)
-            self.candidate, self.canary = None, None
+            with self._swap_lock:  # the retriever reads it under this lock
+                self.candidate, self.canary = None, None
             return
-        if run_id == self.candidate_version or run_id in self.refused:
+        if run_id == self.candidate_version or run_id in self.refused_candidates:
             return
         try:
             new = self._load(canary)
@@ -167,8 +169,8 @@ class ModelWatcher:
                     self.candidate, self.canary = new, canary
             else:
                 self.candidate, self.canary = new, canary
-        except Exception as exc:
-            self.refused[run_id] = str(exc)
+        except Exception as exc:  # kept apart from ``refused``: a promotion of it is tried afresh
+            self.refused_candidates[run_id] = str(exc)
             self.last_error = f"refused canary {run_id}: {exc}"
             log.error("model %s: refused canary %s: %s", self.model, run_id, exc)
             return
@@ -230,6 +232,7 @@ class ModelWatcher:
 
     def status(self) -> Dict[str, Any]:
         p = self.pointer or {}
-        return {"version": self.version, "candidate": self.candidate_version or None, "swaps": self.swaps, "refused": dict(self.refused),
+        return {"version": self.version, "candidate": self.candidate_version or None,
+                "refused_candidates": dict(self.refused_candidates), "swaps": self.swaps, "refused": dict(self.refused),
                 "last_error": self.last_error, "lineage": p.get("lineage", {}), "metrics": p.get("metrics", {}),
                 "promoted_at": p.get("created_at")}

@@ -277,18 +277,18 @@ def test_the_judge_rolls_back_a_worse_candidate_promotes_a_better_one_and_logs_e
     assert "running" in asyncio.run(judge.start("c", 0.5))["error"]  # one canary at a time
 
     asyncio.run(judge.record(*_arm_traffic(canary, control_acts=True, candidate_acts=False, users=20)))
-    assert judge.judge()["action"] == "continue"  # 10 candidate requests of the 50 needed
+    assert asyncio.run(judge.judge())["action"] == "continue"  # 10 candidate requests of the 50 needed
     asyncio.run(judge.record(*_arm_traffic(canary, control_acts=True, candidate_acts=False)))
     status = asyncio.run(judge.status())
     assert status["running"] and status["metrics"]["candidate"]["requests"] == 110
     assert status["metrics"]["control"]["acted_on"] == 110 and status["metrics"]["candidate"]["acted_on"] == 0
-    d = judge.judge()
+    d = asyncio.run(judge.judge())
     assert d["action"] == "rollback" and "worse" in d["reason"]
     assert registry.read_canary(st) is None and registry.read_pointer(st)["run_id"] == "a"
 
     canary = asyncio.run(judge.start("c", 0.5))["canary"]
     asyncio.run(judge.record(*_arm_traffic(canary, control_acts=False, candidate_acts=True)))
-    d = judge.judge()
+    d = asyncio.run(judge.judge())
     assert d["action"] == "promote" and "better" in d["reason"]
     assert registry.read_pointer(st)["run_id"] == "c" and registry.read_canary(st) is None
     log = [st.read_json(f) for f in st.list_files(layout.canary_log(layout.MODEL))]
@@ -322,6 +322,15 @@ def test_a_canary_that_lost_its_control_to_a_retrain_is_abandoned_not_promoted(t
     canary = asyncio.run(judge.start("b", 0.5))["canary"]
     asyncio.run(judge.record(*_arm_traffic(canary, control_acts=False, candidate_acts=True)))
     registry.promote(st, layout.MODEL, "r", layout.bundle("r"), {}, {})  # a retrain promoted meanwhile
-    d = judge.judge()
-    assert d["action"] == "abandon" and registry.read_pointer(st)["run_id"] == "r"
+    d = asyncio.run(judge.judge())
+    assert d["action"] == "abandon" and "now 'r'" in d["reason"] and registry.read_pointer(st)["run_id"] == "r"
     assert registry.read_canary(st) is None
+    log = [st.read_json(f) for f in st.list_files(layout.canary_log(layout.MODEL))]
+    assert [x["action"] for x in log] == ["start", "abandon"]
+    # end_canary and promote_canary act only on the canary they were given
+    _published(st, "e")
+    canary = registry.start_canary(st, "e", 0.1)
+    assert registry.end_canary(st, layout.MODEL, "other") is None and registry.read_canary(st)["run_id"] == "e"
+    with pytest.raises(registry.PromotionConflict, match="ended meanwhile"):
+        registry.promote_canary(st, {**canary, "run_id": "b"})
+    assert registry.read_pointer(st)["run_id"] == "r"
