@@ -318,6 +318,10 @@ class ServeAppConfig:
     # CanaryConfig documents each), and how often the judge applies the rule.
     canary: CanaryConfig = field(default_factory=CanaryConfig)
     canary_check_s: float = 5.0
+    # Catalogs with more items than this are served from an approximate candidate pool (faiss IVF
+    # over item and text vectors, co-visited and popular items; serve/ann.py) instead of scoring
+    # every item per request; at or below it every item is scored exactly.
+    ann_above: int = 200_000
 
 
 @dataclass

@@ -149,7 +149,8 @@ class Retriever(_Versioned):
         self._init_versions()
         self._seen_upserts: set = set()
         self._upserts: Dict[str, Dict[str, Any]] = {}
-        self.watcher = _watcher(s, layout.RETRIEVER_PARTS, lambda f, v: RetrievalModel(f, v), prepare=self._prepare)
+        self.watcher = _watcher(s, layout.RETRIEVER_PARTS, lambda f, v: RetrievalModel(f, v, s.ann_above),
+                                prepare=self._prepare)
         with self.lock:
             self._sync_upserts(self.watcher.current)
         threading.Thread(target=self._poll_upserts, name="upserts", daemon=True).start()

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from components import bundle, layout
 from components import checkpoints as ck
 from components.models.ranker import NUM_CONTEXT, context_features, item_stats
+from components.models.channels.base import Moments
+from serve.ann import ANN_ABOVE, CandidatePool
 
 
 class RetrievalModel:
@@ -34,9 +36,11 @@ class RetrievalModel:
             popularity and recency (ranker features) come from its training interactions
             (a bundle without them: neutral features).
         version: the bundle's run id.
+        ann_above: catalogs with more items are served from an ANN candidate pool
+            (``serve.ann``) instead of scoring every item per request.
     """
 
-    def __init__(self, folder: Path, version: str = ""):
+    def __init__(self, folder: Path, version: str = "", ann_above: int = ANN_ABOVE):
         self.version = version
         self.model = bundle.load_retriever(folder, verify=False)  # verified on fetch
         items = bundle.load_catalog(folder)
@@ -58,6 +62,15 @@ class RetrievalModel:
         # Candidate channels fused with the retriever (components.models.channels), the same object
         # jobs.evaluate scores with; None for a bundle without them (retriever order alone).
         self.channels = bundle.load_channels(folder, text)
+        self.pool: Optional[CandidatePool] = None
+        if self.channels is not None and n > ann_above:
+            ctext = self.channels.text.numpy() if self.channels.text is not None else None
+            self.pool = CandidatePool(self.vectors[1:], ctext, self.channels.log_pop, self.channels.cfg.weights)
+            # the retriever channel's exact catalog mean and spread per user (the others' are the
+            # channels' own), kept through upserts
+            self.vector_moments = Moments(self.vectors[1:])
+            if ctext is not None:
+                self.channels.text_moments()
         self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
         self.index.add_with_ids(self.vectors[1:], np.arange(1, n + 1, dtype=np.int64))
         self.added_at = np.zeros(n + 1, dtype=np.int64)  # upsert time (ms) of new items
@@ -121,6 +134,9 @@ class RetrievalModel:
                     self.categories.append(list(x.get("categories") or []))
                     r = self.row[iid] = len(self.ids)
                     self.vectors = np.vstack([self.vectors, v[k:k + 1]])
+                    if self.pool is not None:
+                        self.vector_moments.grow(1)
+                        self.vector_moments.replace(np.zeros(d, np.float32), v[k])
                     self.added_at = np.append(self.added_at, now)
                     self._grow_stats(r, x, None if text_emb is None else text_emb[k])
                     if self.channels is not None:
@@ -129,11 +145,16 @@ class RetrievalModel:
                     self.titles[r - 1] = x.get("title") or self.titles[r - 1]
                     self.categories[r - 1] = list(x.get("categories") or self.categories[r - 1])
                     if iid in self.upserts:  # a catalog item keeps its trained vector
+                        if self.pool is not None:
+                            self.vector_moments.replace(self.vectors[r], v[k])
                         self.vectors[r] = v[k]
                     self.index.remove_ids(np.array([r], dtype=np.int64))
                 self.index.add_with_ids(self.vectors[r:r + 1], np.array([r], dtype=np.int64))
                 if self.channels is not None and text_emb is not None and (iid in self.upserts or r > self.trained_items):
                     self.channels.set_text(r - 1, np.asarray(text_emb[k], dtype=np.float32))
+                if self.pool is not None and r > self.pool.n:  # a new item joins the ANN indexes
+                    ctext = self.channels.text[r - 1:r].numpy() if self.channels.text is not None else None
+                    self.pool.add(np.array([r - 1]), self.vectors[r:r + 1], ctext)
                 self.upserts[iid] = {**x, "embedding": None if text_emb is None else np.asarray(text_emb[k]).tolist()}
             return new
 
@@ -188,21 +209,75 @@ class RetrievalModel:
         """Top-``n`` rows by the fused channel score over the whole catalog (new items included),
         with each channel's z-score for them; history, exclusions and category filters applied;
         ``covisit``: the live co-visits of the user's items (``SessionState.context``)."""
-        raw = torch.as_tensor(self.vectors[1:] @ np.asarray(u, dtype=np.float32))[None]
+        u = np.asarray(u, dtype=np.float32)
         hist = [np.asarray(hist_rows, dtype=np.int64) - 1]
-        fused, z = self.channels.scores(raw, hist, self.live_similarity(covisit))
-        s = fused[0].numpy().copy()
+        live = self.live_similarity(covisit)
         drop = np.asarray(list(exclude_rows) + list(hist_rows), dtype=np.int64) - 1
-        s[drop[(drop >= 0) & (drop < len(s))]] = -np.inf
+        if self.pool is None:  # every item, exactly
+            items = None
+            raw = torch.as_tensor(self.vectors[1:] @ u)[None]
+            fused, z = self.channels.scores(raw, hist, live)
+            s = fused[0].numpy().copy()
+            s[drop[(drop >= 0) & (drop < len(s))]] = -np.inf
+        else:  # a large catalog: the ANN pool, standardised by the pool's catalog sample
+            stats = self.vector_moments.of(torch.as_tensor(u)[None])
+            items = self._pool(u, hist[0], live, float(stats[1][0]))
+            raw = torch.as_tensor(self.vectors[items + 1] @ u)[None]
+            fused, z = self.channels.scores(raw, hist, live, items=items, stats={"retriever": stats})
+            s = fused[0].numpy().copy()
+            at = np.clip(np.searchsorted(items, drop), 0, len(items) - 1)
+            s[at[items[at] == drop]] = -np.inf
         if categories:
             wanted = set(categories)
-            s[[r for r, cats in enumerate(self.categories) if not wanted.intersection(cats)]] = -np.inf
+            codes = range(len(self.categories)) if items is None else items
+            s[[k for k, r in enumerate(codes) if not wanted.intersection(self.categories[r])]] = -np.inf
         k = min(n, int(np.isfinite(s).sum()))
         if k == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32), {}
         top = np.argpartition(-s, k - 1)[:k]
         top = top[np.argsort(-s[top], kind="stable")]
-        return top + 1, s[top].astype(np.float32), {c: x[0].numpy()[top] for c, x in z.items()}
+        rows = (top if items is None else items[top]) + 1
+        return rows, s[top].astype(np.float32), {c: x[0].numpy()[top] for c, x in z.items()}
+
+    def _pool(self, u: np.ndarray, hist: np.ndarray, live, retriever_spread: float) -> np.ndarray:
+        """The request's candidate pool (``serve.ann``): the index's best by the fused linear
+        channels, the co-visited items, the cold items with their text neighbours."""
+        profile = self._text_profile(hist)
+        spread = {"retriever": retriever_spread, "popularity": self.pop_spread}
+        if profile is not None:
+            spread["text"] = float(self.channels.text_moments().of(torch.as_tensor(profile)[None])[1][0])
+        extra = [self._covisited(hist, live)]
+        cold = np.flatnonzero(self.channels.cold_mask(live))
+        if len(cold):  # upserts: scored by their cold terms, which read their text neighbours
+            nb = self.channels.text_neighbours(torch.as_tensor(cold))
+            extra += [cold] + ([nb[0].numpy().ravel()] if nb is not None else [])
+        return self.pool.candidates(self.pool.query(u, profile, spread), extra)
+
+    @property
+    def pop_spread(self) -> float:
+        """The popularity channel's spread over the catalog (recomputed when the catalog grows)."""
+        n = len(self.channels.log_pop)
+        if getattr(self, "_pop_spread", (None, 0))[0] != n:
+            self._pop_spread = (n, float(np.std(self.channels.log_pop.astype(np.float64), ddof=1)))
+        return self._pop_spread[1]
+
+    def _text_profile(self, hist: np.ndarray) -> Optional[np.ndarray]:
+        """What the text channel scores against (its ``text_recent`` last items' mean, normalised)."""
+        text = self.channels.text
+        if text is None:
+            return None
+        h = hist[(hist >= 0) & (hist < len(text))][-self.channels.cfg.text_recent:]
+        return F.normalize(text[torch.as_tensor(h)].mean(0), dim=0).numpy() if len(h) else None
+
+    def _covisited(self, hist: np.ndarray, live) -> np.ndarray:
+        """Items co-visited with the history's last ``history`` items (trained and live)."""
+        h = hist[(hist >= 0) & (hist < self.channels.num_items)][-self.channels.cfg.history:]
+        if not len(h):
+            return np.zeros(0, np.int64)
+        parts = [self.channels.sim[h].indices]
+        if live is not None and live.nnz:
+            parts.append(live[h].indices)
+        return np.concatenate(parts)
 
     def context(self, cand: np.ndarray, scores: np.ndarray, hist_rows: Sequence[int], hist_ts: Sequence[int],
                 hist_events: Sequence[int], channels: Optional[Dict[str, np.ndarray]] = None) -> np.ndarray:

@@ -130,3 +130,44 @@ def test_items_without_interactions_get_their_own_fitted_weights():
     fit = ch.fit_cold(z, objective)
     assert fit["valid_ndcg@10_cold"] == 1.0 and fit["cold_items"] == 1 and ch.cfg.cold == fit["cold"]
     assert objective(ch.scores(raw, hist)[0]) == 1.0  # the fitted weights are what scores() uses
+
+
+def test_scoring_a_candidate_pool_matches_the_whole_catalog_on_the_pool():
+    """Issue 24: serving a large catalog scores a pool of candidates. Each channel standardises
+    its pool scores by the whole catalog's mean and spread (computed exactly: from the text
+    vectors' moments, the sparse co-visit rows, the popularity vector; the retriever's from the
+    caller), so an item of the pool gets the score the whole-catalog computation gives it; a cold
+    item too when its text neighbours are in the pool. Scoring every item is the whole-catalog
+    computation exactly."""
+    rng = np.random.default_rng(1)
+    n = 300
+    hist = [rng.integers(0, 250, size=rng.integers(2, 12)) for _ in range(400)]  # items 250+: cold
+    text = torch.nn.functional.normalize(torch.randn(n, 16), dim=1)
+    ch = Channels.fit_data(hist, n, text, FusionConfig(weights={"retriever": 1.0, "covisit": 0.5, "text": 0.35,
+                                                                "popularity": 0.2}))
+    users = [hist[0], hist[5], np.array([260, 3])]  # the last with a cold item in its history
+    raw = torch.randn(3, n)
+    full, zf = ch.scores(raw, users)
+    same, _ = ch.scores(raw, users, items=np.arange(n), stats={"retriever": (raw.mean(1), raw.std(1))})
+    assert torch.allclose(full, same, atol=1e-4)
+
+    items = np.unique(np.concatenate([rng.choice(n, 120, replace=False), np.arange(245, 270)]))
+    sub, z = ch.scores(raw[:, items], users, items=items, stats={"retriever": (raw.mean(1), raw.std(1))})
+    for name in zf:
+        assert torch.allclose(z[name], zf[name][:, items], atol=1e-4), name
+    cold = ch.cold_mask()[items]
+    idx, _ = ch.text_neighbours(torch.as_tensor(items[cold]))
+    covered = np.isin(idx.numpy(), items).all(1)
+    keep = np.flatnonzero(~cold).tolist() + np.flatnonzero(cold)[covered].tolist()
+    assert len(keep) > len(items) // 2
+    assert torch.allclose(sub[:, keep], full[:, items][:, keep], atol=1e-4)
+    # without the retriever's catalog figures, a sample of the pool (``ref``) stands in
+    ref = np.arange(0, len(items), 2)
+    _, z2 = ch.scores(raw[:, items], users, items=items, ref=ref)
+    r = raw[:, items]
+    assert torch.allclose(z2["retriever"], (r - r[:, ref].mean(1, keepdim=True)) / (r[:, ref].std(1, keepdim=True) + 1e-6))
+    # the text moments follow a changed vector
+    ch.set_text(7, np.ones(16, np.float32))
+    m, sd = ch.text_moments().of(torch.ones(1, 16))
+    x = (ch.text @ torch.ones(16)).double()
+    assert abs(m.item() - x.mean().item()) < 1e-4 and abs(sd.item() - x.std().item()) < 1e-4

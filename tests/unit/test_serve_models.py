@@ -267,3 +267,35 @@ def test_the_health_check_fails_without_a_model_or_a_live_watch_thread(bundle):
     assert "watch thread died" in w.problem()
     w.stop()
     assert w.problem() is None  # stopped on purpose: healthy
+
+
+def test_the_ann_pool_path_gives_the_exact_answer_when_its_pool_covers_the_catalog(loaded):
+    """Issue 24: above ``ann_above`` items candidates come from an ANN pool whose scores are
+    standardised by the catalog's exact moments (serve/ann.py). On a catalog smaller than the
+    pool that covers every item, so the answer must be the exact path's, scores included; a new
+    item joins the ANN index and the moments. The recall of the pool on large catalogs is
+    measured by benchmarks/catalog_scale.py."""
+    exact = RetrievalModel(loaded["dir"], "v1")  # fresh: other tests upsert into loaded["retrieval"]
+    pooled = RetrievalModel(loaded["dir"], "v1", ann_above=0)
+    assert exact.pool is None and pooled.pool is not None and pooled.pool.n == exact.size
+    enc = loaded["encoder"]
+    ts = [1_700_000_000_000 + k for k in range(6)]
+    for cat in sorted({c for cats in exact.categories for c in cats})[:3]:
+        hist = _category_items(exact, cat, 6)
+        rows, _ = exact.lookup(hist)
+        u = enc.encode([{"vectors": exact.history_vectors(rows), "events": [1] * 6, "ts": ts}])[0]
+        a = exact.candidates(u, rows, ts, [1] * 6, rows[:1], None, 50)
+        b = pooled.candidates(u, rows, ts, [1] * 6, rows[:1], None, 50)
+        assert [x["item_id"] for x in a["items"]] == [x["item_id"] for x in b["items"]]
+        assert np.allclose(a["retrieval"], b["retrieval"], atol=1e-4) and np.allclose(a["ctx"], b["ctx"], atol=1e-4)
+        other = sorted({c for cats in exact.categories for c in cats} - {cat})[0]
+        f = pooled.candidates(u, rows, ts, [1] * 6, [], [other], 10)
+        assert f["items"] and all(other in x["categories"] for x in f["items"])
+    before = pooled.pool.n
+    text = pooled.text[0].numpy()[None]
+    assert pooled.upsert([{"item_id": "pooled-new", "title": "New", "categories": ["Cycling"]}], text) == 1
+    assert pooled.pool.n == before + 1 and pooled.pool.index.ntotal == before + 1
+    assert pooled.vector_moments.n == before + 1
+    mean, sd = pooled.vector_moments.of(torch.ones(1, pooled.dim))
+    x = torch.as_tensor(pooled.vectors[1:]).double().sum(1)
+    assert abs(mean.item() - x.mean().item()) < 1e-3 and abs(sd.item() - x.std().item()) < 1e-3

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -23,6 +23,17 @@ class Query:
     retriever: torch.Tensor
     decay: Optional[float] = None
     live: Optional[sp.csr_matrix] = None
+    # The items scored (sorted 0-based codes; ``retriever`` is then [B, len(items)]), None: the
+    # whole catalog. Serving a large catalog scores only a candidate pool (serve/retrieval.py).
+    items: Optional[np.ndarray] = None
+    # With ``items``: each channel's mean and spread over the whole catalog per user ([B] each),
+    # which standardise its scores as scoring every item would. The caller puts the retriever's;
+    # a channel that can compute its own exactly (from catalog moments or a sparse row) adds it.
+    stats: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None
+
+    def columns(self, x):
+        """``x`` [B, num_items] (dense or sparse) restricted to the scored items."""
+        return x if self.items is None else x[:, self.items]
 
 
 class Channel:
@@ -32,8 +43,9 @@ class Channel:
     name             the channel's name in the fused scores and the name of its fusion weight
     fit_order        its place in the coordinate ascent that fits the fusion weights on valid
     default_weight   its weight before fitting
-    scores           its scores over the catalog for a batch of users, offline and in serving
-                     alike (None: the channel has nothing to say, e.g. no text embeddings)
+    scores           its scores over the catalog (or the query's ``items``) for a batch of users,
+                     offline and in serving alike (None: the channel has nothing to say, e.g. no
+                     text embeddings)
     cold_items       items this channel has no evidence for (a bool mask, or None), whose score
                      is taken from the ``cold_fallback`` channel instead of read as "irrelevant"
     The live update of a channel (events between retrains) is declared in its module next to it:
@@ -50,3 +62,31 @@ class Channel:
 
     def cold_items(self, ch: "Channels", q: Query) -> Optional[np.ndarray]:
         return None
+
+
+class Moments:
+    """Sum and outer-product sum of a catalog's vectors, kept through row changes: the mean and
+    the (unbiased) spread of ``<q, x_i>`` over every item, for any query ``q``, in O(d^2)."""
+
+    def __init__(self, x: np.ndarray):
+        x = np.asarray(x, dtype=np.float32)
+        self.n = len(x)
+        self.s1 = x.sum(0, dtype=np.float64)
+        self.s2 = (x.T @ x).astype(np.float64)  # float32 BLAS, then accumulated in float64
+
+    def replace(self, old: np.ndarray, new: np.ndarray) -> None:
+        old, new = np.asarray(old, np.float64), np.asarray(new, np.float64)
+        self.s1 += new - old
+        self.s2 += np.outer(new, new) - np.outer(old, old)
+
+    def grow(self, k: int) -> None:
+        """``k`` zero rows (items added without a vector yet)."""
+        self.n += k
+
+    def of(self, q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of ``q @ x_i`` over the rows, per query [B] each."""
+        mu = self.s1 / self.n
+        cov = (self.s2 - self.n * np.outer(mu, mu)) / max(1, self.n - 1)
+        qd = q.double().numpy()
+        var = np.maximum(((qd @ cov) * qd).sum(1), 0.0)
+        return torch.as_tensor(qd @ mu, dtype=torch.float32), torch.as_tensor(np.sqrt(var), dtype=torch.float32)

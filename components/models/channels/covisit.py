@@ -71,11 +71,19 @@ class CovisitChannel(Channel):
         out = x @ ch.sim
         if q.live is not None and q.live.nnz:  # x @ (sim + live) without building sim + live per request
             out = out + x @ q.live
-        return torch.as_tensor(out.toarray(), dtype=torch.float32)
+        out = out.tocsr()
+        if q.items is not None and q.stats is not None:  # exact catalog moments from the sparse rows
+            s1 = np.asarray(out.sum(1), dtype=np.float64).ravel()
+            s2 = np.asarray(out.multiply(out).sum(1), dtype=np.float64).ravel()
+            mean = s1 / n
+            var = np.maximum((s2 - n * mean ** 2) / max(1, n - 1), 0.0)
+            q.stats[self.name] = (torch.as_tensor(mean, dtype=torch.float32),
+                                  torch.as_tensor(np.sqrt(var), dtype=torch.float32))
+        return torch.as_tensor(q.columns(out).toarray(), dtype=torch.float32)
 
     def cold_items(self, ch, q: Query) -> np.ndarray:
         """Items nobody interacted with in training and no live event co-visited: no evidence."""
-        return ch.cold_mask(q.live)
+        return q.columns(ch.cold_mask(q.live)[None])[0]
 
 
 CHANNEL = CovisitChannel()

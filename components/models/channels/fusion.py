@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
 
 from components.models.channels import covisit
-from components.models.channels.base import Query
+from components.models.channels.base import Moments, Query
 from components.models.channels.covisit import SHRINK, covisitation
 from components.models.channels.registry import BY_NAME, CHANNELS, REGISTRY
 
@@ -73,8 +73,14 @@ class FusionConfig:
                                                              "neighbours": 1.0})
 
 
-def _zscore(x: torch.Tensor) -> torch.Tensor:
-    return (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-6)
+def _zscore(x: torch.Tensor, ref: Optional[np.ndarray] = None, stats: Optional[tuple] = None) -> torch.Tensor:
+    """Per-user z-scores; ``stats``: the (mean, std) [B] to use (the whole catalog's, when only a
+    pool is scored), else those of the columns ``ref`` (a uniform sample of the catalog), else of
+    all of them."""
+    if stats is not None:
+        return (x - stats[0][:, None]) / (stats[1][:, None] + 1e-6)
+    r = x if ref is None else x[:, torch.as_tensor(ref)]
+    return (x - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)
 
 
 class Channels:
@@ -97,7 +103,10 @@ class Channels:
         self.log_pop = np.asarray(log_pop, dtype=np.float32)
         self.text = F.normalize(text.float(), dim=1) if text is not None else None
         self.cfg = cfg or FusionConfig()
-        self._neighbours: Optional[tuple] = None  # (cold items, text_neighbours of them), until the text changes
+        # text_neighbours per item, computed once each ([num_items, k] codes, -1: not yet, and
+        # weights), until the text or the catalog changes
+        self._nb: Optional[tuple] = None
+        self._text_moments: Optional[Moments] = None  # built on first use (pooled serving)
 
     @classmethod
     def fit_data(cls, histories: Sequence[np.ndarray], num_items: int, text: Optional[torch.Tensor],
@@ -115,13 +124,24 @@ class Channels:
         self.log_pop = np.append(self.log_pop, np.zeros(k, np.float32))
         if self.text is not None:
             self.text = torch.cat([self.text, torch.zeros(k, self.text.shape[1])])
-        self._neighbours = None
+            if self._text_moments is not None:
+                self._text_moments.grow(k)
+        self._nb = None
+
+    def text_moments(self) -> Moments:
+        """The text vectors' ``Moments`` (the text channel's exact catalog mean and spread)."""
+        if self._text_moments is None:
+            self._text_moments = Moments(self.text.numpy())
+        return self._text_moments
 
     def set_text(self, item: int, embedding: np.ndarray) -> None:
         """The LLM text vector of item ``item`` (0-based), e.g. an item added through the API."""
         if self.text is not None:
-            self.text[item] = F.normalize(torch.as_tensor(embedding, dtype=torch.float32), dim=0)
-            self._neighbours = None
+            new = F.normalize(torch.as_tensor(embedding, dtype=torch.float32), dim=0)
+            if self._text_moments is not None:
+                self._text_moments.replace(self.text[item].numpy(), new.numpy())
+            self.text[item] = new
+            self._nb = None
 
     def cold_mask(self, live: Optional[sp.csr_matrix] = None) -> np.ndarray:
         """Items nobody interacted with in training and no live event co-visited: no evidence
@@ -146,15 +166,21 @@ class Channels:
         return BY_NAME[name].scores(self, Query(histories, torch.zeros(len(histories), self.num_items), decay, live))
 
     def channel_scores(self, retriever: torch.Tensor, histories: Sequence[np.ndarray],
-                       decay: Optional[float] = None, live: Optional[sp.csr_matrix] = None) -> Dict[str, torch.Tensor]:
+                       decay: Optional[float] = None, live: Optional[sp.csr_matrix] = None,
+                       items: Optional[np.ndarray] = None, ref: Optional[np.ndarray] = None,
+                       stats: Optional[Dict[str, tuple]] = None) -> Dict[str, torch.Tensor]:
         """Per-user z-scores of every channel [B, num_items] (``retriever``: raw <u, i>;
-        ``live``: co-visit similarities from live events, see ``live_similarity``)."""
-        q = Query(histories, retriever, decay, live)
+        ``live``: co-visit similarities from live events, see ``live_similarity``). ``items``:
+        score only these (sorted 0-based codes; ``retriever`` [B, len(items)]), standardised by
+        the whole catalog's mean and spread of each channel: ``stats`` (the caller's, e.g. the
+        retriever's) or the channel's own exact ones, else those of the columns ``ref`` of them
+        (a uniform sample of the catalog: the pool's own spread is not the catalog's)."""
+        q = Query(histories, retriever, decay, live, items, dict(stats or {}) if items is not None else None)
         out: Dict[str, torch.Tensor] = {}
         for channel in REGISTRY:
             s = channel.scores(self, q)
             if s is not None:
-                out[channel.name] = _zscore(s)
+                out[channel.name] = _zscore(s, ref, q.stats.get(channel.name) if q.stats is not None else None)
         for channel in REGISTRY:
             # An item a channel has no evidence for (e.g. no co-visits: added at serving) is
             # missing evidence, not a low score: its fallback channel's score stands in for it.
@@ -173,19 +199,29 @@ class Channels:
                 out += torch.mul(x, w[name], out=term)
         return out
 
-    def text_neighbours(self, items: torch.Tensor) -> Optional[tuple]:
+    def text_neighbours(self, items: torch.Tensor, chunk: int = 256) -> Optional[tuple]:
         """(the ``NEIGHBOURS`` nearest items by text among those with interactions [n, k], their
-        softmax weights [n, k]) for each of ``items`` (None: no text or no such items)."""
-        key = np.asarray(items).tobytes()
-        if self._neighbours is not None and self._neighbours[0] == key:  # per request in serving: cached
-            return self._neighbours[1]
-        warm = torch.as_tensor(np.flatnonzero(self.log_pop > 0))
-        out = None
-        if self.text is not None and len(warm) and len(items):
-            top = torch.topk(self.text[items] @ self.text[warm].T, min(NEIGHBOURS, len(warm)), dim=1)
-            out = warm[top.indices], torch.softmax(top.values / 0.05, 1)
-        self._neighbours = (key, out)
-        return out
+        softmax weights [n, k]) for each of ``items`` (None: no text or no such items). Each
+        item's are computed once (brute force over the items with interactions, ``chunk`` items
+        at a time) and kept until the text or the catalog changes: serving asks for the same
+        cold items request after request, in pools that differ."""
+        items = np.asarray(items, dtype=np.int64)
+        warm = np.flatnonzero(self.log_pop > 0)
+        if self.text is None or not len(warm) or not len(items):
+            return None
+        k = min(NEIGHBOURS, len(warm))
+        if self._nb is None or self._nb[0].shape != (self.num_items, k):
+            self._nb = (np.full((self.num_items, k), -1, dtype=np.int64), np.zeros((self.num_items, k), np.float32))
+        idx, w = self._nb
+        missing = np.unique(items[idx[items, 0] < 0])
+        if len(missing):
+            wt = self.text[torch.as_tensor(warm)].T
+            for s in range(0, len(missing), chunk):
+                part = missing[s:s + chunk]
+                top = torch.topk(self.text[torch.as_tensor(part)] @ wt, k, dim=1)
+                idx[part] = warm[top.indices.numpy()]
+                w[part] = torch.softmax(top.values / 0.05, 1).numpy()
+        return torch.as_tensor(idx[items]), torch.as_tensor(w[items])
 
     def fuse_cold(self, z: Dict[str, torch.Tensor], items: torch.Tensor, warm: torch.Tensor,
                   weights: Optional[Dict[str, float]] = None, neighbours: Optional[tuple] = None) -> torch.Tensor:
@@ -204,14 +240,27 @@ class Channels:
         return out
 
     def scores(self, retriever: torch.Tensor, histories: Sequence[np.ndarray],
-               live: Optional[sp.csr_matrix] = None) -> tuple[torch.Tensor, Dict]:
+               live: Optional[sp.csr_matrix] = None, items: Optional[np.ndarray] = None,
+               ref: Optional[np.ndarray] = None, stats: Optional[Dict[str, tuple]] = None) -> tuple[torch.Tensor, Dict]:
         """(fused scores [B, num_items], per-channel z-scores) with the fitted weights; items
-        without interactions by the fitted ``cold`` weights."""
-        z = self.channel_scores(retriever, histories, live=live)
+        without interactions by the fitted ``cold`` weights. ``items``/``ref``: only those items,
+        as in ``channel_scores``; a cold item's text neighbours count only when they are among them."""
+        z = self.channel_scores(retriever, histories, live=live, items=items, ref=ref, stats=stats)
         fused = self.fuse(z)
-        cold = torch.as_tensor(np.flatnonzero(self.cold_mask(live)))
-        if len(cold):
-            fused[:, cold] = self.fuse_cold(z, cold, fused)
+        mask = self.cold_mask(live)
+        if items is None:
+            cold = torch.as_tensor(np.flatnonzero(mask))
+            if len(cold):
+                fused[:, cold] = self.fuse_cold(z, cold, fused)
+            return fused, z
+        pos = np.flatnonzero(mask[items])
+        if len(pos):
+            nb = self.text_neighbours(torch.as_tensor(items[pos]))
+            if nb is not None:  # neighbours' codes -> their places among ``items`` (absent: weight 0)
+                at = np.clip(np.searchsorted(items, nb[0].numpy()), 0, len(items) - 1)
+                found = torch.as_tensor(items[at] == nb[0].numpy())
+                nb = (torch.as_tensor(at), nb[1] * found)
+            fused[:, torch.as_tensor(pos)] = self.fuse_cold(z, torch.as_tensor(pos), fused, neighbours=nb)
         return fused, z
 
     # -- fitting on valid ---------------------------------------------------------------------------------

@@ -25,7 +25,11 @@ class TextChannel(Channel):
             h = h[(h >= 0) & (h < len(ch.text))]
             if len(h):
                 prof[r] = F.normalize(ch.text[torch.as_tensor(h)].mean(0), dim=0)
-        return prof @ ch.text.T
+        if q.items is None:
+            return prof @ ch.text.T
+        if q.stats is not None:
+            q.stats[self.name] = ch.text_moments().of(prof)
+        return prof @ ch.text[torch.as_tensor(q.items)].T
 
 
 CHANNEL = TextChannel()

@@ -1,0 +1,105 @@
+"""Candidates for a large catalog: approximate nearest neighbours instead of scoring every item.
+
+Below ``ann_above`` items the retriever replica scores the whole catalog for every request (exact,
+``RetrievalModel.fused_search``). Above it, a request scores only a pool (``CandidatePool``):
+
+  nearest     the ``size`` items with the highest fused score of the linear channels, from one
+              faiss IVF index over each item's [retriever vector | LLM text vector | log
+              popularity]: a channel's z-score is affine in its raw score, so their weighted sum
+              is an inner product with [w_r u / s_r | w_t p / s_t | w_p / s_p] (u the user vector,
+              p the text profile, s_c each channel's spread over the catalog);
+  covisit     every co-visited neighbour of the history items (the similarity rows are sparse:
+              an item outside them has no co-visit evidence);
+  cold        items without interactions (upserts), with their text neighbours: scored by their
+              own fitted terms, which read those.
+
+Every channel standardises the pool's scores by the whole catalog's mean and spread, computed
+exactly without scoring the catalog (from the vectors' first and second moments,
+``channels.base.Moments``, the sparse co-visit rows, the popularity vector), so an item of the
+pool gets the fused score the exact path gives it: the pool path differs from the exact one only
+by the items the IVF search misses. Fusion and the ranker run on the pool with the same weights
+and code (``Channels.scores(items=..., stats=...)``). ``benchmarks/catalog_scale.py`` measures
+the recall against the exact path.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Dict, Optional, Sequence
+
+import faiss
+import numpy as np
+
+ANN_ABOVE = 200_000  # items: larger catalogs are served from the pool
+POOL = 1000  # items from the IVF index per request
+NPROBE_SHARE = 1 / 16  # IVF lists probed per query, as a share of all lists
+
+
+def ivf_index(x: np.ndarray, seed: int = 0, scan: int = 0) -> faiss.Index:
+    """An inner-product IVF-Flat index over ``x`` [n, d] with ids 0..n-1: ~4 sqrt(n) lists (at
+    least 39 items each), k-means trained on a sample of at most 64 points per list; a search
+    probes ``NPROBE_SHARE`` of the lists, and enough of them to scan about ``scan`` items."""
+    n, d = x.shape
+    nlist = int(max(1, min(4 * math.sqrt(n), 16384, n // 39)))  # faiss wants >= 39 points per list
+    index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(seed)
+    train = x[rng.choice(n, min(n, 64 * nlist), replace=False)] if n > 64 * nlist else x
+    index.train(np.ascontiguousarray(train, dtype=np.float32))
+    index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), np.arange(n, dtype=np.int64))
+    index.nprobe = min(nlist, max(1, int(round(nlist * NPROBE_SHARE)), math.ceil(scan * nlist / n)))
+    return index
+
+
+class CandidatePool:
+    """The ANN index of one model version and the pool of one request (see the module doc).
+
+    Args:
+        vectors: item vectors [n, d] (0-based codes).
+        text: normalised LLM text vectors [n, t], or None (no text channel).
+        log_pop: [n] log1p of training interactions.
+        weights: the fitted fusion weights (``FusionConfig.weights``).
+        size: items taken from the index per request.
+    """
+
+    def __init__(self, vectors: np.ndarray, text: Optional[np.ndarray], log_pop: np.ndarray,
+                 weights: Dict[str, float], size: int = POOL, seed: int = 0):
+        t0 = time.perf_counter()
+        self.n, self.dim, self.size = len(vectors), vectors.shape[1], size
+        self.text_dim = 0 if text is None else text.shape[1]
+        self.weights = {c: float(weights.get(c, 0.0)) for c in ("retriever", "text", "popularity")}
+        parts = [vectors] + ([text] if text is not None else []) + [np.asarray(log_pop, np.float32)[:, None]]
+        # probing at least 4x the pool's size in items: a pool never comes back short
+        self.index = ivf_index(np.hstack(parts).astype(np.float32), seed, scan=4 * size)
+        self.build_s = time.perf_counter() - t0
+
+    def add(self, codes: np.ndarray, vectors: np.ndarray, text: Optional[np.ndarray]) -> None:
+        """Items added after the build (serving upserts: no interactions), at their 0-based codes."""
+        codes = np.asarray(codes, dtype=np.int64)
+        parts = [np.asarray(vectors, np.float32)]
+        if self.text_dim:
+            parts.append(np.zeros((len(codes), self.text_dim), np.float32) if text is None else np.asarray(text, np.float32))
+        parts.append(np.zeros((len(codes), 1), np.float32))
+        self.index.add_with_ids(np.ascontiguousarray(np.hstack(parts)), codes)
+        self.n = max(self.n, int(codes.max()) + 1) if len(codes) else self.n
+
+    def query(self, u: np.ndarray, profile: Optional[np.ndarray], spread: Dict[str, float]) -> np.ndarray:
+        """[w_r u / s_r | w_t p / s_t | w_p / s_p]: the fused linear channels as one inner product
+        (``spread``: each channel's standard deviation over the catalog for this user)."""
+        def scale(c: str) -> float:
+            s = spread.get(c)
+            return self.weights[c] / (float(s) + 1e-6) if s is not None else 0.0
+
+        parts = [scale("retriever") * np.asarray(u, np.float32)]
+        if self.text_dim:
+            parts.append(np.zeros(self.text_dim, np.float32) if profile is None
+                         else scale("text") * np.asarray(profile, np.float32))
+        parts.append(np.array([scale("popularity")], np.float32))
+        return np.concatenate(parts).astype(np.float32)
+
+    def candidates(self, q: np.ndarray, extra: Sequence[np.ndarray] = ()) -> np.ndarray:
+        """Sorted unique codes: the index's ``size`` best for query ``q`` and ``extra``
+        (co-visited, cold)."""
+        _, ids = self.index.search(q[None], self.size)
+        out = np.unique(np.concatenate([ids[0], *[np.asarray(e, np.int64) for e in extra]]))
+        return out[(out >= 0) & (out < self.n)]
