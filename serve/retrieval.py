@@ -243,7 +243,7 @@ class RetrievalModel:
         """The request's candidate pool (``serve.ann``): the index's best by the fused linear
         channels, the co-visited items, the cold items with their text neighbours."""
         profile = self._text_profile(hist)
-        spread = {"retriever": retriever_spread, "popularity": self.pop_spread}
+        spread = {"retriever": retriever_spread, "popularity": self.channels.popularity_stats()[1]}
         if profile is not None:
             spread["text"] = float(self.channels.text_moments().of(torch.as_tensor(profile)[None])[1][0])
         extra = [self._covisited(hist, live)]
@@ -252,14 +252,6 @@ class RetrievalModel:
             nb = self.channels.text_neighbours(torch.as_tensor(cold))
             extra += [cold] + ([nb[0].numpy().ravel()] if nb is not None else [])
         return self.pool.candidates(self.pool.query(u, profile, spread), extra)
-
-    @property
-    def pop_spread(self) -> float:
-        """The popularity channel's spread over the catalog (recomputed when the catalog grows)."""
-        n = len(self.channels.log_pop)
-        if getattr(self, "_pop_spread", (None, 0))[0] != n:
-            self._pop_spread = (n, float(np.std(self.channels.log_pop.astype(np.float64), ddof=1)))
-        return self._pop_spread[1]
 
     def _text_profile(self, hist: np.ndarray) -> Optional[np.ndarray]:
         """What the text channel scores against (its ``text_recent`` last items' mean, normalised)."""

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from components.data.schemas import EVENT_TYPES
+from components.models.channels.base import unit_rows
 
 DAY_MS = 86_400_000.0
 # The channels whose z-scores are ranker features (components.models.channels): part of the
@@ -122,7 +123,7 @@ def item_stats(histories: Sequence[np.ndarray], ts: Sequence[np.ndarray], catego
     for r, cats in enumerate(categories):
         for c in cats:
             mh[r, col[c]] = 1.0
-    return ItemStats(keys, n, F.normalize(mh, dim=1), F.normalize(text, dim=1) if text is not None else None)
+    return ItemStats(keys, n, F.normalize(mh, dim=1), unit_rows(text) if text is not None else None)
 
 
 def context_features(stats: ItemStats, cand: np.ndarray, scores: np.ndarray, hist_items: Sequence[np.ndarray],

@@ -90,3 +90,14 @@ class Moments:
         qd = q.double().numpy()
         var = np.maximum(((qd @ cov) * qd).sum(1), 0.0)
         return torch.as_tensor(qd @ mu, dtype=torch.float32), torch.as_tensor(np.sqrt(var), dtype=torch.float32)
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with unit-length rows: ``x`` itself when they already are (zero rows allowed, e.g.
+    items without text), so the holders of a catalog's LLM vectors share one tensor instead of
+    a normalised copy each (1.5 GB at 10^6 items of 384 floats)."""
+    x = x.float()
+    norms = x.norm(dim=1)
+    if bool(((norms - 1).abs() < 1e-4).logical_or(norms == 0).all()):
+        return x
+    return torch.nn.functional.normalize(x, dim=1)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
 
 from components.models.channels import covisit
-from components.models.channels.base import Moments, Query
+from components.models.channels.base import Moments, Query, unit_rows
 from components.models.channels.covisit import SHRINK, covisitation
 from components.models.channels.registry import BY_NAME, CHANNELS, REGISTRY
 
@@ -101,7 +101,7 @@ class Channels:
                  cfg: Optional[FusionConfig] = None):
         self.sim = sim.tocsr()
         self.log_pop = np.asarray(log_pop, dtype=np.float32)
-        self.text = F.normalize(text.float(), dim=1) if text is not None else None
+        self.text = unit_rows(text) if text is not None else None
         self.cfg = cfg or FusionConfig()
         # text_neighbours per item, computed once each ([num_items, k] codes, -1: not yet, and
         # weights), until the text or the catalog changes
@@ -143,13 +143,28 @@ class Channels:
             self.text[item] = new
             self._nb = None
 
+    def _static(self) -> tuple:
+        """(items without training interactions (mask), those with (codes), popularity mean and
+        spread) of the current catalog: computed once per catalog, not per request."""
+        key = (id(self.log_pop), len(self.log_pop))
+        if getattr(self, "_static_key", None) != key:
+            x = self.log_pop.astype(np.float64)
+            self._static_val = (self.log_pop <= 0, np.flatnonzero(self.log_pop > 0), float(x.mean()),
+                                float(x.std(ddof=1)) if len(x) > 1 else 0.0)
+            self._static_key = key
+        return self._static_val
+
     def cold_mask(self, live: Optional[sp.csr_matrix] = None) -> np.ndarray:
         """Items nobody interacted with in training and no live event co-visited: no evidence
         but their text."""
-        cold = self.log_pop <= 0
+        cold = self._static()[0]
         if live is not None and live.nnz:
             cold = cold & (np.asarray(live.getnnz(axis=0)) == 0)
         return cold
+
+    def popularity_stats(self) -> tuple:
+        """(mean, std) of the popularity channel over the catalog."""
+        return self._static()[2:]
 
     @property
     def num_items(self) -> int:
@@ -206,7 +221,7 @@ class Channels:
         at a time) and kept until the text or the catalog changes: serving asks for the same
         cold items request after request, in pools that differ."""
         items = np.asarray(items, dtype=np.int64)
-        warm = np.flatnonzero(self.log_pop > 0)
+        warm = self._static()[1]
         if self.text is None or not len(warm) or not len(items):
             return None
         k = min(NEIGHBOURS, len(warm))

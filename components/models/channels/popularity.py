@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from components.models.channels.base import Channel, Query
@@ -14,9 +13,8 @@ class PopularityChannel(Channel):
 
     def scores(self, ch, q: Query):
         if q.items is not None and q.stats is not None:
-            x = ch.log_pop.astype(np.float64)
-            b = len(q.histories)
-            q.stats[self.name] = (torch.full((b,), float(x.mean())), torch.full((b,), float(x.std(ddof=1))))
+            mean, std = ch.popularity_stats()
+            q.stats[self.name] = (torch.full((len(q.histories),), mean), torch.full((len(q.histories),), std))
         return torch.as_tensor(q.columns(ch.log_pop[None])).expand(len(q.histories), -1)
 
 
