@@ -352,7 +352,21 @@ def bundle_size(results: Path) -> str:
           f"{r['part_bytes'] / 2**20:,.1f} MiB"] for r in rows])
 
 
+def catalog_scale(results: Path) -> str:
+    rows = load(results, "catalog_scale")["sizes"]
+    return markdown_table(
+        ["catalog items", "exact p50 / p99 ms", "ANN pool p50 / p99 ms", "pool recall@100 of exact (min)",
+         "pool items", "IVF lists / probed", "index build s", "replica memory"],
+        "rrrrrrrr",
+        [[f"{r['items']:,}", f"{r['exact_p50_ms']:.1f} / {r['exact_p99_ms']:.1f}",
+          f"{r['ann_p50_ms']:.1f} / {r['ann_p99_ms']:.1f}",
+          f"{r['recall@100_of_exact']:.4f} ({r['recall@100_min']:.2f})", f"{r['pool_items_mean']:,.0f}",
+          f"{r['ivf_lists']:,} / {r['ivf_nprobe']}", f"{r['ann_build_s']:.1f}",
+          f"{r['replica_rss_mb'] / 1024:.1f} GB"] for r in rows])
+
+
 RENDERERS: Dict[str, Callable[[Path], str]] = {
+    "catalog-scale": catalog_scale,
     "bundle-size": bundle_size,
     "quality": lambda res: quality(res, ["ml-latest-small", "amazon-gift-cards"]),
     "published": lambda res: published(res, ["amazon-scientific", "amazon-beauty"]),
