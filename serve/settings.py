@@ -55,7 +55,7 @@ def validate_settings(s: ServeAppConfig) -> None:
     if not 1 <= s.live_state_shards <= MAX_LIVE_STATE_SHARDS:
         raise ConfigError(f"serve args live_state_shards must be an integer 1..{MAX_LIVE_STATE_SHARDS}, "
                           f"got {s.live_state_shards!r}")
-    for name in ("live_spill_users_max", "live_covisit_neighbours", "live_covisit_max_pairs"):
+    for name in ("live_spill_users_max", "live_covisit_neighbours", "live_covisit_max_pairs", "ann_above"):
         if getattr(s, name) < 0:
             raise ConfigError(f"serve args {name} must be >= 0, got {getattr(s, name)!r}")
     if s.canary_check_s <= 0:
