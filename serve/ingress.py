@@ -183,7 +183,8 @@ class Ingress:
             raise HTTPException(503, f"recommendation backend unavailable: {exc}", headers=RETRY_AFTER) from None
         self.metrics.observe("recommend", t0, 200, out.model_version)
         self.metrics.recommended(len(out.items))
-        self.canary.served(out.model_version, req.user_id, [it.item_id for it in out.items], out.took_ms)
+        if self.canary.canary is not None:  # no list built on the hot path while no canary runs
+            self.canary.served(out.model_version, req.user_id, [it.item_id for it in out.items], out.took_ms)
         return out
 
     @http_app.post("/v1/events", status_code=202, response_model=api.EventsResponse, dependencies=[NEEDS_KEY])
