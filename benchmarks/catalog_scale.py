@@ -8,7 +8,9 @@ text vectors, interactions) is loaded by the retriever replica's own class
 ``/v1/recommend`` asks the retriever: fused top-100 with the ranker's features and the reasons)
 twice, on the same object: scoring every item (exact) and from the ANN pool. Reported per size:
 the pool's recall@100 of the exact fused top-100, p50/p99 latency of each path on one core, the
-ANN index build time, and the replica's resident memory with the model loaded.
+ANN index build time, and the replica's resident memory with the model loaded; then the same
+bundle with its index shipped (ann/, as jobs.train writes it past ``train.ann_index_above``) is
+loaded again: the load time of a hot swap once the files are fetched, and the index's size.
 
 What stands in, and why: the items' LLM vectors are synthetic (a category centroid plus noise,
 normalised, 384-d like all-MiniLM-L6-v2): embedding 10^6 item texts with the real encoder takes
@@ -24,6 +26,7 @@ Writes ``results/catalog_scale.json``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -158,6 +161,16 @@ def measure(n: int, queries: int, k: int = 100) -> Dict[str, Any]:
             "pool_items_mean": round(float(np.mean(pool_sizes)), 0),
             "exact_p50_ms": pct(lat["exact"], 50), "exact_p99_ms": pct(lat["exact"], 99),
             "ann_p50_ms": pct(lat["ann"], 50), "ann_p99_ms": pct(lat["ann"], 99)})
+        # A hot swap to a bundle that ships its index (jobs.train, past train.ann_index_above):
+        # the replica reads it instead of building it.
+        r.pool.save(folder / layout.ANN)
+        out["ann_index_mb"] = round((folder / layout.ANN / "index.faiss").stat().st_size / 2**20, 1)
+        del r, pool
+        gc.collect()
+        t0 = time.perf_counter()
+        shipped = RetrievalModel(folder, "scale", ann_above=0)
+        out["replica_load_shipped_index_s"] = round(time.perf_counter() - t0, 1)
+        assert shipped.pool.loaded, "the shipped index was not used"
         return out
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -356,18 +356,33 @@ def catalog_scale(results: Path) -> str:
     rows = load(results, "catalog_scale")["sizes"]
     return markdown_table(
         ["catalog items", "exact p50 / p99 ms", "ANN pool p50 / p99 ms", "pool recall@100 of exact (min)",
-         "pool items", "IVF lists / probed", "index build s", "replica memory"],
-        "rrrrrrrr",
+         "pool items", "IVF lists / probed", "index build s", "load with shipped index s", "replica memory"],
+        "rrrrrrrrr",
         [[f"{r['items']:,}", f"{r['exact_p50_ms']:.1f} / {r['exact_p99_ms']:.1f}",
           f"{r['ann_p50_ms']:.1f} / {r['ann_p99_ms']:.1f}",
           f"{r['recall@100_of_exact']:.4f} ({r['recall@100_min']:.2f})", f"{r['pool_items_mean']:,.0f}",
           f"{r['ivf_lists']:,} / {r['ivf_nprobe']}", f"{r['ann_build_s']:.1f}",
+          f"{r['replica_load_shipped_index_s']:.1f}" if "replica_load_shipped_index_s" in r else "—",
           f"{r['replica_rss_mb'] / 1024:.1f} GB"] for r in rows])
+
+
+# ---- retriever training layout (benchmarks/train_layout.py) ---------------------------------
+
+def train_layout(results: Path) -> str:
+    data = load(results, "train_layout")
+    rows = []
+    for name, d in data["datasets"].items():
+        for r in d["layouts"]:
+            rows.append([name, f"{r['workers']} x {r['threads_each']}", r["batch_each"], f"{r['ms_per_step']:.0f}",
+                         f"{r['windows_per_s']:.0f}", f"{r['cores_busy_per_worker']:.2f} ({r['cores_busy']:.2f})"])
+    return markdown_table(["data", "workers x threads", "batch each", "ms a step", "windows/s",
+                           "cores busy per worker (all)"], "llrrrr", rows)
 
 
 RENDERERS: Dict[str, Callable[[Path], str]] = {
     "catalog-scale": catalog_scale,
     "bundle-size": bundle_size,
+    "train-layout": train_layout,
     "quality": lambda res: quality(res, ["ml-latest-small", "amazon-gift-cards"]),
     "published": lambda res: published(res, ["amazon-scientific", "amazon-beauty"]),
     "preprocess": preprocess,

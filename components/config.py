@@ -164,6 +164,22 @@ class LLMFinetuneConfig:
 class TrainConfig:
     # Ray Train workers (gloo on CPU, NCCL on GPU) and DeepSpeed settings.
     num_workers: int = 2
+    # Workers of the retriever stage (0: num_workers). Its step has a cost that does not shrink
+    # with the batch: the full softmax needs every catalog item's vector, the text projection
+    # over the whole catalog, and data parallelism repeats it on every worker. With short
+    # histories (Amazon, ~9 items) that cost dominates: on one 2-core node one worker with both
+    # cores trained 1.8x the samples per second of two one-core workers at the same batch per
+    # step; on MovieLens' long histories the two layouts ran even (results/train_layout.json).
+    # A preset that lowers it raises train.retriever.batch_size (per worker) to keep the step.
+    retriever_workers: int = 0
+    # CPUs (and torch threads) per worker; 0: the node's CPUs shared out among the stage's
+    # workers (a 2-CPU node: 1 each for two workers, 2 for one).
+    cpus_per_worker: int = 0
+    # A bundle whose catalog has more items than this ships the serving ANN index (ann/, serve/ann.py),
+    # built once here, so a replica loads it on a hot swap instead of building it (minutes at
+    # 10^6 items). Keep it at or below the Serve arg ann_above; a replica builds the index itself
+    # for a bundle without one.
+    ann_index_above: int = 200_000
     use_gpu: bool = False
     # Where Ray puts the workers (a placement group): PACK fills a node first (fast gloo/NCCL
     # between them), SPREAD one per node where it can (a node loss takes one worker; what the
@@ -448,6 +464,11 @@ def unknown_key_message(key: str, schema: type, overrides: Sequence[str] = ()) -
     return f"unknown config key: {key}; {hint}"
 
 
+def retriever_workers(cfg: Any) -> int:
+    """The retriever stage's Ray Train workers: ``train.retriever_workers``, or ``train.num_workers``."""
+    return cfg.train.retriever_workers or cfg.train.num_workers
+
+
 def validate_config(cfg: Any) -> None:
     """Check values that types alone cannot; raise ConfigError naming the key."""
     if "data" in cfg:
@@ -487,6 +508,8 @@ def validate_config(cfg: Any) -> None:
             raise ConfigError(f"train.stages: unknown stage(s) {bad}; use llm, retriever, ranker")
         if t.num_workers < 1:
             raise ConfigError("train.num_workers must be >= 1")
+        if t.retriever_workers < 0 or t.cpus_per_worker < 0:
+            raise ConfigError("train.retriever_workers and train.cpus_per_worker must be >= 0 (0: automatic)")
         if t.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ConfigError(f"train.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD; "
                               f"got {t.placement_strategy!r}")

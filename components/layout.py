@@ -63,6 +63,7 @@ CHANNELS = "channels"          # fitted candidate channels and fusion weights
 LLM = "llm"                    # the fine-tuned text encoder (absent: the configured base encoder)
 TEXT = "text"                  # item text embeddings (TEXT_EMBEDDINGS)
 INTERACTIONS = "interactions"  # training (item, ts) pairs: popularity and recency features
+ANN = "ann"                    # the serving ANN index of a large catalog (serve/ann.py; absent: small catalog)
 LINEAGE = "lineage.json"
 MANIFEST = "manifest.json"
 # inside a weights part
@@ -71,7 +72,7 @@ CONFIG = "config.json"
 
 # Bundle parts each serving deployment loads (lineage.json always comes along).
 ENCODER_PARTS = (RETRIEVER,)
-RETRIEVER_PARTS = (RETRIEVER, TEXT, ITEMS, CHANNELS, INTERACTIONS)
+RETRIEVER_PARTS = (RETRIEVER, TEXT, ITEMS, CHANNELS, INTERACTIONS, ANN)
 RANKER_PARTS = (RANKER,)
 TEXT_PARTS = (LLM,)
 

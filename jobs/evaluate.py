@@ -62,8 +62,8 @@ def _parent_baseline(cfg: Any, storage: Storage, child: Path, version: str) -> t
 
 # What main(cfg) reads (the retriever and train.* ones for evaluate.baselines and the new-item
 # variant, which train in-process): `--help` lists these settings.
-CONFIG_SECTIONS = ("storage", "evaluate", "retriever", "train.num_workers", "train.retriever", "retrain.rollout",
-                   "retrain.canary_share")
+CONFIG_SECTIONS = ("storage", "evaluate", "retriever", "train.num_workers", "train.retriever_workers", "train.retriever",
+                   "retrain.rollout", "retrain.canary_share")
 
 
 def main(cfg: Any) -> Dict[str, Any]:

@@ -2,7 +2,8 @@
 
     python -m jobs.train storage.root=<uri> [train.stages=[llm,retriever,ranker]] [train.zero_stage=2]
 
-Stages, each one TorchTrainer run with ``train.num_workers`` workers (gloo on CPU):
+Stages, each one TorchTrainer run with ``train.num_workers`` workers (the retriever:
+``train.retriever_workers`` when set), each with ``train.cpus_per_worker`` CPUs as torch threads (gloo on CPU):
   llm        contrastive fine-tuning of the text encoder on (item, next item) text pairs, then the
              catalog is re-embedded with it (jobs.embed_items);
   retriever  the sequence retriever, full-softmax (or sampled) next-item loss, best epoch on valid;
@@ -21,13 +22,13 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
 from components import bundle, layout, registry
 from components import checkpoints as ck
-from components.config import to_dict
+from components.config import retriever_workers, to_dict
 from components.data.datasets import DatasetRef, load_training_data, resolve_dataset
 from components.evaluation.ranking import fit_channels
 from components.models.channels import describe as describe_fit
@@ -41,6 +42,28 @@ log = logging.getLogger("jobs.train")
 
 
 # -- driver ------------------------------------------------------------------------------------------
+def share_cpus(requested: int, workers: int, node_cpus: List[int], use_gpu: bool) -> int:
+    """CPUs (and torch threads) per worker: ``requested`` when set; else, on CPU, the largest
+    node's CPUs shared out among the workers and never more than the cluster holds (a 2-CPU node:
+    two workers get 1 each, one worker 2); on GPU 0 (Ray Train's default: no CPU asked)."""
+    if requested:
+        return requested
+    if use_gpu:
+        return 0
+    return max(1, min(max(node_cpus, default=1), sum(node_cpus) // workers))
+
+
+def stage_layout(cfg: Any, name: str) -> Dict[str, int]:
+    """Workers and CPUs per worker of stage ``name`` on the running cluster: ``train.num_workers``
+    (the retriever: ``train.retriever_workers`` when set) and ``share_cpus`` of
+    ``train.cpus_per_worker``."""
+    import ray
+
+    workers = retriever_workers(cfg) if name == "retriever" else cfg.train.num_workers
+    node_cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return {"workers": workers, "cpus": share_cpus(cfg.train.cpus_per_worker, workers, node_cpus, cfg.train.use_gpu)}
+
+
 def run_stage(name: str, worker, loop_config: Dict[str, Any], cfg: Any, storage: Storage, run_id: str) -> Path:
     """One TorchTrainer run, with a progress bar the workers tick; returns a local folder with
     the exported best weights."""
@@ -51,10 +74,13 @@ def run_stage(name: str, worker, loop_config: Dict[str, Any], cfg: Any, storage:
     storage_path = storage.path(layout.RAY_TRAIN)
     if not storage.is_s3:
         Path(storage_path).mkdir(parents=True, exist_ok=True)
+    shape = stage_layout(cfg, name)
+    log.info("stage %s: %d worker(s), %s CPU(s) and torch threads each", name, shape["workers"], shape["cpus"] or "no")
     with progress_stage(f"train {name}", unit="step", remote=True) as bar:
         trainer = TorchTrainer(
-            worker, train_loop_config={**loop_config, "progress": bar.actor_name},
-            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            worker, train_loop_config={**loop_config, "progress": bar.actor_name, "threads": shape["cpus"]},
+            scaling_config=ScalingConfig(num_workers=shape["workers"], use_gpu=cfg.train.use_gpu,
+                                         resources_per_worker={"CPU": shape["cpus"]} if shape["cpus"] else None,
                                          placement_strategy=cfg.train.placement_strategy),
             run_config=RunConfig(
                 name=f"{run_id}-{name}", storage_path=storage_path,
@@ -160,6 +186,12 @@ def train(cfg: Any, storage: Storage, ds: DatasetRef, run_id: str) -> Dict[str, 
                "text_embeddings": out["text_prefix"], "text_embeddings_base": pretrained,
                "parent_run": (promoted or {}).get("run_id"), "warm_start": parent, "config": to_dict(cfg),
                "timings": timings, "fusion": out["fusion"], **to_dict(cfg.train.lineage)}
+    if bundle.load_catalog(folder).num_rows > cfg.train.ann_index_above:
+        t0 = time.perf_counter()
+        from serve.retrieval import ship_ann_index
+
+        lineage["ann_index"] = ship_ann_index(folder)
+        timings["ann_index_s"] = round(time.perf_counter() - t0, 1)
     bundle.write_lineage(folder, lineage)
     manifest = ck.write_manifest(folder)
     prefix = ck.publish(storage, folder, layout.MODEL, run_id)

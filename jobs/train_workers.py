@@ -110,6 +110,11 @@ def _warm_start(model: torch.nn.Module, config: Dict[str, Any], part: str,
     return out
 
 
+def _threads(config: Dict[str, Any]) -> None:
+    """Torch's intra-op threads: the CPUs the stage gave this worker (jobs.train.stage_layout)."""
+    torch.set_num_threads(max(1, int(config.get("threads") or os.environ.get("OMP_NUM_THREADS", "1"))))
+
+
 def _run_of(config: Dict[str, Any]) -> str:
     return config["run_prefix"].rsplit("/", 1)[-1]
 
@@ -117,7 +122,7 @@ def _run_of(config: Dict[str, Any]) -> str:
 # -- workers -----------------------------------------------------------------------------------------
 def retriever_worker(config: Dict[str, Any]) -> None:
     rank, world = _context()
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    _threads(config)
     data = load_training_data(config["storage"], config["dataset_prefix"], config["text_prefix"])
     tcfg = retriever_loop.RetrieverTrainConfig(**config["train"])
     model = retriever_loop.new_retriever(data.histories, data.text, RetrieverConfig(**config["retriever"]), tcfg.seed)
@@ -148,6 +153,7 @@ def retriever_worker(config: Dict[str, Any]) -> None:
 
 def ranker_worker(config: Dict[str, Any]) -> None:
     rank, world = _context()
+    _threads(config)
     data = load_training_data(config["storage"], config["dataset_prefix"], config["text_prefix"])
     # The retriever stage's output, from storage: this worker may run on another node than the driver.
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,6 +182,7 @@ def ranker_worker(config: Dict[str, Any]) -> None:
 def llm_worker(config: Dict[str, Any]) -> None:
     """Contrastive fine-tuning: an item's text should be close to the next item's text."""
     rank, world = _context()
+    _threads(config)
     data = load_training_data(config["storage"], config["dataset_prefix"], None)
     lcfg = config["llm"]
     torch.manual_seed(0)

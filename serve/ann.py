@@ -24,9 +24,12 @@ the recall against the exact path.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import time
-from typing import Dict, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
 
 import faiss
 import numpy as np
@@ -35,6 +38,9 @@ ANN_ABOVE = 200_000  # items: larger catalogs are served from the pool
 POOL = 1000  # items from the IVF index per request
 NPROBE_SHARE = 1 / 16  # IVF lists probed per query, as a share of all lists
 CODEC = "SQ8"  # how the index stores each item (faiss index_factory's names)
+INDEX_FILE, META_FILE = "index.faiss", "ann.json"  # a bundle's ann/ part (CandidatePool.save)
+
+log = logging.getLogger("serve.ann")
 
 
 def ivf_index(x: np.ndarray, seed: int = 0, scan: int = 0, codec: str = "Flat") -> faiss.Index:
@@ -64,18 +70,48 @@ class CandidatePool:
     """
 
     def __init__(self, vectors: np.ndarray, text: Optional[np.ndarray], log_pop: np.ndarray,
-                 weights: Dict[str, float], size: int = POOL, seed: int = 0):
+                 weights: Dict[str, float], size: int = POOL, seed: int = 0, shipped: Optional[Path] = None):
         t0 = time.perf_counter()
         self.n, self.dim, self.size = len(vectors), vectors.shape[1], size
         self.text_dim = 0 if text is None else text.shape[1]
         self.weights = {c: float(weights.get(c, 0.0)) for c in ("retriever", "text", "popularity")}
-        parts = [vectors] + ([text] if text is not None else []) + [np.asarray(log_pop, np.float32)[:, None]]
-        # probing at least 4x the pool's size in items: a pool never comes back short. SQ8: one
-        # byte a dimension (449 MB at 10^6 items of 64 + 384 + 1 dims, 1.8 GB as float32), the
-        # same pool recall at 10^5 items (0.9845 vs 0.9845 over 60 users), ~1.5x the search
-        # time; the pool is then scored exactly, so only which items come back is approximate.
-        self.index = ivf_index(np.hstack(parts).astype(np.float32), seed, scan=4 * size, codec=CODEC)
+        # The index a bundle ships (built at training time from the same vectors: a replica
+        # loads it in seconds instead of building it for minutes), when it fits this catalog.
+        self.index = self.read(shipped, self.n, self.dim + self.text_dim + 1) if shipped is not None else None
+        self.loaded = self.index is not None
+        if self.index is None:
+            parts = [vectors] + ([text] if text is not None else []) + [np.asarray(log_pop, np.float32)[:, None]]
+            # probing at least 4x the pool's size in items: a pool never comes back short. SQ8: one
+            # byte a dimension (449 MB at 10^6 items of 64 + 384 + 1 dims, 1.8 GB as float32), the
+            # same pool recall at 10^5 items (0.9845 vs 0.9845 over 60 users), ~1.5x the search
+            # time; the pool is then scored exactly, so only which items come back is approximate.
+            self.index = ivf_index(np.hstack(parts).astype(np.float32), seed, scan=4 * size, codec=CODEC)
         self.build_s = time.perf_counter() - t0
+
+    def save(self, folder: Path) -> Dict[str, Any]:
+        """The index into ``folder`` (a bundle's ann/ part), with what it was built over."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self.index, str(folder / INDEX_FILE))
+        meta = {"items": self.n, "dim": self.dim, "text_dim": self.text_dim, "codec": CODEC,
+                "nlist": int(faiss.extract_index_ivf(self.index).nlist), "nprobe": int(self.index.nprobe),
+                "build_s": round(self.build_s, 2)}
+        (folder / META_FILE).write_text(json.dumps(meta))
+        return meta
+
+    @staticmethod
+    def read(folder: Path, n: int, d: int) -> Optional[faiss.Index]:
+        """A shipped index of exactly ``n`` items of ``d`` dims from ``folder``; None (logged)
+        when there is none or it was built over another catalog or vector layout."""
+        path = Path(folder) / INDEX_FILE
+        if not path.is_file():
+            return None
+        index = faiss.read_index(str(path))
+        if index.ntotal != n or index.d != d:
+            log.warning("the shipped ANN index (%d items of %d dims) does not fit this catalog (%d of %d): "
+                        "building one", index.ntotal, index.d, n, d)
+            return None
+        return index
 
     def add(self, codes: np.ndarray, vectors: np.ndarray, text: Optional[np.ndarray]) -> None:
         """Items added after the build (serving upserts: no interactions), at their 0-based codes."""

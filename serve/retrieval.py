@@ -65,7 +65,8 @@ class RetrievalModel:
         self.pool: Optional[CandidatePool] = None
         if self.channels is not None and n > ann_above:
             ctext = self.channels.text.numpy() if self.channels.text is not None else None
-            self.pool = CandidatePool(self.vectors[1:], ctext, self.channels.log_pop, self.channels.cfg.weights)
+            self.pool = CandidatePool(self.vectors[1:], ctext, self.channels.log_pop, self.channels.cfg.weights,
+                                      shipped=Path(folder) / layout.ANN)
             # the retriever channel's exact catalog mean and spread per user (the others' are the
             # channels' own), kept through upserts
             self.vector_moments = Moments(self.vectors[1:])
@@ -350,3 +351,14 @@ class RetrievalModel:
     def describe(self, rows: Sequence[int]) -> List[Dict[str, Any]]:
         return [{"item_id": self.ids[r - 1], "title": self.titles[r - 1], "categories": self.categories[r - 1]}
                 for r in rows]
+
+
+def ship_ann_index(folder: Path) -> Optional[Dict[str, Any]]:
+    """Build the serving ANN index of the bundle in ``folder`` exactly as a retriever replica would
+    and write it into its ann/ part (training time, before the manifest); None for a bundle
+    without channels (served by the retriever order alone, no pool)."""
+    model = RetrievalModel(folder, "ship", ann_above=0)
+    if model.pool is None:
+        return None
+    return model.pool.save(Path(folder) / layout.ANN)
+

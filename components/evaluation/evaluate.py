@@ -20,6 +20,7 @@ import pyarrow as pa
 import torch
 
 from components import bundle, layout
+from components.config import retriever_workers
 from components.data.datasets import load_text_embeddings, load_training_data
 from components.evaluation.metrics import sliced_metrics
 from components.evaluation.ranking import (baseline_rankings, final_ranking, fit_channels, new_item_histories,
@@ -167,7 +168,7 @@ def local_train_config(cfg: Any) -> RetrieverTrainConfig:
     """In-process baselines see the same effective batch (batch x workers), hence the same
     number of optimizer steps, as the distributed run they are compared with."""
     tcfg = RetrieverTrainConfig(**_plain(cfg.train.retriever))
-    return replace(tcfg, batch_size=tcfg.batch_size * cfg.train.num_workers)
+    return replace(tcfg, batch_size=tcfg.batch_size * retriever_workers(cfg))
 
 
 def _plain(node) -> Dict[str, Any]:

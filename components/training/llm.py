@@ -5,6 +5,7 @@ encoder)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
@@ -32,11 +33,13 @@ def train_llm(stepper, encoder: TextEncoder, texts: List[str], pairs: tuple[np.n
     progress = progress or {"epoch": -1}
     a, b = pairs
     rng = np.random.default_rng(11)
-    total = 0.0
+    total, tokens = 0.0, 0
+    t0, cpu0 = time.perf_counter(), time.process_time()
     tick(0, total=steps, force=True)
     for step in range(progress["epoch"] + 1, steps):
         pick = rng.integers(0, len(a), batch_size * world)[rank * batch_size:(rank + 1) * batch_size]
         tok = encoder.tokenize([texts[k] for k in a[pick]] + [texts[k] for k in b[pick]])
+        tokens += int(tok["attention_mask"].sum())
         emb = stepper(tok["input_ids"], tok["attention_mask"])  # one forward per step (FACTS.md)
         half = len(pick)
         loss = contrastive_loss(emb[:half], emb[half:], temperature)
@@ -50,5 +53,9 @@ def train_llm(stepper, encoder: TextEncoder, texts: List[str], pairs: tuple[np.n
             progress["_best_state"] = encoder.export_state(stepper.state())  # LoRA: the adapter only
             progress["best_metrics"] = {"contrastive_loss": stepper.mean(total / steps)}
             metrics["loss"] = progress["best_metrics"]["contrastive_loss"]
+            # per worker, averaged over workers (as the retriever stage reports them)
+            wall = time.perf_counter() - t0
+            metrics["tokens_per_s_per_worker"] = round(stepper.mean(tokens / max(wall, 1e-9)), 1)
+            metrics["cpu_busy_per_worker"] = round(stepper.mean((time.process_time() - cpu0) / max(wall, 1e-9)), 2)
         after_step(metrics, progress, last)
     return progress

@@ -180,16 +180,21 @@ def train_retriever(stepper, x: RetrieverInputs, tcfg: RetrieverTrainConfig, bud
     extra = [x.known] if x.known is not None else []
     for epoch in range(progress["epoch"] + 1, budget.epochs):
         before_epoch(epoch)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         stepper.train()
-        total, n = 0.0, 0
+        total, n, tokens = 0.0, 0, 0
         for batch in batches(x.windows, budget.batch_size, np.random.default_rng([tcfg.seed, epoch]), rank, world):
             loss = stepper(batch, x.text_emb, x.log_q, *extra)
             stepper.step(loss)
-            total, n = total + float(loss.item()), n + 1
+            total, n, tokens = total + float(loss.item()), n + 1, tokens + int((batch["targets"] > 0).sum())
             tick(1, epoch=epoch)
-        metrics = {"epoch": epoch, "loss": stepper.mean(total / max(n, 1)), "epoch_s": round(time.perf_counter() - t0, 2),
-                   "resumed_from": progress["resumed_from"], "steps": n}
+        wall = time.perf_counter() - t0
+        metrics = {"epoch": epoch, "loss": stepper.mean(total / max(n, 1)), "epoch_s": round(wall, 2),
+                   "resumed_from": progress["resumed_from"], "steps": n,
+                   # per worker, averaged over workers: target tokens a second, and the cores it
+                   # kept busy (process CPU time over wall time; its torch threads at most)
+                   "tokens_per_s_per_worker": round(stepper.mean(tokens / max(wall, 1e-9)), 1),
+                   "cpu_busy_per_worker": round(stepper.mean((time.process_time() - cpu0) / max(wall, 1e-9)), 2)}
         last = epoch == budget.epochs - 1
         improved = False
         if last or (tcfg.eval_every > 0 and (epoch + 1) % tcfg.eval_every == 0):

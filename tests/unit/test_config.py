@@ -35,6 +35,8 @@ def test_invalid_values_are_rejected():
     with pytest.raises(ConfigError, match="retriever.loss must be auto, softmax or sampled"):
         load_config(["retriever.loss=full"])
     assert load_config([]).retriever.loss == "auto"  # softmax or sampled by catalog size, when the model is built
+    with pytest.raises(ConfigError, match="train.retriever_workers and train.cpus_per_worker must be >= 0"):
+        load_config(["train.cpus_per_worker=-1"])
 
 
 def test_cli_config_flag_and_missing_file(tmp_path):

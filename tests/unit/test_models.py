@@ -361,3 +361,22 @@ def test_text_model_from_s3_is_fetched_through_storage_and_cached(tiny_base, s3_
     local = TextEncoder(TextEncoderConfig(model=tiny_base, max_length=16))
     assert torch.allclose(remote.encode(["red shoes"]), local.encode(["red shoes"]), atol=1e-6)
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_the_llm_loop_steps_exports_and_reports_its_cost(tiny_encoder):
+    """components.training.llm over the in-process stepper: every step reported, the last one
+    with the mean loss, tokens a second and cores busy (what the Ray Train stage logs), and the
+    exported state."""
+    from components.training.llm import train_llm
+    from components.training.stepper import LocalStepper
+
+    enc = tiny_encoder()
+    texts = [f"item {k} about {'tents' if k % 2 else 'pasta'} number {k}" for k in range(20)]
+    pairs = (np.arange(19), np.arange(1, 20))
+    seen = []
+    progress = train_llm(LocalStepper(enc, 1e-3, 0.0), enc, texts, pairs, steps=3, batch_size=4, temperature=0.1,
+                         after_step=lambda metrics, progress, last: seen.append((metrics, last)))
+    assert [m["step"] for m, _ in seen] == [0, 1, 2] and [last for _, last in seen] == [False, False, True]
+    final = seen[-1][0]
+    assert final["tokens_per_s_per_worker"] > 0 and 0 < final["cpu_busy_per_worker"] <= torch.get_num_threads() + 0.5
+    assert progress["epoch"] == 2 and progress["_best_state"]

@@ -299,3 +299,38 @@ def test_the_ann_pool_path_gives_the_exact_answer_when_its_pool_covers_the_catal
     mean, sd = pooled.vector_moments.of(torch.ones(1, pooled.dim))
     x = torch.as_tensor(pooled.vectors[1:]).double().sum(1)
     assert abs(mean.item() - x.mean().item()) < 1e-3 and abs(sd.item() - x.std().item()) < 1e-3
+
+
+def test_a_bundle_ships_its_ann_index_and_a_replica_loads_it_instead_of_building(loaded, tmp_path, caplog):
+    """Issue 24: the ANN index of a large catalog is built at training time into the bundle's ann/
+    part (jobs.train, past train.ann_index_above) so that a replica's hot swap loads it; it must be
+    the index the replica would have built (same answers), and one built over another catalog is
+    refused with a warning (the replica builds its own)."""
+    import shutil
+
+    from components import layout
+    from serve.retrieval import ship_ann_index
+
+    folder = tmp_path / "bundle"
+    shutil.copytree(loaded["dir"], folder)
+    meta = ship_ann_index(folder)
+    assert (folder / layout.ANN / "index.faiss").is_file() and meta["items"] == loaded["retrieval"].size
+    shipped = RetrievalModel(folder, "v1", ann_above=0)
+    built = RetrievalModel(loaded["dir"], "v1", ann_above=0)
+    assert shipped.pool.loaded and not built.pool.loaded
+    enc, ts = loaded["encoder"], [1_700_000_000_000 + k for k in range(4)]
+    for cat in sorted({c for cats in built.categories for c in cats})[:3]:
+        rows, _ = built.lookup(_category_items(built, cat, 4))
+        u = enc.encode([{"vectors": built.history_vectors(rows), "events": [1] * 4, "ts": ts}])[0]
+        a, b = (m.candidates(u, rows, ts, [1] * 4, rows[:1], None, 50) for m in (built, shipped))
+        assert [x["item_id"] for x in a["items"]] == [x["item_id"] for x in b["items"]]
+    # An index of another catalog (one item fewer) is not used.
+    from serve.ann import CandidatePool
+
+    other = CandidatePool(built.vectors[2:], None if built.channels.text is None else built.channels.text.numpy()[1:],
+                          built.channels.log_pop[1:], built.channels.cfg.weights)
+    other.save(folder / layout.ANN)
+    with caplog.at_level("WARNING", logger="serve.ann"):
+        rebuilt = RetrievalModel(folder, "v1", ann_above=0)
+    assert not rebuilt.pool.loaded and rebuilt.pool.index.ntotal == built.size
+    assert "does not fit this catalog" in caplog.text

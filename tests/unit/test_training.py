@@ -58,6 +58,28 @@ def test_the_retriever_loop_keeps_the_best_evaluation_and_stops_early():
     # The kept state reproduces the best evaluation, not the last one.
     model.load_state_dict(progress["_best_state"])
     assert retriever_loop.valid_metrics(model, x)["ndcg@10"] == pytest.approx(progress["best"], abs=1e-6)
+    # Every epoch reports what it cost: the target tokens it trained on a second (all of this
+    # one worker's windows' targets over the epoch's wall time) and the cores it kept busy.
+    tokens = int((x.windows["targets"] > 0).sum())
+    for m, _, _ in seen:
+        rounding = m["tokens_per_s_per_worker"] * 0.006 + 1  # epoch_s is rounded to 10 ms
+        assert m["tokens_per_s_per_worker"] * m["epoch_s"] == pytest.approx(tokens, abs=rounding)
+        assert 0 < m["cpu_busy_per_worker"] <= torch.get_num_threads() + 0.5
+
+
+@pytest.mark.parametrize("requested, workers, nodes, gpu, cpus", [
+    (0, 2, [2], False, 1),       # the default layout on a 2-core machine: as before
+    (0, 1, [2], False, 2),       # one worker gets both cores
+    (0, 2, [8, 8], False, 8),    # one node's worth each, two nodes
+    (0, 1, [8, 4], False, 8),    # never more than the largest node
+    (0, 3, [2], False, 1),       # at least one
+    (3, 2, [2], False, 3),       # asked for: given
+    (0, 4, [16], True, 0),       # GPU workers ask for no CPU unless told (Ray Train's default)
+])
+def test_a_stage_shares_the_node_cpus_among_its_workers(requested, workers, nodes, gpu, cpus):
+    from jobs.train import share_cpus
+
+    assert share_cpus(requested, workers, nodes, gpu) == cpus
 
 
 def test_fit_retriever_local_is_the_same_loop_and_is_seeded():
