@@ -166,10 +166,10 @@ class TrainConfig:
     num_workers: int = 2
     # Workers of the retriever stage (0: num_workers). Its step has a cost that does not shrink
     # with the batch: the full softmax needs every catalog item's vector, the text projection
-    # over the whole catalog, and data parallelism repeats it on every worker. With short
-    # histories (Amazon, ~9 items) that cost dominates: on one 2-core node one worker with both
-    # cores trained 1.8x the samples per second of two one-core workers at the same batch per
-    # step; on MovieLens' long histories the two layouts ran even (results/train_layout.json).
+    # over the whole catalog, and data parallelism repeats it on every worker (plus the gradient
+    # exchange). On one 2-core node one worker with both cores trained 1.47x the windows a second
+    # of two one-core workers at the same 32 a step on Beauty's short histories, 1.36x on
+    # MovieLens' (results/train_layout.json; a first, shorter measurement had MovieLens even).
     # A preset that lowers it raises train.retriever.batch_size (per worker) to keep the step.
     retriever_workers: int = 0
     # CPUs (and torch threads) per worker; 0: the node's CPUs shared out among the stage's
