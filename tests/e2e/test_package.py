@@ -51,7 +51,8 @@ def test_the_wheel_carries_the_configs_and_imports_nothing_from_the_checkout(ins
     assert h.returncode == 0 and "tiny" in h.stdout, h.stderr[-2000:]
 
 
-@pytest.mark.slow  # a whole tiny pipeline and a Serve start (~5 min): `make test-all`
+# A whole tiny pipeline and a Serve start from the installed wheel (~3 min): in the default
+# suite, so CI checks what a user who installs the package runs.
 def test_the_installed_command_trains_on_the_tiny_preset_and_serves(installed):
     store = installed["cwd"] / "store"
     p = _run(installed, "run", "--preset", "tiny", f"storage.root={store}", "serve.enabled=false", "ray.num_cpus=2",
