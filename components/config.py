@@ -172,8 +172,9 @@ class TrainConfig:
     # MovieLens' (results/train_layout.json; a first, shorter measurement had MovieLens even).
     # A preset that lowers it raises train.retriever.batch_size (per worker) to keep the step.
     retriever_workers: int = 0
-    # CPUs (and torch threads) per worker; 0: the node's CPUs shared out among the stage's
-    # workers (a 2-CPU node: 1 each for two workers, 2 for one).
+    # CPUs (and torch threads) per worker; 0: the most that still places every worker on the
+    # nodes' free CPUs (a 2-CPU node: 1 each for two workers, 2 for one; CPUs held by Serve
+    # replicas or other jobs are left to them). GPU workers ask for no CPU unless this is set.
     cpus_per_worker: int = 0
     # A bundle whose catalog has more items than this ships the serving ANN index (ann/, serve/ann.py),
     # built once here, so a replica loads it on a hot swap instead of building it (minutes at

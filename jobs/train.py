@@ -42,26 +42,50 @@ log = logging.getLogger("jobs.train")
 
 
 # -- driver ------------------------------------------------------------------------------------------
-def share_cpus(requested: int, workers: int, node_cpus: List[int], use_gpu: bool) -> int:
-    """CPUs (and torch threads) per worker: ``requested`` when set; else, on CPU, the largest
-    node's CPUs shared out among the workers and never more than the cluster holds (a 2-CPU node:
-    two workers get 1 each, one worker 2); on GPU 0 (Ray Train's default: no CPU asked)."""
+def share_cpus(requested: int, workers: int, free_cpus: List[float], use_gpu: bool) -> int:
+    """CPUs (and torch threads) per worker: ``requested`` when set; on GPU 0 (Ray Train's default:
+    no CPU asked); else the most that still places every worker on the nodes' free CPUs
+    (``free_cpus``, one entry a node; a 2-CPU node: two workers get 1 each, one worker 2), at
+    least 1."""
     if requested:
         return requested
     if use_gpu:
         return 0
-    return max(1, min(max(node_cpus, default=1), sum(node_cpus) // workers))
+    best = 1
+    for c in range(2, int(max(free_cpus, default=1)) + 1):
+        if sum(int(n) // c for n in free_cpus) >= workers:
+            best = c
+    return best
+
+
+def free_cpus(settle_s: float = 10.0) -> List[float]:
+    """Each live node's free CPUs, read for up to ``settle_s`` while something still holds them (the
+    previous stage's workers and Ray Data's actors take a few seconds to go): the most seen per
+    node, so only what stays held (Serve replicas, other jobs) is left out. [] when unknown."""
+    try:
+        from ray._private.state import available_resources_per_node, total_resources_per_node  # DeveloperAPI
+    except ImportError:
+        return []
+    total = {n: float(r.get("CPU", 0)) for n, r in total_resources_per_node().items()}
+    seen: Dict[str, float] = {}
+    deadline = time.monotonic() + settle_s
+    while True:
+        for n, r in available_resources_per_node().items():
+            seen[n] = max(seen.get(n, 0.0), float(r.get("CPU", 0)))
+        if all(seen.get(n, 0.0) >= t for n, t in total.items()) or time.monotonic() > deadline:
+            return list(seen.values())
+        time.sleep(0.5)
 
 
 def stage_layout(cfg: Any, name: str) -> Dict[str, int]:
     """Workers and CPUs per worker of stage ``name`` on the running cluster: ``train.num_workers``
     (the retriever: ``train.retriever_workers`` when set) and ``share_cpus`` of
-    ``train.cpus_per_worker``."""
-    import ray
-
+    ``train.cpus_per_worker`` over the nodes' free CPUs (``free_cpus``: Serve replicas or other
+    jobs on the cluster keep theirs)."""
     workers = retriever_workers(cfg) if name == "retriever" else cfg.train.num_workers
-    node_cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
-    return {"workers": workers, "cpus": share_cpus(cfg.train.cpus_per_worker, workers, node_cpus, cfg.train.use_gpu)}
+    auto = not cfg.train.cpus_per_worker and not cfg.train.use_gpu  # only then are the nodes read
+    return {"workers": workers, "cpus": share_cpus(cfg.train.cpus_per_worker, workers,
+                                                   free_cpus() if auto else [], cfg.train.use_gpu)}
 
 
 def run_stage(name: str, worker, loop_config: Dict[str, Any], cfg: Any, storage: Storage, run_id: str) -> Path:
@@ -102,7 +126,8 @@ def run_stage(name: str, worker, loop_config: Dict[str, Any], cfg: Any, storage:
         shutil.copytree(Path(d) / "best", out, dirs_exist_ok=True)
         progress = json.loads((Path(d) / "progress.json").read_text())
     log.info("stage %s done in %.1fs: %s", name, time.perf_counter() - t0, result.metrics)
-    (out / "train_progress.json").write_text(json.dumps({**progress, "last_metrics": result.metrics}, default=str))
+    (out / "train_progress.json").write_text(json.dumps({**progress, "last_metrics": result.metrics, "layout": shape},
+                                                       default=str))
     return out
 
 
@@ -186,7 +211,7 @@ def train(cfg: Any, storage: Storage, ds: DatasetRef, run_id: str) -> Dict[str, 
                "text_embeddings": out["text_prefix"], "text_embeddings_base": pretrained,
                "parent_run": (promoted or {}).get("run_id"), "warm_start": parent, "config": to_dict(cfg),
                "timings": timings, "fusion": out["fusion"], **to_dict(cfg.train.lineage)}
-    if bundle.load_catalog(folder).num_rows > cfg.train.ann_index_above:
+    if (folder / layout.RETRIEVER).is_dir() and bundle.load_catalog(folder).num_rows > cfg.train.ann_index_above:
         t0 = time.perf_counter()
         from serve.retrieval import ship_ann_index
 

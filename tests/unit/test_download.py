@@ -18,7 +18,7 @@ class _Server:
     an HTTP status to fail with, "cut" (half the body, then the connection closes) or "ok"."""
 
     def __init__(self):
-        self.files, self.plan, self.requests = {}, [], 0
+        self.files, self.headers, self.plan, self.requests = {}, {}, [], 0
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -36,6 +36,8 @@ class _Server:
                     return
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
+                for k, v in outer.headers.get(self.path, {}).items():
+                    self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(body if step == "ok" else body[:len(body) // 2])
                 if step == "cut":
@@ -83,6 +85,18 @@ def test_an_expected_digest_is_checked_and_retries_end(server, tmp_path):
         dl.fetch(f"{server.url}/b.bin", tmp_path / "b.bin", retries=1, progress=False)
     with pytest.raises(dl.DownloadError, match="404"):
         dl.fetch(f"{server.url}/missing.bin", tmp_path / "m.bin", retries=0, progress=False)
+
+
+def test_a_gzip_file_labelled_content_encoding_gzip_is_kept_as_published(server, tmp_path):
+    """Some servers send .json.gz with Content-Encoding: gzip; the file must stay the published
+    gzip bytes (not silently decompressed under a .gz name) and its length must not look cut off."""
+    import gzip
+
+    body = gzip.compress(b'{"reviewerID": "A1", "asin": "B1"}\n' * 1000)
+    server.files["/reviews.json.gz"] = body
+    server.headers["/reviews.json.gz"] = {"Content-Encoding": "gzip"}
+    path = dl.fetch(f"{server.url}/reviews.json.gz", tmp_path / "reviews.json.gz", retries=0, progress=False)
+    assert path.read_bytes() == body
 
 
 def test_a_zip_dataset_is_unpacked_flat(server, tmp_path, monkeypatch):

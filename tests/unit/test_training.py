@@ -67,19 +67,23 @@ def test_the_retriever_loop_keeps_the_best_evaluation_and_stops_early():
         assert 0 < m["cpu_busy_per_worker"] <= torch.get_num_threads() + 0.5
 
 
-@pytest.mark.parametrize("requested, workers, nodes, gpu, cpus", [
-    (0, 2, [2], False, 1),       # the default layout on a 2-core machine: as before
-    (0, 1, [2], False, 2),       # one worker gets both cores
-    (0, 2, [8, 8], False, 8),    # one node's worth each, two nodes
-    (0, 1, [8, 4], False, 8),    # never more than the largest node
-    (0, 3, [2], False, 1),       # at least one
-    (3, 2, [2], False, 3),       # asked for: given
-    (0, 4, [16], True, 0),       # GPU workers ask for no CPU unless told (Ray Train's default)
+@pytest.mark.parametrize("requested, workers, free, gpu, cpus", [
+    (0, 2, [2], False, 1),             # the default layout on a 2-core machine: as before
+    (0, 1, [2], False, 2),             # one worker gets both cores
+    (0, 2, [8, 8], False, 8),          # one node's worth each, two nodes
+    (0, 1, [8, 4], False, 8),          # never more than a node has free
+    (0, 4, [8, 8, 8], False, 4),       # every worker placed: 6 each would fit only 3 of 4
+    (0, 2, [16, 8], False, 8),         # 12 each would fit only one
+    (0, 2, [1.8, 1.9], False, 1),      # Serve replicas hold part of each node: 2 each would never start
+    (0, 3, [2], False, 1),             # at least one
+    (0, 2, [], False, 1),              # free CPUs unknown: one each
+    (3, 2, [2], False, 3),             # asked for: given
+    (0, 4, [16], True, 0),             # GPU workers ask for no CPU unless told (Ray Train's default)
 ])
-def test_a_stage_shares_the_node_cpus_among_its_workers(requested, workers, nodes, gpu, cpus):
+def test_a_stage_shares_the_node_cpus_among_its_workers(requested, workers, free, gpu, cpus):
     from jobs.train import share_cpus
 
-    assert share_cpus(requested, workers, nodes, gpu) == cpus
+    assert share_cpus(requested, workers, free, gpu) == cpus
 
 
 def test_fit_retriever_local_is_the_same_loop_and_is_seeded():

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -71,6 +72,7 @@ def download(name: str, dest: str | Path, sha256: Optional[str] = None, retries:
 def fetch(url: str, path: Path, sha256: Optional[str] = None, retries: int = 5, progress: bool = True) -> Path:
     """``url`` into ``path``, checked as ``download`` says; returns ``path``."""
     import requests
+    import urllib3
     from requests.adapters import HTTPAdapter
     from tqdm import tqdm
     from urllib3.util.retry import Retry
@@ -90,7 +92,9 @@ def fetch(url: str, path: Path, sha256: Optional[str] = None, retries: int = 5, 
                 total = int(resp.headers.get("Content-Length") or 0) or None
                 with open(part, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=path.name,
                                                    disable=not progress, file=sys.stderr) as bar:
-                    for chunk in resp.iter_content(CHUNK):
+                    # the bytes as published (a .json.gz stays gzip even when the server labels
+                    # it Content-Encoding: gzip), which is also what Content-Length counts
+                    for chunk in resp.raw.stream(CHUNK, decode_content=False):
                         out.write(chunk)
                         digest.update(chunk)
                         bar.update(len(chunk))
@@ -99,20 +103,25 @@ def fetch(url: str, path: Path, sha256: Optional[str] = None, retries: int = 5, 
                         f"got {part.stat().st_size} of {total} bytes")
             break
         except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
-                requests.exceptions.Timeout) as exc:  # a body cut off midway: urllib3 retries only the start
+                requests.exceptions.Timeout, urllib3.exceptions.HTTPError) as exc:
+            # a body cut off midway: urllib3 retries only until the response starts
             part.unlink(missing_ok=True)
             if attempt == retries:
                 raise DownloadError(f"{url}: failed after {retries + 1} attempts ({exc})") from exc
             log.warning("%s: attempt %d failed (%s); retrying", url, attempt + 1, exc)
+            time.sleep(min(30.0, 0.5 * 2 ** attempt))
         except requests.exceptions.RequestException as exc:
             part.unlink(missing_ok=True)
             raise DownloadError(f"{url}: {exc}") from exc
+        except BaseException:  # disk full, Ctrl-C: no half file left behind
+            part.unlink(missing_ok=True)
+            raise
     got = digest.hexdigest()
     if expected and got != expected:
         part.unlink(missing_ok=True)
         raise DownloadError(f"{url}: sha256 {got} is not the expected {expected}; nothing was kept")
     os.replace(part, path)
-    if path.name not in sums:
+    if sums.get(path.name) != got:  # new, or checked against sha256= (which wins over the record)
         sums[path.name] = got
         (path.parent / SUMS).write_text("".join(f"{d}  {f}\n" for f, d in sorted(sums.items())))
     log.info("%s: %d bytes, sha256 %s%s", path.name, path.stat().st_size, got, " (checked)" if expected else "")
@@ -123,8 +132,12 @@ def _read_sums(folder: Path) -> Dict[str, str]:
     f = folder / SUMS
     if not f.is_file():
         return {}
-    return {name.strip(): digest for digest, name in (line.split(None, 1) for line in f.read_text().splitlines()
-                                                       if line.strip())}
+    sums = {}
+    for line in f.read_text().splitlines():  # sha256sum's format: "<hex>  <name>" ("*<name>" in binary mode)
+        parts = line.split(None, 1)
+        if len(parts) == 2:
+            sums[parts[1].strip().lstrip("*")] = parts[0].lower()
+    return sums
 
 
 def _unzip(path: Path, dest: Path) -> None:
