@@ -314,9 +314,9 @@ def test_a_bundle_ships_its_ann_index_and_a_replica_loads_it_instead_of_building
     folder = tmp_path / "bundle"
     shutil.copytree(loaded["dir"], folder)
     meta = ship_ann_index(folder)
-    assert (folder / layout.ANN / "index.faiss").is_file() and meta["items"] == loaded["retrieval"].size
+    built = RetrievalModel(loaded["dir"], "v1", ann_above=0)  # fresh: other tests upsert into loaded["retrieval"]
+    assert (folder / layout.ANN / "index.faiss").is_file() and meta["items"] == built.size
     shipped = RetrievalModel(folder, "v1", ann_above=0)
-    built = RetrievalModel(loaded["dir"], "v1", ann_above=0)
     assert shipped.pool.loaded and not built.pool.loaded
     enc, ts = loaded["encoder"], [1_700_000_000_000 + k for k in range(4)]
     for cat in sorted({c for cats in built.categories for c in cats})[:3]:
