@@ -379,7 +379,44 @@ def train_layout(results: Path) -> str:
                            "cores busy per worker (all)"], "llrrrr", rows)
 
 
+def precision(results: Path) -> str:
+    """Serve precision settings side by side (results/precision.json): quality per dataset,
+    memory, then serving speed on the served dataset and the text encoder's int8 figures."""
+    data = load(results, "precision")
+    rows = []
+    for name, d in data["datasets"].items():
+        for setting, r in d["settings"].items():
+            rep = r.get("replica", {})
+            rows.append([name, setting, _pair(r["test"]), _interval(r.get("minus_fp32_test_ndcg@10")) if setting != "fp32"
+                         else "—", f"{r['ranks_equal_to_fp32']:.2f}" if "ranks_equal_to_fp32" in r else "—",
+                         f"{rep.get('text_table_mb', float('nan')):.1f}", f"{rep.get('rss_growth_mb', float('nan')):.0f}",
+                         f"{d['bundle_mb']:.1f}"])
+    out = markdown_table(["data", "precision", "test Recall@10 / NDCG@10", "− fp32, NDCG@10, BCa 95%",
+                          "users whose target rank is unchanged", "text table MB", "replica RSS growth MB",
+                          "bundle MB"], "llrrrrrr", rows)
+    speed = []
+    for name, d in data["datasets"].items():
+        for v, r in d.get("serving", {}).get("variants", {}).items():
+            speed.append([name, v, f"{r['c1']['p99_ms']:.1f}", f"{r['c8']['throughput_rps']:.0f}", f"{r['c8']['p99_ms']:.0f}",
+                          f"{r['c32']['throughput_rps']:.0f}", f"{r['ingress_cpu_ms_per_request']:.2f}"
+                          if r.get("ingress_cpu_ms_per_request") is not None else "—",
+                          str(sum(r[f"c{c}"]["errors"] for c in (1, 8, 32)))])
+    if speed:
+        out += "\n\n" + markdown_table(["data", "Serve path", "c1 p99 ms", "c8 req/s", "c8 p99 ms", "c32 req/s",
+                                         "ingress CPU ms a request", "errors"], "llrrrrrr", speed)
+    enc = [[name, str(e["items"]), f"{e['fp32_items_per_s']:.0f}", f"{e.get('int8_items_per_s', float('nan')):.0f}",
+            f"{e['int8_cosine_to_fp32']['mean']:.3f} (min {e['int8_cosine_to_fp32']['min']:.3f})"
+            if "int8_cosine_to_fp32" in e else e.get("int8_error", "—"),
+            f"{e['int8_top10_neighbours_shared']:.2f}" if "int8_top10_neighbours_shared" in e else "—"]
+           for name, d in data["datasets"].items() if (e := d.get("text_encoder"))]
+    if enc:
+        out += "\n\n" + markdown_table(["data", "items embedded", "fp32 items/s", "int8 items/s",
+                                         "int8 cosine to fp32", "top-10 neighbours shared with fp32"], "lrrrrr", enc)
+    return out
+
+
 RENDERERS: Dict[str, Callable[[Path], str]] = {
+    "precision": precision,
     "catalog-scale": catalog_scale,
     "bundle-size": bundle_size,
     "train-layout": train_layout,

@@ -267,6 +267,8 @@ class ServeConfig:
     # with the deployment, replica and request ids); empty: the YAML's logging_config.encoding
     # (TEXT unless it says otherwise).
     log_encoding: Optional[str] = None
+    # The Serve arg precision (fp32 | fp16, see ServeAppConfig); empty: the YAML's value.
+    precision: Optional[str] = None
     # Once serving, show the feedback loop: post simulated clicks through the API, run one
     # jobs.retrain pass, and print the version and metric change (then keep serving). It writes
     # simulated feedback into storage.root, so it is off unless asked for (`make run` asks).
@@ -339,6 +341,11 @@ class ServeAppConfig:
     # over item and text vectors, co-visited and popular items; serve/ann.py) instead of scoring
     # every item per request; at or below it every item is scored exactly.
     ann_above: int = 200_000
+    # Precision of the served item tables: fp32, or fp16 (the LLM text vectors, a replica's
+    # largest table and what every request's text scores read whole, kept in float16: half the
+    # memory and bytes read; scores, the retriever's vectors and every model stay float32).
+    # benchmarks/precision.py measures quality, memory and speed of each setting side by side.
+    precision: str = "fp32"
 
 
 @dataclass

@@ -31,6 +31,8 @@ def main(cfg: Any) -> None:
         overrides["pseudonymize_users"] = True
     if cfg.serve.watch_interval_s:
         overrides["watch_interval_s"] = cfg.serve.watch_interval_s
+    if cfg.serve.precision:
+        overrides["precision"] = cfg.serve.precision
     with ray_session(cfg.ray):
         url = runner.start(cfg.serve.config, overrides, host=cfg.serve.host, port=cfg.serve.port,
                            log_encoding=cfg.serve.log_encoding)

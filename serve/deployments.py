@@ -149,7 +149,7 @@ class Retriever(_Versioned):
         self._init_versions()
         self._seen_upserts: set = set()
         self._upserts: Dict[str, Dict[str, Any]] = {}
-        self.watcher = _watcher(s, layout.RETRIEVER_PARTS, lambda f, v: RetrievalModel(f, v, s.ann_above),
+        self.watcher = _watcher(s, layout.RETRIEVER_PARTS, lambda f, v: RetrievalModel(f, v, s.ann_above, s.precision),
                                 prepare=self._prepare)
         with self.lock:
             self._sync_upserts(self.watcher.current)

@@ -27,6 +27,9 @@ from components.models.ranker import NUM_CONTEXT, context_features, item_stats
 from components.models.channels.base import Moments
 from serve.ann import ANN_ABOVE, CandidatePool
 
+# serve precision -> dtype of the LLM text vectors a replica keeps (RetrievalModel)
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+
 
 class RetrievalModel:
     """Catalog + item vectors in a faiss index, with upserts; candidate generation and features.
@@ -38,9 +41,14 @@ class RetrievalModel:
         version: the bundle's run id.
         ann_above: catalogs with more items are served from an ANN candidate pool
             (``serve.ann``) instead of scoring every item per request.
+        precision: ``fp32``, or ``fp16``: the LLM text vectors (the largest table, read whole by
+            every request's text scores) kept in float16 once everything derived from them is
+            built; scores and the retriever's vectors stay float32 (``PRECISIONS``).
     """
 
-    def __init__(self, folder: Path, version: str = "", ann_above: int = ANN_ABOVE):
+    def __init__(self, folder: Path, version: str = "", ann_above: int = ANN_ABOVE, precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.version = version
         self.model = bundle.load_retriever(folder, verify=False)  # verified on fetch
         items = bundle.load_catalog(folder)
@@ -53,7 +61,7 @@ class RetrievalModel:
         self.row: Dict[str, int] = {iid: r + 1 for r, iid in enumerate(self.ids)}
         text = self._text(folder)
         self.text = text  # [n, text_dim] 0-based
-        self.stats = item_stats(*bundle.load_interactions(folder), self.categories, text)
+        self.stats = item_stats(*bundle.load_interactions(folder), self.categories)
         self.log_pop = self.stats.log_pop  # grows with upserts (new items: 0)
         self.cat_col = {c: k for k, c in enumerate(sorted({c for cats in self.categories for c in cats}))}
         with torch.no_grad():
@@ -78,6 +86,10 @@ class RetrievalModel:
         self.trained_items = n
         self.upserts: Dict[str, Dict[str, Any]] = {}
         self._lock = threading.Lock()
+        self.precision = precision
+        if self.channels is not None and precision != "fp32":
+            self.channels.store_text(PRECISIONS[precision])
+            self.text = self.channels.text  # one table: the float32 one goes with this constructor
 
     def _text(self, folder: Path) -> Optional[torch.Tensor]:
         """The items' LLM embeddings [n, text_dim] when the retriever uses text, else None."""
@@ -139,7 +151,7 @@ class RetrievalModel:
                         self.vector_moments.grow(1)
                         self.vector_moments.replace(np.zeros(d, np.float32), v[k])
                     self.added_at = np.append(self.added_at, now)
-                    self._grow_stats(r, x, None if text_emb is None else text_emb[k])
+                    self._grow_stats(x)
                     if self.channels is not None:
                         self.channels.grow(1)
                 else:
@@ -154,12 +166,12 @@ class RetrievalModel:
                 if self.channels is not None and text_emb is not None and (iid in self.upserts or r > self.trained_items):
                     self.channels.set_text(r - 1, np.asarray(text_emb[k], dtype=np.float32))
                 if self.pool is not None and r > self.pool.n:  # a new item joins the ANN indexes
-                    ctext = self.channels.text[r - 1:r].numpy() if self.channels.text is not None else None
+                    ctext = self.channels.text[r - 1:r].float().numpy() if self.channels.text is not None else None
                     self.pool.add(np.array([r - 1]), self.vectors[r:r + 1], ctext)
                 self.upserts[iid] = {**x, "embedding": None if text_emb is None else np.asarray(text_emb[k]).tolist()}
             return new
 
-    def _grow_stats(self, row: int, item: Dict[str, Any], text_emb: Optional[np.ndarray]) -> None:
+    def _grow_stats(self, item: Dict[str, Any]) -> None:
         s = self.stats
         self.log_pop = np.append(self.log_pop, 0.0)
         mh = torch.zeros(1, s.categories.shape[1])
@@ -167,10 +179,6 @@ class RetrievalModel:
             if c in self.cat_col:
                 mh[0, self.cat_col[c]] = 1.0
         s.categories = torch.cat([s.categories, F.normalize(mh, dim=1)])
-        if s.text is not None:
-            t = torch.zeros(1, s.text.shape[1]) if text_emb is None else F.normalize(
-                torch.as_tensor(np.asarray(text_emb, dtype=np.float32))[None], dim=1)
-            s.text = torch.cat([s.text, t])
 
     # -- retrieval ------------------------------------------------------------------------------
     def history_vectors(self, rows: Sequence[int]) -> np.ndarray:
@@ -260,7 +268,7 @@ class RetrievalModel:
         if text is None:
             return None
         h = hist[(hist >= 0) & (hist < len(text))][-self.channels.cfg.text_recent:]
-        return F.normalize(text[torch.as_tensor(h)].mean(0), dim=0).numpy() if len(h) else None
+        return F.normalize(text[torch.as_tensor(h)].float().mean(0), dim=0).numpy() if len(h) else None
 
     def _covisited(self, hist: np.ndarray, live) -> np.ndarray:
         """Items co-visited with the history's last ``history`` items (trained and live)."""

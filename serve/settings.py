@@ -18,6 +18,7 @@ from components.online.canary import check_canary_config
 from components.storage import Storage
 
 MODES = ("graph", "fused")
+PRECISIONS = ("fp32", "fp16")  # serve.retrieval.PRECISIONS (no torch import here)
 MAX_LIVE_STATE_SHARDS = 256
 
 
@@ -58,6 +59,8 @@ def validate_settings(s: ServeAppConfig) -> None:
     for name in ("live_spill_users_max", "live_covisit_neighbours", "live_covisit_max_pairs", "ann_above"):
         if getattr(s, name) < 0:
             raise ConfigError(f"serve args {name} must be >= 0, got {getattr(s, name)!r}")
+    if s.precision not in PRECISIONS:
+        raise ConfigError(f"serve args precision must be one of {', '.join(PRECISIONS)}, got {s.precision!r}")
     if s.canary_check_s <= 0:
         raise ConfigError(f"serve args canary_check_s must be > 0, got {s.canary_check_s!r}")
     try:

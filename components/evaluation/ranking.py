@@ -108,7 +108,7 @@ def scored_lists(retriever: SequenceRetriever, channels: Optional[Channels], tex
     te = text_table(text) if retriever.cfg.use_text else None
     users, items, events, ts, targets = history_for(h, split)
     table = item_table(retriever, te)
-    stats = item_stats(h.items, h.ts, categories, text) if candidates else None
+    stats = item_stats(h.items, h.ts, categories) if candidates else None
     step = chunk_rows(h.num_items, chunk_cells)
     parts = []
     for s in range(0, max(len(targets), 1), step):

@@ -23,7 +23,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from components.data.schemas import EVENT_TYPES
-from components.models.channels.base import unit_rows
 
 DAY_MS = 86_400_000.0
 # The channels whose z-scores are ranker features (components.models.channels): part of the
@@ -88,7 +87,6 @@ class ItemStats:
     keys: np.ndarray  # item * KEY + ts, sorted: every training interaction
     num_known: int
     categories: torch.Tensor  # [num_items, num_categories] multi-hot (L2-normalised rows)
-    text: Optional[torch.Tensor]  # [num_items, text_dim] LLM embeddings (normalised) or None
 
     @property
     def log_pop(self) -> np.ndarray:
@@ -111,8 +109,7 @@ class ItemStats:
 KEY = 1 << 42  # > any epoch-ms timestamp until the year 2109
 
 
-def item_stats(histories: Sequence[np.ndarray], ts: Sequence[np.ndarray], categories: List[List[str]],
-               text: Optional[torch.Tensor]) -> ItemStats:
+def item_stats(histories: Sequence[np.ndarray], ts: Sequence[np.ndarray], categories: List[List[str]]) -> ItemStats:
     n = len(categories)
     flat = np.concatenate(histories).astype(np.int64) if len(histories) else np.empty(0, np.int64)
     flat_ts = np.concatenate(ts).astype(np.int64) if len(ts) else np.empty(0, np.int64)
@@ -123,7 +120,7 @@ def item_stats(histories: Sequence[np.ndarray], ts: Sequence[np.ndarray], catego
     for r, cats in enumerate(categories):
         for c in cats:
             mh[r, col[c]] = 1.0
-    return ItemStats(keys, n, F.normalize(mh, dim=1), unit_rows(text) if text is not None else None)
+    return ItemStats(keys, n, F.normalize(mh, dim=1))
 
 
 def context_features(stats: ItemStats, cand: np.ndarray, scores: np.ndarray, hist_items: Sequence[np.ndarray],

@@ -73,7 +73,7 @@ def test_channels_round_trip_and_new_item_reached_through_text(tmp_path):
 
 def test_ranker_statistics_are_as_of_the_cutoff():
     stats = item_stats([np.array([0, 1]), np.array([1, 2])], [np.array([100, 200]), np.array([300, 400])],
-                       [[], [], [], []], None)
+                       [[], [], [], []])
     count, last = stats.as_of(np.array([0, 1, 2, 3]), 250)
     assert count.tolist() == [1, 1, 0, 0]  # item 1's interaction at 300 and item 2's at 400 are later
     assert last.tolist() == [100, 200, 0, 0]

@@ -254,7 +254,7 @@ def test_serve_settings_are_typed_and_refuse_unknown_args():
         assert s.mode == args.get("mode", "graph") and s.startup_timeout_s == 120.0  # a default the YAML leaves
     for bad, name in (({"colour": "red"}, "colour"), ({"candidates": "many"}, "candidates"),
                       ({"mode": "async"}, "mode"), ({"live_state_shards": 0}, "live_state_shards"),
-                      ({"rate_limit": "lots"}, "rate_limit")):
+                      ({"rate_limit": "lots"}, "rate_limit"), ({"precision": "int8"}, "precision")):
         with pytest.raises(ConfigError, match=name):
             load_settings(bad)
 

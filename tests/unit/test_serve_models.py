@@ -54,7 +54,7 @@ def test_popularity_and_recency_come_from_the_bundle_alone(loaded, bundle):
     prefix, storage = bundle["dataset"].prefix, bundle["storage"]
     h = histories_from_tables(*[storage.read_parquet(f"{prefix}/{t}") for t in ("sequences", "valid", "test")],
                               r.size)
-    expected = item_stats(h.items, h.ts, r.categories, r.text)
+    expected = item_stats(h.items, h.ts, r.categories)
     assert len(expected.keys) > 0 and r.log_pop.max() > 0
     np.testing.assert_array_equal(r.stats.keys, expected.keys)
     np.testing.assert_array_equal(r.log_pop, expected.log_pop)
@@ -334,3 +334,34 @@ def test_a_bundle_ships_its_ann_index_and_a_replica_loads_it_instead_of_building
         rebuilt = RetrievalModel(folder, "v1", ann_above=0)
     assert not rebuilt.pool.loaded and rebuilt.pool.index.ntotal == built.size
     assert "does not fit this catalog" in caplog.text
+
+
+def test_fp16_precision_halves_the_text_table_and_keeps_the_answers(loaded):
+    """Issue 25 item 4: Serve precision fp16 keeps the LLM text vectors in float16 (half the
+    bytes every request's text scores read); scores stay float32 and match fp32's to float16's
+    rounding, on the exact and the pooled path; upserts keep the table's dtype."""
+    full = RetrievalModel(loaded["dir"], "v1")  # fresh: other tests upsert into loaded["retrieval"]
+    half = RetrievalModel(loaded["dir"], "v1", precision="fp16")
+    pooled = RetrievalModel(loaded["dir"], "v1", ann_above=0, precision="fp16")
+    assert full.channels.text.dtype == torch.float32
+    assert half.channels.text.dtype == pooled.channels.text.dtype == torch.float16
+    assert half.text is half.channels.text  # the float32 table is not kept beside it
+    enc, ts = loaded["encoder"], [1_700_000_000_000 + k for k in range(6)]
+    for cat in sorted({c for cats in full.categories for c in cats})[:3]:
+        rows, _ = full.lookup(_category_items(full, cat, 6))
+        u = enc.encode([{"vectors": full.history_vectors(rows), "events": [1] * 6, "ts": ts}])[0]
+        raw = torch.as_tensor(full.vectors[1:] @ u)[None]
+        (fa, za), (fb, zb) = (m.channels.scores(raw, [np.asarray(rows) - 1], None) for m in (full, half))
+        assert fb.dtype == torch.float32 and zb["text"].dtype == torch.float32
+        assert 0 < (za["text"] - zb["text"]).abs().max() < 0.05  # rounded, not recomputed in float32
+        np.testing.assert_allclose(fb.numpy(), fa.numpy(), atol=0.05)
+        a, b, c = (m.candidates(u, rows, ts, [1] * 6, rows[:1], None, 10) for m in (full, half, pooled))
+        ids = [{x["item_id"] for x in r["items"]} for r in (a, b, c)]
+        assert len(ids[0] & ids[1]) >= 8 and ids[1] == ids[2]
+    text = full.channels.text[0].numpy()[None]
+    for m in (half, pooled):
+        assert m.upsert([{"item_id": "half-new", "title": "New", "categories": ["Cycling"]}], text) == 1
+        assert m.channels.text.dtype == torch.float16 and len(m.channels.text) == full.size + 1
+        np.testing.assert_allclose(m.channels.text[-1].float().numpy(), text[0], atol=1e-3)
+    with pytest.raises(ValueError, match="precision must be one of fp32, fp16"):
+        RetrievalModel(loaded["dir"], "v1", precision="int4")

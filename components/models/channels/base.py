@@ -68,11 +68,14 @@ class Moments:
     """Sum and outer-product sum of a catalog's vectors, kept through row changes: the mean and
     the (unbiased) spread of ``<q, x_i>`` over every item, for any query ``q``, in O(d^2)."""
 
-    def __init__(self, x: np.ndarray):
-        x = np.asarray(x, dtype=np.float32)
+    def __init__(self, x: np.ndarray, chunk: int = 65536):
         self.n = len(x)
-        self.s1 = x.sum(0, dtype=np.float64)
-        self.s2 = (x.T @ x).astype(np.float64)  # float32 BLAS, then accumulated in float64
+        self.s1 = np.zeros(x.shape[1], np.float64)
+        self.s2 = np.zeros((x.shape[1], x.shape[1]), np.float64)
+        for a in range(0, self.n, chunk):  # float32 BLAS per chunk, accumulated in float64; no
+            c = np.asarray(x[a:a + chunk], dtype=np.float32)  # float32 copy of a float16 table
+            self.s1 += c.sum(0, dtype=np.float64)
+            self.s2 += c.T @ c
 
     def replace(self, old: np.ndarray, new: np.ndarray) -> None:
         old, new = np.asarray(old, np.float64), np.asarray(new, np.float64)

@@ -123,10 +123,17 @@ class Channels:
                                  shape=(n, n))
         self.log_pop = np.append(self.log_pop, np.zeros(k, np.float32))
         if self.text is not None:
-            self.text = torch.cat([self.text, torch.zeros(k, self.text.shape[1])])
+            self.text = torch.cat([self.text, torch.zeros(k, self.text.shape[1], dtype=self.text.dtype)])
             if self._text_moments is not None:
                 self._text_moments.grow(k)
         self._nb = None
+
+    def store_text(self, dtype: torch.dtype) -> None:
+        """Keep the text vectors in ``dtype`` (serving's ``precision``: float16 halves the largest
+        table of a replica and the bytes each request's text scores read); scores stay float32."""
+        if self.text is not None and self.text.dtype != dtype:
+            self.text = self.text.to(dtype)
+            self._nb = None
 
     def text_moments(self) -> Moments:
         """The text vectors' ``Moments`` (the text channel's exact catalog mean and spread)."""
@@ -235,7 +242,7 @@ class Channels:
                 part = missing[s:s + chunk]
                 top = torch.topk(self.text[torch.as_tensor(part)] @ wt, k, dim=1)
                 idx[part] = warm[top.indices.numpy()]
-                w[part] = torch.softmax(top.values / 0.05, 1).numpy()
+                w[part] = torch.softmax(top.values.float() / 0.05, 1).numpy()
         return torch.as_tensor(idx[items]), torch.as_tensor(w[items])
 
     def fuse_cold(self, z: Dict[str, torch.Tensor], items: torch.Tensor, warm: torch.Tensor,

@@ -18,18 +18,18 @@ class TextChannel(Channel):
     def scores(self, ch, q: Query):
         if ch.text is None:
             return None
-        k = ch.cfg.text_recent
-        prof = torch.zeros(len(q.histories), ch.text.shape[1])
+        k, table = ch.cfg.text_recent, ch.text
+        prof = torch.zeros(len(q.histories), table.shape[1])
         for r, h in enumerate(q.histories):
             h = np.asarray(h, dtype=np.int64)[-k:]
-            h = h[(h >= 0) & (h < len(ch.text))]
+            h = h[(h >= 0) & (h < len(table))]
             if len(h):
-                prof[r] = F.normalize(ch.text[torch.as_tensor(h)].mean(0), dim=0)
-        if q.items is None:
-            return prof @ ch.text.T
-        if q.stats is not None:
+                prof[r] = F.normalize(table[torch.as_tensor(h)].float().mean(0), dim=0)
+        if q.stats is not None and q.items is not None:
             q.stats[self.name] = ch.text_moments().of(prof)
-        return prof @ ch.text[torch.as_tensor(q.items)].T
+        # in the table's precision (serving may keep it in float16), scores in float32
+        rows = table if q.items is None else table[torch.as_tensor(q.items)]
+        return (prof.to(table.dtype) @ rows.T).float()
 
 
 CHANNEL = TextChannel()
