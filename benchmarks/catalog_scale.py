@@ -6,7 +6,9 @@ For each catalog size, one synthetic bundle in the served format (retriever, cha
 text vectors, interactions) is loaded by the retriever replica's own class
 (``serve.retrieval.RetrievalModel``), and the same requests go through ``candidates()`` (what
 ``/v1/recommend`` asks the retriever: fused top-100 with the ranker's features and the reasons)
-twice, on the same object: scoring every item (exact) and from the ANN pool. Reported per size:
+twice, on the same object: scoring every item (exact) and from the ANN pool; each size is served
+at every ``--precisions`` setting (Serve arg precision: fp32, and fp16 text vectors) from the same
+bundle, one replica after the other. Reported per size and setting:
 the pool's recall@100 of the exact fused top-100, p50/p99 latency of each path on one core, the
 ANN index build time, and the replica's resident memory with the model loaded; then the same
 bundle with its index shipped (ann/, as jobs.train writes it past ``train.ann_index_above``) is
@@ -110,82 +112,101 @@ def pct(x: List[float], q: float) -> float:
     return round(float(np.percentile(x, q)), 2)
 
 
-def measure(n: int, queries: int, k: int = 100) -> Dict[str, Any]:
-    from serve.retrieval import RetrievalModel
-
+def measure(n: int, queries: int, k: int = 100, precisions=("fp32",)) -> Dict[str, Any]:
+    """One catalog of ``n`` items, served at each of ``precisions`` in turn (the first one's
+    figures at the top level, the others' under ``other_precisions``)."""
     folder = Path(tempfile.mkdtemp(prefix=f"scale-{n}-"))
     try:
         t0 = time.perf_counter()
         data = build_bundle(n, folder)
         built_s = time.perf_counter() - t0
         model = data.pop("model").eval()
-        base = rss_mb()
-        t0 = time.perf_counter()
-        r = RetrievalModel(folder, "scale", ann_above=0)  # with the ANN pool
-        load_s = time.perf_counter() - t0
-        rss = rss_mb()
-        pool = r.pool
-        rng = np.random.default_rng(1)
-        picks = rng.choice(len(data["histories"]), queries, replace=False)
-        out: Dict[str, Any] = {"items": n, "users": len(data["histories"]), "synthetic_bundle_s": round(built_s, 1),
-                               "replica_load_s": round(load_s, 1), "ann_build_s": round(pool.build_s, 2),
-                               "replica_rss_mb": round(rss - base, 0), "process_rss_mb": round(rss, 0),
-                               "ivf_lists": pool.index.nlist, "ivf_nprobe": pool.index.nprobe,
-                               "pool_from_index": pool.size}
-        lat = {"exact": [], "ann": []}
-        recall, pool_sizes = [], []
-        torch.set_num_threads(1)
-        for u_idx in picks:
-            h = data["histories"][u_idx]
-            rows = (h + 1).tolist()
-            with torch.no_grad():
-                vec = torch.as_tensor(r.history_vectors(rows))[None]
-                ev = torch.full((1, len(rows)), 2, dtype=torch.long)
-                gaps = torch.zeros(1, len(rows), dtype=torch.long)
-                u = model.encode_vectors(vec, ev, gaps, torch.ones(1, len(rows), dtype=torch.bool))[0, -1].numpy()
-            ts = data["ts"][u_idx].tolist()
-            got = {}
-            for path in ("exact", "ann"):
-                saved = r.pool
-                r.pool = None if path == "exact" else saved
-                t0 = time.perf_counter()
-                c = r.candidates(u, rows, ts, [1] * len(rows), [], None, k)
-                lat[path].append((time.perf_counter() - t0) * 1000)
-                r.pool = saved
-                got[path] = set(c["rows"].tolist())
-            recall.append(len(got["exact"] & got["ann"]) / max(1, len(got["exact"])))
-            spread = float(r.vector_moments.of(torch.as_tensor(u)[None])[1][0])
-            pool_sizes.append(len(r._pool(u, h, None, spread)))
-        out.update({
-            "recall@100_of_exact": round(float(np.mean(recall)), 4), "recall@100_min": round(float(np.min(recall)), 4),
-            "pool_items_mean": round(float(np.mean(pool_sizes)), 0),
-            "exact_p50_ms": pct(lat["exact"], 50), "exact_p99_ms": pct(lat["exact"], 99),
-            "ann_p50_ms": pct(lat["ann"], 50), "ann_p99_ms": pct(lat["ann"], 99)})
-        # A hot swap to a bundle that ships its index (jobs.train, past train.ann_index_above):
-        # the replica reads it instead of building it.
-        r.pool.save(folder / layout.ANN)
-        out["ann_index_mb"] = round((folder / layout.ANN / "index.faiss").stat().st_size / 2**20, 1)
-        del r, pool
-        gc.collect()
-        t0 = time.perf_counter()
-        shipped = RetrievalModel(folder, "scale", ann_above=0)
-        out["replica_load_shipped_index_s"] = round(time.perf_counter() - t0, 1)
-        assert shipped.pool.loaded, "the shipped index was not used"
+        out: Dict[str, Any] = {"items": n, "users": len(data["histories"]), "synthetic_bundle_s": round(built_s, 1)}
+        for k_, precision in enumerate(precisions):
+            shutil.rmtree(folder / layout.ANN, ignore_errors=True)  # each precision builds, then ships, its own
+            res = serve_paths(folder, data, model, queries, k, precision)
+            if k_ == 0:
+                out.update(res)
+            else:
+                out.setdefault("other_precisions", {})[precision] = res
+            gc.collect()
         return out
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def serve_paths(folder: Path, data: Dict[str, Any], model, queries: int, k: int, precision: str) -> Dict[str, Any]:
+    """Load the bundle as a retriever replica at ``precision`` and time both paths (module doc)."""
+    from serve.retrieval import RetrievalModel
+
+    gc.collect()
+    base = rss_mb()
+    t0 = time.perf_counter()
+    r = RetrievalModel(folder, "scale", ann_above=0, precision=precision)  # with the ANN pool
+    load_s = time.perf_counter() - t0
+    rss = rss_mb()
+    pool = r.pool
+    rng = np.random.default_rng(1)
+    picks = rng.choice(len(data["histories"]), queries, replace=False)
+    out: Dict[str, Any] = {"precision": precision, "replica_load_s": round(load_s, 1),
+                           "ann_build_s": round(pool.build_s, 2), "replica_rss_mb": round(rss - base, 0),
+                           "process_rss_mb": round(rss, 0), "ivf_lists": pool.index.nlist,
+                           "ivf_nprobe": pool.index.nprobe, "pool_from_index": pool.size,
+                           "text_table_mb": round(r.channels.text.numel() * r.channels.text.element_size() / 2**20, 1)}
+    lat: Dict[str, List[float]] = {"exact": [], "ann": []}
+    recall, pool_sizes = [], []
+    torch.set_num_threads(1)
+    for u_idx in picks:
+        h = data["histories"][u_idx]
+        rows = (h + 1).tolist()
+        with torch.no_grad():
+            vec = torch.as_tensor(r.history_vectors(rows))[None]
+            ev = torch.full((1, len(rows)), 2, dtype=torch.long)
+            gaps = torch.zeros(1, len(rows), dtype=torch.long)
+            u = model.encode_vectors(vec, ev, gaps, torch.ones(1, len(rows), dtype=torch.bool))[0, -1].numpy()
+        ts = data["ts"][u_idx].tolist()
+        got = {}
+        for path in ("exact", "ann"):
+            saved = r.pool
+            r.pool = None if path == "exact" else saved
+            t0 = time.perf_counter()
+            c = r.candidates(u, rows, ts, [1] * len(rows), [], None, k)
+            lat[path].append((time.perf_counter() - t0) * 1000)
+            r.pool = saved
+            got[path] = set(c["rows"].tolist())
+        recall.append(len(got["exact"] & got["ann"]) / max(1, len(got["exact"])))
+        spread = float(r.vector_moments.of(torch.as_tensor(u)[None])[1][0])
+        pool_sizes.append(len(r._pool(u, h, None, spread)))
+    out.update({
+        "recall@100_of_exact": round(float(np.mean(recall)), 4), "recall@100_min": round(float(np.min(recall)), 4),
+        "pool_items_mean": round(float(np.mean(pool_sizes)), 0),
+        "exact_p50_ms": pct(lat["exact"], 50), "exact_p99_ms": pct(lat["exact"], 99),
+        "ann_p50_ms": pct(lat["ann"], 50), "ann_p99_ms": pct(lat["ann"], 99)})
+    # A hot swap to a bundle that ships its index (jobs.train, past train.ann_index_above):
+    # the replica reads it instead of building it.
+    r.pool.save(folder / layout.ANN)
+    out["ann_index_mb"] = round((folder / layout.ANN / "index.faiss").stat().st_size / 2**20, 1)
+    del r, pool
+    gc.collect()
+    t0 = time.perf_counter()
+    shipped = RetrievalModel(folder, "scale", ann_above=0, precision=precision)
+    out["replica_load_shipped_index_s"] = round(time.perf_counter() - t0, 1)
+    assert shipped.pool.loaded, "the shipped index was not used"
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--precisions", default="fp32,fp16",
+                    help="Serve precision settings, each served from the same bundle (the first at the top level)")
     ap.add_argument("--out", default=str(ROOT / "results/catalog_scale.json"))
     args = ap.parse_args()
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
         print(f"catalog of {n} items ...", flush=True)
-        rows.append(measure(n, args.queries))
+        rows.append(measure(n, args.queries, precisions=args.precisions.split(",")))
         print(json.dumps(rows[-1]), flush=True)
     result = {"benchmark": "catalog_scale", "machine": f"{os.cpu_count()} CPU cores, no GPU, one thread per request",
               "stand_ins": "synthetic 384-d text vectors and a randomly initialised retriever (module doc)",

@@ -353,17 +353,20 @@ def bundle_size(results: Path) -> str:
 
 
 def catalog_scale(results: Path) -> str:
-    rows = load(results, "catalog_scale")["sizes"]
+    """One row per catalog size and Serve precision (results/catalog_scale.json)."""
+    rows = []
+    for size in load(results, "catalog_scale")["sizes"]:
+        for r in [size, *size.get("other_precisions", {}).values()]:
+            rows.append([f"{size['items']:,}", r.get("precision", "fp32"), f"{r['exact_p50_ms']:.1f} / {r['exact_p99_ms']:.1f}",
+                         f"{r['ann_p50_ms']:.1f} / {r['ann_p99_ms']:.1f}",
+                         f"{r['recall@100_of_exact']:.4f} ({r['recall@100_min']:.2f})", f"{r['pool_items_mean']:,.0f}",
+                         f"{r['ivf_lists']:,} / {r['ivf_nprobe']}", f"{r['ann_build_s']:.1f}",
+                         f"{r['replica_load_shipped_index_s']:.1f}" if "replica_load_shipped_index_s" in r else "—",
+                         f"{r['replica_rss_mb'] / 1024:.1f} GB"])
     return markdown_table(
-        ["catalog items", "exact p50 / p99 ms", "ANN pool p50 / p99 ms", "pool recall@100 of exact (min)",
+        ["catalog items", "precision", "exact p50 / p99 ms", "ANN pool p50 / p99 ms", "pool recall@100 of exact (min)",
          "pool items", "IVF lists / probed", "index build s", "load with shipped index s", "replica memory"],
-        "rrrrrrrrr",
-        [[f"{r['items']:,}", f"{r['exact_p50_ms']:.1f} / {r['exact_p99_ms']:.1f}",
-          f"{r['ann_p50_ms']:.1f} / {r['ann_p99_ms']:.1f}",
-          f"{r['recall@100_of_exact']:.4f} ({r['recall@100_min']:.2f})", f"{r['pool_items_mean']:,.0f}",
-          f"{r['ivf_lists']:,} / {r['ivf_nprobe']}", f"{r['ann_build_s']:.1f}",
-          f"{r['replica_load_shipped_index_s']:.1f}" if "replica_load_shipped_index_s" in r else "—",
-          f"{r['replica_rss_mb'] / 1024:.1f} GB"] for r in rows])
+        "rlrrrrrrrr", rows)
 
 
 # ---- retriever training layout (benchmarks/train_layout.py) ---------------------------------
