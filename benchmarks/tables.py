@@ -390,13 +390,14 @@ def precision(results: Path) -> str:
     for name, d in data["datasets"].items():
         for setting, r in d["settings"].items():
             rep = r.get("replica", {})
-            rows.append([name, setting, _pair(r["test"]), _interval(r.get("minus_fp32_test_ndcg@10")) if setting != "fp32"
-                         else "—", f"{r['ranks_equal_to_fp32']:.2f}" if "ranks_equal_to_fp32" in r else "—",
+            diff = (lambda split: _interval(r.get(f"minus_fp32_{split}_ndcg@10")) if setting != "fp32" else "—")
+            rows.append([name, setting, f"{r['valid']['ndcg@10']:.4f}", diff("valid"), _pair(r["test"]), diff("test"),
+                         f"{r['test_ranks_equal_to_fp32']:.2f}" if "test_ranks_equal_to_fp32" in r else "—",
                          f"{rep.get('text_table_mb', float('nan')):.1f}", f"{rep.get('rss_growth_mb', float('nan')):.0f}",
                          f"{d['bundle_mb']:.1f}"])
-    out = markdown_table(["data", "precision", "test Recall@10 / NDCG@10", "− fp32, NDCG@10, BCa 95%",
-                          "users whose target rank is unchanged", "text table MB", "replica RSS growth MB",
-                          "bundle MB"], "llrrrrrr", rows)
+    out = markdown_table(["data", "precision", "valid NDCG@10", "valid − fp32, BCa 95%", "test Recall@10 / NDCG@10",
+                          "test − fp32, BCa 95%", "test users whose target rank is unchanged", "text table MB",
+                          "replica RSS growth MB", "bundle MB"], "llrrrrrrrr", rows)
     speed = []
     for name, d in data["datasets"].items():
         for v, r in d.get("serving", {}).get("variants", {}).items():
