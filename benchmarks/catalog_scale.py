@@ -54,6 +54,16 @@ TEXT_DIM, CATEGORIES, EVENTS_PER_USER = 384, 50, 15
 WEIGHTS = {"retriever": 1.0, "covisit": 0.5, "text": 0.35, "popularity": 0.1}
 
 
+def _trim() -> None:
+    """glibc's malloc_trim: return freed heap pages to the OS (no-op where unavailable)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -140,6 +150,7 @@ def serve_paths(folder: Path, data: Dict[str, Any], model, queries: int, k: int,
     from serve.retrieval import RetrievalModel
 
     gc.collect()
+    _trim()  # hand freed memory (the previous setting's replica) back, so growth is this one's own
     base = rss_mb()
     t0 = time.perf_counter()
     r = RetrievalModel(folder, "scale", ann_above=0, precision=precision)  # with the ANN pool
@@ -155,7 +166,8 @@ def serve_paths(folder: Path, data: Dict[str, Any], model, queries: int, k: int,
                            "text_table_mb": round(r.channels.text.numel() * r.channels.text.element_size() / 2**20, 1)}
     lat: Dict[str, List[float]] = {"exact": [], "ann": []}
     recall, pool_sizes = [], []
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one request, one core (loads and index builds use them all)
     for u_idx in picks:
         h = data["histories"][u_idx]
         rows = (h + 1).tolist()
@@ -177,6 +189,7 @@ def serve_paths(folder: Path, data: Dict[str, Any], model, queries: int, k: int,
         recall.append(len(got["exact"] & got["ann"]) / max(1, len(got["exact"])))
         spread = float(r.vector_moments.of(torch.as_tensor(u)[None])[1][0])
         pool_sizes.append(len(r._pool(u, h, None, spread)))
+    torch.set_num_threads(threads)
     out.update({
         "recall@100_of_exact": round(float(np.mean(recall)), 4), "recall@100_min": round(float(np.min(recall)), 4),
         "pool_items_mean": round(float(np.mean(pool_sizes)), 0),

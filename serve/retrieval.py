@@ -60,13 +60,13 @@ class RetrievalModel:
         self.categories: List[List[str]] = [c or [] for c in items["categories"].to_pylist()]
         self.row: Dict[str, int] = {iid: r + 1 for r, iid in enumerate(self.ids)}
         text = self._text(folder)
-        self.text = text  # [n, text_dim] 0-based
         self.stats = item_stats(*bundle.load_interactions(folder), self.categories)
         self.log_pop = self.stats.log_pop  # grows with upserts (new items: 0)
         self.cat_col = {c: k for k, c in enumerate(sorted({c for cats in self.categories for c in cats}))}
         with torch.no_grad():
             emb = torch.cat([torch.zeros(1, text.shape[1]), text]) if text is not None else None
             self.vectors = self.model.item_vectors(emb).numpy().astype(np.float32)  # [n + 1, d]
+            del emb  # a padded copy of the text table: gone before the channels' is made
         # Candidate channels fused with the retriever (components.models.channels), the same object
         # jobs.evaluate scores with; None for a bundle without them (retriever order alone).
         self.channels = bundle.load_channels(folder, text)
@@ -88,8 +88,7 @@ class RetrievalModel:
         self._lock = threading.Lock()
         self.precision = precision
         if self.channels is not None and precision != "fp32":
-            self.channels.store_text(PRECISIONS[precision])
-            self.text = self.channels.text  # one table: the float32 one goes with this constructor
+            self.channels.store_text(PRECISIONS[precision])  # the float32 table goes with this constructor
 
     def _text(self, folder: Path) -> Optional[torch.Tensor]:
         """The items' LLM embeddings [n, text_dim] when the retriever uses text, else None."""
@@ -103,6 +102,13 @@ class RetrievalModel:
     @property
     def dim(self) -> int:
         return self.model.cfg.dim
+
+    @property
+    def text(self) -> Optional[torch.Tensor]:
+        """The served LLM text vectors [n, text_dim] (0-based rows, unit length, in the replica's
+        precision); None without channels or text. Read from the channels each time: an upsert
+        replaces their table, and a second reference would keep the old one alive."""
+        return self.channels.text if self.channels is not None else None
 
     @property
     def size(self) -> int:
@@ -157,13 +163,13 @@ class RetrievalModel:
                 else:
                     self.titles[r - 1] = x.get("title") or self.titles[r - 1]
                     self.categories[r - 1] = list(x.get("categories") or self.categories[r - 1])
-                    if iid in self.upserts:  # a catalog item keeps its trained vector
+                    if r > self.trained_items:  # an upserted item takes its new text; a trained item keeps its vector
                         if self.pool is not None:
                             self.vector_moments.replace(self.vectors[r], v[k])
                         self.vectors[r] = v[k]
                     self.index.remove_ids(np.array([r], dtype=np.int64))
                 self.index.add_with_ids(self.vectors[r:r + 1], np.array([r], dtype=np.int64))
-                if self.channels is not None and text_emb is not None and (iid in self.upserts or r > self.trained_items):
+                if self.channels is not None and text_emb is not None and r > self.trained_items:
                     self.channels.set_text(r - 1, np.asarray(text_emb[k], dtype=np.float32))
                 if self.pool is not None and r > self.pool.n:  # a new item joins the ANN indexes
                     ctext = self.channels.text[r - 1:r].float().numpy() if self.channels.text is not None else None

@@ -132,6 +132,17 @@ def test_an_upserted_item_is_retrievable_at_once_from_its_text(loaded):
     assert r.row["twin-of-best"] in set(fresh.tolist())  # the freshest item is mixed into cold start
     assert r.upsert([{"item_id": "brand-new-helmet", "title": "Renamed", "categories": [cat]}], text) == 0
     assert r.item("brand-new-helmet")["title"] == "Renamed"
+    # A trained catalog item upserted (e.g. retitled), once or again, keeps its trained vectors;
+    # an upserted one takes its new text.
+    trained = hist[1]
+    vec, txt = r.vectors[r.row[trained]].copy(), r.text[r.row[trained] - 1].clone()
+    other = r.text[r.row[hist[2]] - 1].numpy()[None]
+    for title in ("Retitled", "Retitled again"):
+        assert r.upsert([{"item_id": trained, "title": title, "categories": [cat]}], other) == 0
+        np.testing.assert_array_equal(r.vectors[r.row[trained]], vec)
+        assert torch.equal(r.text[r.row[trained] - 1], txt) and r.item(trained)["title"] == title
+    assert r.upsert([{"item_id": "brand-new-helmet", "title": "Renamed", "categories": [cat]}], other) == 0
+    assert torch.allclose(r.text[r.row["brand-new-helmet"] - 1], torch.as_tensor(other[0]), atol=1e-6)
 
 
 def test_live_co_visits_bring_a_new_item_to_the_users_whose_items_it_was_seen_with(loaded):
@@ -345,7 +356,6 @@ def test_fp16_precision_halves_the_text_table_and_keeps_the_answers(loaded):
     pooled = RetrievalModel(loaded["dir"], "v1", ann_above=0, precision="fp16")
     assert full.channels.text.dtype == torch.float32
     assert half.channels.text.dtype == pooled.channels.text.dtype == torch.float16
-    assert half.text is half.channels.text  # the float32 table is not kept beside it
     enc, ts = loaded["encoder"], [1_700_000_000_000 + k for k in range(6)]
     for cat in sorted({c for cats in full.categories for c in cats})[:3]:
         rows, _ = full.lookup(_category_items(full, cat, 6))
@@ -362,6 +372,7 @@ def test_fp16_precision_halves_the_text_table_and_keeps_the_answers(loaded):
     for m in (half, pooled):
         assert m.upsert([{"item_id": "half-new", "title": "New", "categories": ["Cycling"]}], text) == 1
         assert m.channels.text.dtype == torch.float16 and len(m.channels.text) == full.size + 1
+        assert m.text is m.channels.text  # no reference keeps the table from before the upsert alive
         np.testing.assert_allclose(m.channels.text[-1].float().numpy(), text[0], atol=1e-3)
     with pytest.raises(ValueError, match="precision must be one of fp32, fp16"):
         RetrievalModel(loaded["dir"], "v1", precision="int4")
