@@ -46,3 +46,19 @@ def test_a_block_renders_the_figures_of_its_json_and_check_names_it_when_stale(t
 def test_an_unknown_block_name_is_refused_with_its_name(tmp_path):
     with pytest.raises(KeyError, match="no-such-table"):
         tables.render_blocks("<!-- table:no-such-table -->\n<!-- /table:no-such-table -->\n", tmp_path)
+
+
+def test_no_document_or_source_holds_merge_conflict_markers():
+    """A merge once left <<<<<<< / ======= / >>>>>>> lines in docs/models.md; every tracked text
+    file (README, docs, code, configs) is checked."""
+    import re
+    import subprocess
+
+    try:
+        files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    marker = re.compile(r"^(<{7}|>{7})( |$)|^={7}$", re.M)
+    bad = [f for f in files if f.endswith((".md", ".py", ".yaml", ".yml", ".toml", ".cfg", ".sh", ".txt"))
+           and (ROOT / f).is_file() and marker.search((ROOT / f).read_text(errors="replace"))]
+    assert bad == [], f"merge conflict markers in {bad}"
