@@ -21,7 +21,7 @@ from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING re-exported for
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from components.models.ranker import RankerConfig
-from components.online.canary import CanaryConfig
+from components.online.canary import CanaryConfig, CanaryRule, with_rule
 from components.models.retriever import RetrieverConfig
 from components.training.retriever import RetrieverTrainConfig
 from components.models.text_encoder import TextEncoderConfig
@@ -270,7 +270,8 @@ class ServeConfig:
     # The Serve arg precision (fp32 | fp16, see ServeAppConfig); empty: the YAML's value.
     precision: Optional[str] = None
     # Once serving, show the feedback loop: post simulated clicks through the API, run one
-    # jobs.retrain pass, and print the version and metric change (then keep serving). It writes
+    # jobs.retrain pass with retrain.rollout=canary, drive the canary with simulated visitors
+    # until the judge decides, and print the figures and the swap (then keep serving). It writes
     # simulated feedback into storage.root, so it is off unless asked for (`make run` asks).
     demo_feedback: bool = False
     demo_users: int = 40
@@ -366,6 +367,10 @@ class RetrainConfig:
     # application running to decide: until then the canary waits).
     rollout: str = "swap"
     canary_share: float = 0.1
+    # The canary's own decision thresholds (CanaryRule: min_requests, min_recommendations,
+    # noninferiority_*, error_rate_margin, latency_p99_ratio_max, confidence); those left null
+    # are the serving application's (serve args canary).
+    canary_rule: CanaryRule = field(default_factory=CanaryRule)
 
 
 @dataclass
@@ -505,6 +510,10 @@ def validate_config(cfg: Any) -> None:
             raise ConfigError(f"retrain.rollout must be swap or canary; got {cfg.retrain.rollout!r}")
         if not 0 < cfg.retrain.canary_share < 1:
             raise ConfigError(f"retrain.canary_share must be in (0, 1); got {cfg.retrain.canary_share}")
+        try:
+            with_rule(CanaryConfig(), cfg.retrain.canary_rule)
+        except ValueError as exc:
+            raise ConfigError(f"retrain.canary_rule: {exc}") from None
     if "train" in cfg:
         t = cfg.train
         if t.zero_stage not in (0, 1, 2, 3):

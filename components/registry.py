@@ -12,6 +12,7 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 from components import layout
+from components.online.canary import CanaryConfig, rule_overrides, with_rule
 from components.storage import PreconditionFailed, Storage
 
 # The valid lists the ranker did not train on (it trains on the others).
@@ -119,7 +120,8 @@ def pointer_metrics(model: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def gate_and_promote(storage: Storage, res: Dict[str, Any], trained: Dict[str, Any], floor: float,
-                     tolerance: float, expected: Any = None, canary_share: Optional[float] = None) -> Dict[str, Any]:
+                     tolerance: float, expected: Any = None, canary_share: Optional[float] = None,
+                     canary_rule: Any = None) -> Dict[str, Any]:
     """``decide_promotion`` against the pointer, then a compare-and-swap promotion if it says so.
 
     ``trained``: the bundle (run_id, prefix, manifest, lineage). ``expected``: (pointer, token)
@@ -127,7 +129,8 @@ def gate_and_promote(storage: Storage, res: Dict[str, Any], trained: Dict[str, A
     never replaces a pointer that moved while it trained. Default: the pointer read here.
     ``canary_share``: instead of promoting, start a canary of that share against the promoted
     model (``start_canary``; the serving judge decides); ``promoted`` is then False and
-    ``canary`` True, or neither when a canary runs already or the pointer moved."""
+    ``canary`` True, or neither when a canary runs already or the pointer moved; ``canary_rule``:
+    its own thresholds (``start_canary``)."""
     current, token = expected if expected is not None else read_pointer_versioned(storage)
     decision = decide_promotion(res, current, floor, tolerance)
     if not decision["promoted"]:
@@ -140,7 +143,7 @@ def gate_and_promote(storage: Storage, res: Dict[str, Any], trained: Dict[str, A
         elif read_pointer(storage) is None or read_pointer(storage)["run_id"] != current["run_id"]:
             decision.update(canary=False, reason=decision["reason"] + "; another run promoted meanwhile: no canary")
         else:
-            start_canary(storage, trained["run_id"], canary_share)
+            start_canary(storage, trained["run_id"], canary_share, rule=canary_rule)
             decision.update(canary=True, reason=decision["reason"] + f"; canary started for {canary_share:.0%} "
                                                                      "of users (the serving judge decides)")
         return decision
@@ -174,11 +177,16 @@ def read_canary(storage: Storage, model: str = layout.MODEL) -> Optional[Dict[st
     return storage.read_json(rel) if storage.is_file(rel) else None
 
 
-def start_canary(storage: Storage, run_id: str, share: float, model: str = layout.MODEL) -> Dict[str, Any]:
+def start_canary(storage: Storage, run_id: str, share: float, model: str = layout.MODEL,
+                 rule: Any = None) -> Dict[str, Any]:
     """Write ``registry/<model>/canary.json``: ``run_id`` serves ``share`` of the users (picked by
     a hash salted with the run id) beside the promoted version, the control. Every serving replica
-    loads it from there, verified against its manifest like a promotion. Raises ``ValueError`` /
-    ``LookupError`` (no promoted model, the candidate is the promoted one, no such bundle)."""
+    loads it from there, verified against its manifest like a promotion. ``rule``: this canary's
+    own decision thresholds (``CanaryRule`` fields; the rest are the serving application's).
+    Raises ``ValueError`` / ``LookupError`` (a bad rule field, no promoted model, the candidate is
+    the promoted one, no such bundle)."""
+    rule = rule_overrides(rule)
+    with_rule(CanaryConfig(), rule)  # refuse a bad value before anything is written
     current = read_pointer(storage, model)
     if current is None:
         raise LookupError("no promoted model: a canary needs a control to compare with")
@@ -187,10 +195,11 @@ def start_canary(storage: Storage, run_id: str, share: float, model: str = layou
     rec = bundle_record(storage, run_id, model)
     canary = {"model": model, "run_id": run_id, "uri": storage.uri(rec["prefix"]), "prefix": rec["prefix"],
               "sha256": rec["manifest"], "metrics": rec["metrics"], "lineage": rec["lineage"],
-              "share": float(share), "salt": run_id, "control": current["run_id"],
+              "share": float(share), "salt": run_id, "control": current["run_id"], "rule": rule,
               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     storage.write_json_atomic(layout.canary_pointer(model), canary)
-    log_canary(storage, {"action": "start", "candidate": run_id, "control": current["run_id"], "share": share}, model)
+    log_canary(storage, {"action": "start", "candidate": run_id, "control": current["run_id"], "share": share,
+                         "rule": rule}, model)
     return canary
 
 

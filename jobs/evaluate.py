@@ -63,7 +63,7 @@ def _parent_baseline(cfg: Any, storage: Storage, child: Path, version: str) -> t
 # What main(cfg) reads (the retriever and train.* ones for evaluate.baselines and the new-item
 # variant, which train in-process): `--help` lists these settings.
 CONFIG_SECTIONS = ("storage", "evaluate", "retriever", "train.num_workers", "train.retriever_workers", "train.retriever",
-                   "retrain.rollout", "retrain.canary_share")
+                   "retrain.rollout", "retrain.canary_share", "retrain.canary_rule")
 
 
 def main(cfg: Any) -> Dict[str, Any]:
@@ -90,7 +90,7 @@ def main(cfg: Any) -> Dict[str, Any]:
     else:
         canary = cfg.retrain.canary_share if cfg.evaluate.parent and cfg.retrain.rollout == "canary" else None
         decision = registry.gate_and_promote(storage, res, trained, cfg.evaluate.ndcg_floor, cfg.evaluate.tolerance,
-                                             expected, canary_share=canary)
+                                             expected, canary_share=canary, canary_rule=cfg.retrain.canary_rule)
     res["promotion"] = decision
     storage.write_json(layout.join(report, layout.METRICS), res)
     for model, splits in res["models"].items():  # Prometheus gauges, while Ray is up

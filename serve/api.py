@@ -167,7 +167,22 @@ class ItemsResponse(BaseModel):
     model_version: str
 
 
+class CanaryRule(BaseModel):
+    """A canary's own decision thresholds (components.online.canary.CanaryRule); those not given
+    are the serving application's."""
+
+    model_config = ConfigDict(extra="forbid")
+    confidence: Optional[float] = Field(None, gt=0.0, lt=1.0)
+    min_requests: Optional[int] = Field(None, gt=0)
+    error_rate_margin: Optional[float] = Field(None, ge=0.0)
+    latency_p99_ratio_max: Optional[float] = Field(None, ge=0.0)
+    min_recommendations: Optional[int] = Field(None, gt=0)
+    noninferiority_recommendations: Optional[int] = Field(None, gt=0)
+    noninferiority_margin: Optional[float] = Field(None, ge=0.0)
+
+
 class CanaryRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     run_id: str = Field(min_length=1, max_length=MAX_ID, description="a published bundle (checkpoints/<model>/<run_id>/)")
     share: float = Field(0.1, gt=0.0, lt=1.0, description="the share of users served by the candidate")
+    rule: Optional[CanaryRule] = Field(None, description="this canary's own decision thresholds")

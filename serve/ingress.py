@@ -232,7 +232,8 @@ class Ingress:
         """Serve a published bundle to ``share`` of the users beside the promoted version, judged
         by online metrics (admin key)."""
         try:
-            out = await self.judge.start.remote(req.run_id, req.share)
+            rule = req.rule.model_dump(exclude_none=True) if req.rule is not None else None
+            out = await self.judge.start.remote(req.run_id, req.share, rule)
         except Exception as exc:
             log.warning("canary not started: %s", exc)
             raise HTTPException(503, "canary judge or storage unavailable, retry", headers=RETRY_AFTER) from None
@@ -240,7 +241,7 @@ class Ingress:
             raise HTTPException(out["status"], out["error"])
         canary = out["canary"]
         self.canary.set(canary)
-        return {"canary": {k: canary[k] for k in ("run_id", "share", "control", "created_at")}}
+        return {"canary": {k: canary[k] for k in ("run_id", "share", "control", "rule", "created_at")}}
 
     @http_app.delete("/v1/admin/canary", dependencies=[NEEDS_KEY])
     async def end_canary(self) -> Dict[str, Any]:

@@ -30,7 +30,7 @@ from ray import serve
 from components import registry
 from components.config import ServeAppConfig
 from components.data import privacy
-from components.online.canary import CANDIDATE, CanaryMonitor, assign
+from components.online.canary import CANDIDATE, CanaryMonitor, assign, with_rule
 from serve.metrics import CanaryGauges
 from serve.settings import as_settings, open_storage
 
@@ -70,8 +70,9 @@ class CanaryJudge:
             return
         if self.canary is None or canary["run_id"] != self.canary["run_id"]:
             self.canary = canary
-            self.monitor = CanaryMonitor(canary["control"], canary["run_id"], canary["share"], self.cfg,
-                                         salt=canary.get("salt"))
+            # Its own thresholds (canary.json "rule", checked when it was written) over the app's.
+            self.monitor = CanaryMonitor(canary["control"], canary["run_id"], canary["share"],
+                                         with_rule(self.cfg, canary.get("rule")), salt=canary.get("salt"))
             self.last_decision = None
             log.warning("canary %s (%.0f%% of users) against %s: judging every %.1fs", canary["run_id"],
                         100 * canary["share"], canary["control"], self.check_s)
@@ -145,19 +146,23 @@ class CanaryJudge:
         if canary is None or m is None:
             return None if last is None else {"running": False, "last_decision": _brief(last)}
         return {"running": True, "version": canary["run_id"], "control": canary["control"],
-                "share": canary["share"], "started_at": canary.get("created_at"),
+                "share": canary["share"], "rule": canary.get("rule") or {}, "started_at": canary.get("created_at"),
                 "metrics": m.metrics().to_dict(), "decisions": self.decisions, "last_decision": _brief(last)}
 
-    async def start(self, run_id: str, share: float) -> Dict[str, Any]:
-        """Start a canary (``registry.start_canary`` checks it). Returns ``{"canary": ...}``, or
-        ``{"error": why, "status": 404|409}`` (no such bundle or no control; one runs already, or
-        the candidate is the promoted version): errors as values, so the ingress's answer carries
-        the message and not a remote traceback."""
+    async def start(self, run_id: str, share: float, rule: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Start a canary (``registry.start_canary`` checks it; ``rule``: its own thresholds).
+        Returns ``{"canary": ...}``, or ``{"error": why, "status": 404|409|422}`` (no such bundle or
+        no control; one runs already, or the candidate is the promoted version; a bad rule): errors
+        as values, so the ingress's answer carries the message and not a remote traceback."""
         async with self._lock:
             if await asyncio.to_thread(registry.read_canary, self.storage, self.model) is not None:
                 return {"error": "a canary is running: end it first (DELETE /v1/admin/canary)", "status": 409}
             try:
-                canary = await asyncio.to_thread(registry.start_canary, self.storage, run_id, share, self.model)
+                with_rule(self.cfg, rule)
+            except ValueError as exc:
+                return {"error": str(exc), "status": 422}
+            try:
+                canary = await asyncio.to_thread(registry.start_canary, self.storage, run_id, share, self.model, rule)
             except LookupError as exc:
                 return {"error": str(exc).strip("'\""), "status": 404}
             except ValueError as exc:

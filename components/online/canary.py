@@ -14,6 +14,7 @@ hash sample of users per version once there are many.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import threading
@@ -21,7 +22,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -81,6 +82,46 @@ def check_canary_config(cfg: Any) -> None:
     for name in ("error_rate_margin", "latency_p99_ratio_max", "noninferiority_margin"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"canary.{name} must be >= 0; got {getattr(cfg, name)}")
+
+
+@dataclass
+class CanaryRule:
+    """One canary's own decision thresholds, over the serving application's ``CanaryConfig``
+    (``retrain.canary_rule``, the ``rule`` of ``POST /v1/admin/canary``; None: the application's
+    value). The sample a comparison needs depends on the traffic and on the effect expected, which
+    differ per experiment: a small shop or a demo needs fewer recommendations than the defaults,
+    a subtle change more."""
+
+    confidence: Optional[float] = None
+    min_requests: Optional[int] = None
+    error_rate_margin: Optional[float] = None
+    latency_p99_ratio_max: Optional[float] = None
+    min_recommendations: Optional[int] = None
+    noninferiority_recommendations: Optional[int] = None
+    noninferiority_margin: Optional[float] = None
+
+
+RULE_FIELDS = tuple(f.name for f in dataclasses.fields(CanaryRule))
+
+
+def rule_overrides(rule: Any) -> Dict[str, Any]:
+    """The thresholds ``rule`` sets (a ``CanaryRule``, its OmegaConf node or a mapping), Nones
+    left out; raises ValueError naming an unknown field."""
+    if rule is None:
+        return {}
+    items = rule.items() if isinstance(rule, Mapping) or hasattr(rule, "items") else dataclasses.asdict(rule).items()
+    out = {str(k): v for k, v in items if v is not None}
+    unknown = sorted(set(out) - set(RULE_FIELDS))
+    if unknown:
+        raise ValueError(f"canary rule: unknown field(s) {', '.join(unknown)} (known: {', '.join(RULE_FIELDS)})")
+    return out
+
+
+def with_rule(cfg: CanaryConfig, rule: Any) -> CanaryConfig:
+    """``cfg`` with one canary's ``rule`` applied, checked (ValueError names a bad field)."""
+    out = dataclasses.replace(cfg, **rule_overrides(rule))
+    check_canary_config(out)
+    return out
 
 
 def check_share(share: float) -> float:
@@ -420,10 +461,6 @@ class Decision:
         return asdict(self)
 
 
-_RULE_FIELDS = ("confidence", "min_requests", "error_rate_margin", "latency_p99_ratio_max", "min_recommendations",
-                "noninferiority_recommendations", "noninferiority_margin")
-
-
 def decide(metrics: CanaryMetrics, cfg: CanaryConfig) -> Decision:
     """Promote, roll back or continue a canary from a snapshot of its metrics. In order:
 
@@ -451,7 +488,7 @@ def decide(metrics: CanaryMetrics, cfg: CanaryConfig) -> Decision:
         "acted_share_diff": t.acted_share - c.acted_share, "acted_share_diff_ci": (lo, hi),
         "interval": f"Newcombe hybrid score, {cfg.confidence:.0%}", "noninferiority_margin_abs": margin,
         "error_rate_diff": t.error_rate - c.error_rate,
-        "thresholds": {name: getattr(cfg, name) for name in _RULE_FIELDS},
+        "thresholds": {name: getattr(cfg, name) for name in RULE_FIELDS},
     }
     diff = f"acted-on share {t.acted_share:.4f} vs control {c.acted_share:.4f}, difference [{lo:+.4f}, {hi:+.4f}]"
 

@@ -334,3 +334,48 @@ def test_a_canary_that_lost_its_control_to_a_retrain_is_abandoned_not_promoted(t
     with pytest.raises(registry.PromotionConflict, match="ended meanwhile"):
         registry.promote_canary(st, {**canary, "run_id": "b"})
     assert registry.read_pointer(st)["run_id"] == "r"
+
+
+def test_a_canary_carries_its_own_rule_over_the_apps_thresholds(tmp_path):
+    """A canary's ``rule`` (retrain.canary_rule, POST /v1/admin/canary's "rule") replaces the
+    serving app's thresholds for that canary only: the same traffic that the app's rule leaves
+    undecided promotes under a rule asking for a smaller sample; the next canary, started without
+    one, is judged by the app's rule again. A bad field or value is refused before anything is written."""
+    import asyncio
+
+    from components import layout, registry
+    from components.online.canary import CanaryConfig, CanaryRule, with_rule
+    from components.storage import Storage
+    from serve.rollout import CanaryJudge
+
+    st = Storage(str(tmp_path))
+    for rid in ("a", "b", "c"):
+        _published(st, rid)
+    registry.promote(st, layout.MODEL, "a", layout.bundle("a"), {}, {})
+    app = {"min_requests": 50, "min_recommendations": 5000, "latency_p99_ratio_max": 0}
+    judge = CanaryJudge.func_or_class({"storage_root": str(tmp_path), "canary": app})
+
+    assert asyncio.run(judge.start("b", 0.5, {"min_recommendations": 0}))["status"] == 422
+    assert asyncio.run(judge.start("b", 0.5, {"min_recomendations": 200}))["status"] == 422  # a typo
+    assert registry.read_canary(st) is None
+    with pytest.raises(ValueError, match="unknown field"):
+        registry.start_canary(st, "b", 0.5, rule={"patience": 3})
+    assert registry.read_canary(st) is None
+
+    canary = asyncio.run(judge.start("b", 0.5, {"min_recommendations": 200}))["canary"]
+    assert canary["rule"] == {"min_recommendations": 200}
+    assert asyncio.run(judge.status())["rule"] == {"min_recommendations": 200}
+    asyncio.run(judge.record(*_arm_traffic(canary, control_acts=False, candidate_acts=True)))
+    d = asyncio.run(judge.judge())  # 500 recommendations per arm: enough for this canary's rule
+    assert d["action"] == "promote" and d["figures"]["thresholds"]["min_recommendations"] == 200
+    assert d["figures"]["thresholds"]["min_requests"] == 50  # not in the rule: the app's
+    log = [st.read_json(f) for f in st.list_files(layout.canary_log(layout.MODEL))]
+    assert log[0]["action"] == "start" and log[0]["rule"] == {"min_recommendations": 200}
+
+    canary = asyncio.run(judge.start("c", 0.5))["canary"]  # no rule: the app's 5000
+    asyncio.run(judge.record(*_arm_traffic(canary, control_acts=False, candidate_acts=True)))
+    d = asyncio.run(judge.judge())
+    assert d["action"] == "continue" and "of 5000 recommendations" in d["reason"]
+
+    assert with_rule(CanaryConfig(), CanaryRule(noninferiority_margin=0.1)).noninferiority_margin == 0.1
+    assert with_rule(CanaryConfig(), None) == CanaryConfig()

@@ -81,3 +81,24 @@ def test_a_retrain_with_rollout_canary_starts_a_canary_instead_of_swapping(tmp_p
     assert registry.read_canary(st)["run_id"] == "child"
     with pytest.raises(ConfigError, match="retrain.rollout must be swap or canary"):
         load_config(["retrain.rollout=gradual"])
+
+
+def test_retrain_canary_rule_reaches_the_canary_file_and_bad_values_fail_the_config(tmp_path):
+    from components import layout, registry
+    from components.config import ConfigError, load_config
+    from components.storage import Storage
+
+    cfg = load_config(["retrain.rollout=canary", "retrain.canary_rule.min_recommendations=300"])
+    st = Storage(str(tmp_path))
+    for rid in ("parent", "child"):
+        st.write_json(layout.join(layout.bundle(rid), layout.MANIFEST), {"f": "0"})
+    registry.promote(st, layout.MODEL, "parent", layout.bundle("parent"), {"selection_split": "valid",
+                                                                          "selection_ndcg@10": 0.1}, {"f": "0"})
+    res = {"main_model": "m", "models": {"m": {"valid": {"ndcg@10": 0.2}, "test": {"ndcg@10": 0.2, "recall@10": 0.3}}}}
+    trained = {"run_id": "child", "prefix": layout.bundle("child"), "manifest": {"f": "0"}, "lineage": {}}
+    d = registry.gate_and_promote(st, res, trained, 0.0, 0.0, canary_share=0.2, canary_rule=cfg.retrain.canary_rule)
+    assert d["canary"] and registry.read_canary(st)["rule"] == {"min_recommendations": 300}
+    with pytest.raises(ConfigError, match="retrain.canary_rule: canary.min_recommendations must be > 0"):
+        load_config(["retrain.canary_rule.min_recommendations=0"])
+    with pytest.raises(ConfigError, match="canary_rule"):
+        load_config(["retrain.canary_rule.patience=3"])
