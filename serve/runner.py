@@ -21,7 +21,7 @@ from components.config import LOG_ENCODINGS, packaged_config
 from components.data.privacy import privacy_key
 from serve.auth import AccessPolicy, check_bind
 from serve.settings import load_settings
-from serve.stale_proxy import clear_stale_haproxy
+from serve.stale_proxy import clear_stale_haproxy, haproxy_side_ports
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,9 @@ def start(config_path: str | Path, overrides: Optional[Dict[str, Any]] = None, h
         privacy_key()  # the key must be there before anything is deployed
     options = deployment_options(app, more_options)
     opts = {k: http[k] for k in ("host", "port", "request_timeout_s", "keep_alive_timeout_s") if k in http}
-    # A service killed hard leaves Serve's HAProxy on the port, answering 500 (serve/stale_proxy.py).
-    clear_stale_haproxy(int(opts["port"]))
+    # A service killed hard leaves Serve's HAProxy on the port, answering 500, and on HAProxy's
+    # stats and metrics ports, which any Serve here binds (serve/stale_proxy.py).
+    clear_stale_haproxy([int(opts["port"]), *haproxy_side_ports()])
     # logging_config here too: the controller and proxies log at the app's level (their INFO
     # banner and per-start lines stay out of the console)
     serve.start(http_options={**opts, "port": int(opts["port"])}, proxy_location=conf["proxy_location"],

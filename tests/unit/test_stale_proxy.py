@@ -99,3 +99,32 @@ def test_serve_starts_on_a_port_a_killed_service_left_its_haproxy_on(listener, t
         runner.start("configs/serve-fused.yaml", {"storage_root": str(tmp_path / "store")}, host="127.0.0.1",
                      port=port)
     assert bound == [True] and not psutil.pid_exists(proxy.pid)
+
+
+def test_serve_on_another_port_clears_a_stale_haproxy_holding_its_stats_port(listener, tmp_path, monkeypatch):
+    """Every Serve HAProxy on a machine binds the same stats and metrics ports: a killed service
+    on port A left one there, and a service starting on port B failed with "Address already in
+    use" (found running an experiment on 8011 beside `make run` on 8000). runner.start clears it."""
+    from ray import serve
+    from ray.serve._private import constants
+
+    from serve import runner
+
+    exe = tmp_path / "haproxy"
+    os.symlink(sys.executable, exe)
+    proxy, side_port, _ = listener(exe=str(exe))
+    monkeypatch.setattr(constants, "RAY_SERVE_HAPROXY_STATS_PORT", side_port)
+    http_port = free_port()
+
+    class Binding(Exception):
+        """Serve would bind now: the test stops there."""
+
+    def fake_start(http_options, **kwargs):
+        assert http_options["port"] == http_port and _port_is_free(side_port)
+        raise Binding
+
+    monkeypatch.setattr(serve, "start", fake_start)
+    with pytest.raises(Binding):
+        runner.start("configs/serve-fused.yaml", {"storage_root": str(tmp_path / "store")}, host="127.0.0.1",
+                     port=http_port)
+    assert not psutil.pid_exists(proxy.pid)
