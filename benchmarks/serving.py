@@ -255,7 +255,8 @@ VARIANTS: Dict[str, Any] = {
     "graph+throughput+haproxy": (CONFIGS["graph"], HAPROXY),
     # the shipped path with the live state sharded by user over two EventStore deployments
     "fused+throughput+haproxy+2shards": (CONFIGS["fused"], HAPROXY, {"live_state_shards": 2}),
-    # the shipped path with the LLM text vectors in float16 (Serve arg precision; benchmarks/precision.py)
+    # the shipped path at each Serve precision, named (fp16 is the default; benchmarks/precision.py)
+    "fused+throughput+haproxy+fp32": (CONFIGS["fused"], HAPROXY, {"precision": "fp32"}),
     "fused+throughput+haproxy+fp16": (CONFIGS["fused"], HAPROXY, {"precision": "fp16"}),
     # the shipped path with two ingress replicas from the start (the config lets it scale to two)
     "fused+throughput+haproxy+2ingress": (CONFIGS["fused"], HAPROXY, {"deployment_options": {"Ingress": {
