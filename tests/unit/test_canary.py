@@ -379,3 +379,27 @@ def test_a_canary_carries_its_own_rule_over_the_apps_thresholds(tmp_path):
 
     assert with_rule(CanaryConfig(), CanaryRule(noninferiority_margin=0.1)).noninferiority_margin == 0.1
     assert with_rule(CanaryConfig(), None) == CanaryConfig()
+
+
+def test_the_demo_reads_the_judges_decision_of_its_own_canary_only(tmp_path):
+    """serve/demo.py waits for the judge's record of the canary it started: a start alone, or a
+    decision about an earlier canary, is not its decision."""
+    import time
+
+    from components import registry
+    from components.storage import Storage
+    from serve.demo import _decision
+
+    st = Storage(str(tmp_path))
+    assert _decision(st, "r2") is None  # no log yet
+
+    def log(record):  # records are named by their millisecond: one a millisecond, in order
+        time.sleep(0.002)
+        registry.log_canary(st, record)
+
+    log({"action": "start", "candidate": "r1"})
+    log({"action": "rollback", "candidate": "r1", "figures": {}})
+    log({"action": "start", "candidate": "r2"})
+    assert _decision(st, "r2") is None and _decision(st, "r1")["action"] == "rollback"
+    log({"action": "promote", "candidate": "r2", "figures": {"share": 0.5}})
+    assert _decision(st, "r2")["action"] == "promote"
