@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 from pathlib import Path
 
@@ -37,8 +38,31 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
+def _ephemeral_range() -> tuple:
+    try:
+        lo, hi = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free on 127.0.0.1 now, below the kernel's ephemeral range. A port from bind(0) lies
+    inside that range, so between the check and the server's own bind any outgoing connection
+    (Ray opens hundreds while Serve starts) may take it as its local port, and HAProxy then
+    fails with "Address already in use" (seen twice in one full CI run). Below the range only a
+    server asking for that very port can, and each test asks for a new random one."""
+    lo, _ = _ephemeral_range()
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(10_000, max(10_001, lo))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a crowded range: fall back to the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
