@@ -47,15 +47,16 @@ def _ephemeral_range() -> tuple:
 
 
 def free_port() -> int:
-    """A port free on 127.0.0.1 now, below the kernel's ephemeral range. A port from bind(0) lies
-    inside that range, so between the check and the server's own bind any outgoing connection
-    (Ray opens hundreds while Serve starts) may take it as its local port, and HAProxy then
-    fails with "Address already in use" (seen twice in one full CI run). Below the range only a
-    server asking for that very port can, and each test asks for a new random one."""
+    """A port free on 127.0.0.1 now, between Ray's worker ports and the kernel's ephemeral range.
+    A port from bind(0) lies inside that range, so between the check and the server's own bind
+    any outgoing connection (Ray opens hundreds while Serve starts) may take it as its local
+    port, and HAProxy then fails with "Address already in use" (seen twice in one full CI run).
+    Outside it only a server asking for that very port can. Below 21000 are Ray's default
+    worker ports (10002-19999) and those tests/e2e/test_cluster.py gives its worker node."""
     lo, _ = _ephemeral_range()
     rng = random.SystemRandom()
     for _ in range(200):
-        port = rng.randrange(10_000, max(10_001, lo))
+        port = rng.randrange(21_000, max(21_001, lo))
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
