@@ -5,6 +5,8 @@
 Writes ``indexes/<run_id>/text_embeddings.parquet`` (item_idx, item_id, embedding) and a faiss
 index over them (``text.faiss``, inner product on normalised vectors). ``embed.llm``: a
 fine-tuned encoder (a bundle's ``llm/`` part in storage) instead of the base one.
+``embed.precision``: the encoder's number format in this pass (auto: bf16 where the hardware
+computes it natively, else fp32; the stored vectors are float32 either way).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from components import bundle, layout
 from components.checkpoints import new_run_id
 from components.config import to_dict
 from components.data.datasets import resolve_dataset
-from components.models.text_encoder import embed_catalog, text_index_bytes
+from components.models.text_encoder import embed_catalog, inference_dtype, text_index_bytes
 from components.storage import Storage
 from jobs.progress import stage as progress_stage
 from jobs.runtime import ray_session, run_cli
@@ -34,7 +36,8 @@ class ItemEmbedder:
     """Ray Data actor: loads the encoder once (fine-tuned weights from ``llm_prefix`` in storage:
     the actor may run on any node, so nothing comes from the driver's disk), embeds batches."""
 
-    def __init__(self, text_cfg: Dict[str, Any], storage: Optional[Storage] = None, llm_prefix: Optional[str] = None):
+    def __init__(self, text_cfg: Dict[str, Any], storage: Optional[Storage] = None, llm_prefix: Optional[str] = None,
+                 precision: str = "fp32"):
         import torch
 
         torch.set_num_threads(1)
@@ -42,6 +45,7 @@ class ItemEmbedder:
             if llm_prefix:
                 storage.download_dir(llm_prefix, Path(tmp) / layout.LLM)
             self.encoder = bundle.load_text_encoder(tmp, text_cfg)
+        self.encoder.to(inference_dtype(precision))  # the vectors come back float32 either way
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return embed_catalog(self.encoder, batch)
@@ -65,7 +69,8 @@ def main(cfg: Any) -> Dict[str, Any]:
         step = max(64, -(-items.num_rows // (2 * n)))
         data = ray.data.from_arrow([items.slice(s, step) for s in range(0, max(items.num_rows, 1), step)])
         out = data.map_batches(ItemEmbedder, fn_constructor_kwargs={"text_cfg": to_dict(cfg.text), "storage": storage,
-                                                                     "llm_prefix": cfg.embed.llm},
+                                                                     "llm_prefix": cfg.embed.llm,
+                                                                     "precision": cfg.embed.precision},
                                batch_size=64, batch_format="pyarrow", num_cpus=1,
                                compute=ray.data.ActorPoolStrategy(size=n))
         parts = []

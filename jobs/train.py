@@ -227,7 +227,7 @@ def train(cfg: Any, storage: Storage, ds: DatasetRef, run_id: str) -> Dict[str, 
 
 # What main(cfg) reads (jobs.embed_items included): `--help` lists these settings.
 CONFIG_SECTIONS = ("storage", "data.source", "data.name", "ray", "text", "retriever", "ranker", "train",
-                   "embed.concurrency", "evaluate.new_item_variant", "evaluate.new_item_frac")
+                   "embed.concurrency", "embed.precision", "evaluate.new_item_variant", "evaluate.new_item_frac")
 
 
 def main(cfg: Any) -> Dict[str, Any]:

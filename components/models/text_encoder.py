@@ -189,6 +189,32 @@ def item_text(title: str, text: str, categories: Sequence[str], max_chars: int =
     return " ".join(parts)[:max_chars] or "(no text)"
 
 
+def native_bf16(device: str = "cpu") -> bool:
+    """Whether ``device`` computes bf16 matrix products natively (then faster than fp32): a CUDA GPU
+    that supports bf16, a CPU with AVX512-BF16 or AMX (its flags in /proc/cpuinfo; elsewhere
+    False: without them torch emulates bf16 and is slower than fp32)."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def inference_dtype(precision: str, device: str = "cpu") -> torch.dtype:
+    """The weights' dtype for an inference pass at ``precision`` (auto | fp32 | bf16)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16; got {precision!r}")
+    if precision == "bf16" or (precision == "auto" and native_bf16(device)):
+        return torch.bfloat16
+    return torch.float32
+
+
 def embed_catalog(encoder: TextEncoder, items: "pa.Table") -> "pa.Table":
     """(item_idx, item_id, embedding) for catalog rows with title, text and categories."""
     import numpy as np
