@@ -30,18 +30,15 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List
 
 import numpy as np
-import psutil
 
-from benchmarks.preprocess_throughput import _overrides, _tree_pss, generate
+from benchmarks.preprocess_throughput import _overrides, generate, run_with_peak_pss
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("preprocess", "embed", "train", "evaluate")
@@ -171,7 +168,7 @@ def stage_evaluate(ov: List[str], args: Dict[str, Any]) -> Dict[str, Any]:
             "rank_s": round(rank_s, 2), "baselines_s": round(base_s, 2), "bootstrap_s": round(boot_s, 2),
             "users_ranked": int(len(fused[0])), "items": h.num_items,
             "ms_per_user_per_model": round(1000 * rank_s / max(len(fused[0]), 1) / 2, 2),
-            "_check": int(len(alone[0]))}
+            "retriever_users_ranked": int(len(alone[0]))}
 
 
 CHILD = {"preprocess": stage_preprocess, "embed": stage_embed, "train": stage_train, "evaluate": stage_evaluate}
@@ -183,28 +180,9 @@ def measured(stage: str, ov: List[str], args: Dict[str, Any]) -> Dict[str, Any]:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "LLMREC_PROGRESS": "0"}
     cmd = [sys.executable, "-m", "benchmarks.cost_curve", "--child", stage, json.dumps(args), "--", *ov]
     t0 = time.perf_counter()
-    child = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = [0]
-    done = threading.Event()
-
-    def sample():
-        proc = psutil.Process(child.pid)
-        while not done.is_set():
-            try:
-                peak[0] = max(peak[0], _tree_pss(proc))
-            except psutil.NoSuchProcess:
-                return
-            time.sleep(0.5)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    out, err = child.communicate()
-    done.set()
-    th.join()
-    if child.returncode != 0:
-        raise RuntimeError(f"stage {stage} failed:\n{err[-3000:]}")
+    out, peak = run_with_peak_pss(cmd, env, f"stage {stage}")
     result = json.loads(out.strip().splitlines()[-1])
-    result["peak_pss_gb"] = round(peak[0] / 1e9, 2)
+    result["peak_pss_gb"] = round(peak / 1e9, 2)
     result["process_s"] = round(time.perf_counter() - t0, 1)
     return result
 

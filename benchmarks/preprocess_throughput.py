@@ -75,9 +75,9 @@ def _tree_pss(proc: psutil.Process) -> int:
     return sum(_pss(p.pid) for p in [proc] + proc.children(recursive=True))
 
 
-def measure(engine: str, cpus: int, overrides: List[str]) -> Dict:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    cmd = [sys.executable, "-m", "benchmarks.preprocess_throughput", "--child", engine, str(cpus), "--", *overrides]
+def run_with_peak_pss(cmd: List[str], env: Dict[str, str], what: str) -> tuple:
+    """Run ``cmd`` (from the project root) to its end: (stdout, peak PSS of its process tree in
+    bytes, sampled every 0.5 s). Raises with the tail of stderr when it fails."""
     child = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0]
     done = threading.Event()
@@ -97,9 +97,16 @@ def measure(engine: str, cpus: int, overrides: List[str]) -> Dict:
     done.set()
     th.join()
     if child.returncode != 0:
-        raise RuntimeError(f"{engine} run failed:\n{err[-3000:]}")
+        raise RuntimeError(f"{what} failed:\n{err[-3000:]}")
+    return out, peak[0]
+
+
+def measure(engine: str, cpus: int, overrides: List[str]) -> Dict:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    cmd = [sys.executable, "-m", "benchmarks.preprocess_throughput", "--child", engine, str(cpus), "--", *overrides]
+    out, peak = run_with_peak_pss(cmd, env, f"{engine} run")
     result = json.loads(out.strip().splitlines()[-1])
-    result["peak_pss_gb"] = round(peak[0] / 1e9, 2)
+    result["peak_pss_gb"] = round(peak / 1e9, 2)
     return result
 
 
