@@ -191,6 +191,11 @@ class TrainConfig:
     precision: str = "fp32"
     # Restarts of the worker group after a worker dies; training resumes from the last checkpoint.
     max_failures: int = 1
+    # Seconds a gloo/NCCL collective may wait for its peers before it fails: a stuck rank then
+    # becomes a worker error that max_failures restarts from the last checkpoint, not a job that
+    # hangs for torch's 30-minute default. Ranks do the same work between collectives, so minutes
+    # of waiting mean something is wrong.
+    collective_timeout_s: int = 600
     # Dataset version to train on; empty: datasets/<name>/latest.json.
     dataset_version: Optional[str] = None
     # Run id; empty: a new timestamped id.
@@ -536,6 +541,8 @@ def validate_config(cfg: Any) -> None:
             raise ConfigError(f"train.stages: unknown stage(s) {bad}; use llm, retriever, ranker")
         if t.num_workers < 1:
             raise ConfigError("train.num_workers must be >= 1")
+        if t.collective_timeout_s < 1:
+            raise ConfigError(f"train.collective_timeout_s must be >= 1 second; got {t.collective_timeout_s}")
         if t.retriever_workers < 0 or t.cpus_per_worker < 0:
             raise ConfigError("train.retriever_workers and train.cpus_per_worker must be >= 0 (0: automatic)")
         if t.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):

@@ -112,7 +112,8 @@ def run_stage(name: str, worker, loop_config: Dict[str, Any], cfg: Any, storage:
                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 logging_config=LoggingConfig(log_level=ray_log_level())),  # per-step reports: LLMREC_RAY_LOGS=1
-            torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"))
+            torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo",
+                                     timeout_s=cfg.train.collective_timeout_s))
         t0 = time.perf_counter()
         result = trainer.fit()
     if result.error:

@@ -51,7 +51,12 @@ def _resume(stepper: DeepSpeedStepper) -> Optional[Dict[str, Any]]:
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
-    with ckpt.as_directory() as d:
+    # Each rank downloads into its own directory: Checkpoint.as_directory shares one temp dir per
+    # node, and when the first rank leaves it (and deletes it) before the second registers as a
+    # reader, the second fails with "Checkpoint directory ... does not exist" (seen in CI with two
+    # workers on one node resuming after a killed worker).
+    with tempfile.TemporaryDirectory(prefix="llmrec-resume-") as d:
+        ckpt.to_directory(d)
         stepper.load(d)
         return load_progress(d)
 

@@ -65,3 +65,25 @@ def test_zero3_trains_and_exports_full_weights(ray_local, tmp_path):
     assert state["id_emb.weight"].shape[0] == config["retriever"]["num_items"] + 1
     assert all(v.numel() > 0 for v in state.values())
     assert torch.isfinite(torch.tensor(metrics["valid_ndcg@10"]))
+
+
+def test_a_rank_stuck_before_a_collective_fails_the_stage_instead_of_hanging(ray_local, tmp_path):
+    """train.collective_timeout_s reaches the process group: rank 1 sleeps past it before an
+    all-reduce, so rank 0's all-reduce times out and the stage fails with that error. Without the
+    timeout (torch's default: 30 min) the all-reduce would wait and the stage would succeed."""
+    cfg = load_config([f"storage.root={tmp_path / 'store'}", "train.collective_timeout_s=5", "train.max_failures=0",
+                       "train.num_workers=2", "train.cpus_per_worker=1"])
+    storage = Storage.from_config(cfg.storage)
+
+    def stuck(config):
+        import time
+
+        import ray.train
+        import torch.distributed as dist
+
+        if ray.train.get_context().get_world_rank() == 1:
+            time.sleep(60)
+        dist.all_reduce(torch.ones(1))
+
+    with pytest.raises(Exception, match="(?i)timed out|timeout"):
+        train.run_stage("stuck", stuck, {}, cfg, storage, "t-stuck")

@@ -37,6 +37,8 @@ def test_invalid_values_are_rejected():
     assert load_config([]).retriever.loss == "auto"  # softmax or sampled by catalog size, when the model is built
     with pytest.raises(ConfigError, match="train.retriever_workers and train.cpus_per_worker must be >= 0"):
         load_config(["train.cpus_per_worker=-1"])
+    with pytest.raises(ConfigError, match="train.collective_timeout_s must be >= 1 second"):
+        load_config(["train.collective_timeout_s=0"])
 
 
 def test_cli_config_flag_and_missing_file(tmp_path):
