@@ -369,6 +369,51 @@ def catalog_scale(results: Path) -> str:
         "rlrrrrrrrr", rows)
 
 
+def cost_curve(results: Path) -> str:
+    """Each offline stage's time and peak memory per data size, then the fitted log-log slopes
+    (results/cost_curve.json)."""
+    data = load(results, "cost_curve")
+    stages = list(data["slopes"])
+    detail = {"preprocess": lambda r: f"{r['events_per_s']:,.0f} events/s",
+              "embed": lambda r: f"{r['items_per_s']:.1f} items/s",
+              "train": lambda r: f"{r['ms_per_step']:.0f} ms/step, {r['loss']}",
+              "evaluate": lambda r: f"fit {r['fit_s']:.0f} s, rank {r['ms_per_user_per_model']:.2f} ms/user/model"}
+    rows = []
+    for r in data["rows"]:
+        first = r[stages[0]]
+        size = f"{r['events']:,} ({first.get('users', 0):,} users, {first.get('items', 0):,} items)"
+        for st in stages:
+            x = r[st]
+            rows.append([size, st, f"{x['wall_s']:.1f}", f"{x['peak_pss_gb']:.2f}", detail.get(st, lambda _: "")(x)])
+    sizes = " → ".join(f"{r['events']:,}" for r in data["rows"])
+    for st in stages:
+        rows.append([f"slope over {sizes}", st, f"{data['slopes'][st]['time']:.2f}",
+                     f"{data['slopes'][st]['memory']:.2f}", ""])
+    return markdown_table(["events", "stage", "wall s", "peak PSS GB", "rate"], "llrrl", rows)
+
+
+def embed_precision(results: Path) -> str:
+    """The catalog embedding pass at fp32 and bf16 (results/embed_precision.json): speed on
+    synthetic texts and each catalog, how far the vectors move, the retriever's valid figures."""
+    data = load(results, "embed_precision")
+    syn = data["synthetic"]
+    threads = sorted({int(k.split("_")[-2]) for k in syn if k.endswith("_threads")})
+    rows = [[f"synthetic ({syn['texts']:,} texts)", f"{t} thread{'s' if t > 1 else ''}",
+             f"{syn[f'fp32_items_per_s_{t}_threads']:.0f}", f"{syn[f'bf16_items_per_s_{t}_threads']:.0f}",
+             f"{syn[f'bf16_items_per_s_{t}_threads'] / syn[f'fp32_items_per_s_{t}_threads']:.2f}x",
+             f"{syn['cosine_mean']:.5f} (min {syn['cosine_min']:.5f})", "—", "—", "—"] for t in threads]
+    for d in data["datasets"]:
+        valid = (lambda p: f"{d[f'{p}_valid']['ndcg@10']:.4f} / {d[f'{p}_valid']['recall@10']:.4f}"
+                 if f"{p}_valid" in d else "—")
+        rows.append([f"{d['dataset']} ({d['items']:,} items)", "all", f"{d['fp32_items_per_s']:.0f}",
+                     f"{d['bf16_items_per_s']:.0f}", f"{d['bf16_items_per_s'] / d['fp32_items_per_s']:.2f}x",
+                     f"{d['cosine_mean']:.5f} (min {d['cosine_min']:.5f})", f"{d['top10_neighbour_overlap']:.3f}",
+                     valid("fp32"), valid("bf16")])
+    return markdown_table(["texts", "torch threads", "fp32 items/s", "bf16 items/s", "bf16 / fp32", "cosine bf16 to fp32",
+                           "top-10 text neighbours shared", "valid NDCG@10 / Recall@10, fp32", "same, bf16"],
+                          "llrrrrrrr", rows)
+
+
 # ---- retriever training layout (benchmarks/train_layout.py) ---------------------------------
 
 def train_layout(results: Path) -> str:
@@ -423,6 +468,8 @@ def precision(results: Path) -> str:
 RENDERERS: Dict[str, Callable[[Path], str]] = {
     "precision": precision,
     "catalog-scale": catalog_scale,
+    "cost-curve": cost_curve,
+    "embed-precision": embed_precision,
     "bundle-size": bundle_size,
     "train-layout": train_layout,
     "quality": lambda res: quality(res, ["ml-latest-small", "amazon-gift-cards"]),

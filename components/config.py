@@ -225,10 +225,11 @@ class EmbedConfig:
     concurrency: int = 2
     # Number format of the encoder's weights in the catalog pass (vectors are stored float32):
     # fp32 | bf16 | auto (bf16 where the hardware computes it natively - a CPU with AVX512-BF16
-    # or AMX, a GPU that supports it -, else fp32). On this project's 2-core AVX512-BF16 machine
-    # bf16 embedded 2.2x the items a second of fp32 (275 vs 127, all-MiniLM-L6-v2, 50-token
-    # texts, one process) with vectors at cosine 0.99995 to fp32's; on CPUs without native bf16
-    # it is slower. fp32 stays the default until the quality benchmark has been rerun with auto.
+    # or AMX, a GPU that supports it -, else fp32). On a 2-core AVX512-BF16 machine bf16
+    # embedded 2.2x the items a second of fp32 (275 vs 127, all-MiniLM-L6-v2, 50-token texts);
+    # on a CPU without it bf16 is ~6x slower (results/embed_precision.json, docs/benchmarks.md).
+    # Vectors at cosine 0.99995 to fp32's. fp32 stays the default until quality is measured
+    # with auto on native-bf16 hardware and a catalog of thousands of items.
     precision: str = "fp32"
 
 
