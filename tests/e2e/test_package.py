@@ -33,9 +33,19 @@ def installed(tmp_path_factory):
     return {"site": tmp / "site", "llmrec": str(tmp / "site" / "bin" / "llmrec"), "cwd": work, "env": env}
 
 
+def _tail(out, n: int = 3000) -> str:
+    if isinstance(out, bytes):  # TimeoutExpired keeps bytes even with text=True
+        out = out.decode(errors="replace")
+    return (out or "")[-n:]
+
+
 def _run(installed, *args, timeout=600):
-    return subprocess.run([installed["llmrec"], *args], cwd=installed["cwd"], env=installed["env"],
-                          capture_output=True, text=True, timeout=timeout)
+    try:
+        return subprocess.run([installed["llmrec"], *args], cwd=installed["cwd"], env=installed["env"],
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:  # say where it stopped, not only that it did
+        pytest.fail(f"llmrec {' '.join(args)} ran past {timeout}s\n--- stdout tail ---\n{_tail(exc.stdout)}"
+                    f"\n--- stderr tail ---\n{_tail(exc.stderr)}")
 
 
 def test_the_wheel_carries_the_configs_and_imports_nothing_from_the_checkout(installed):
