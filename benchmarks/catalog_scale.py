@@ -10,7 +10,9 @@ twice, on the same object: scoring every item (exact) and from the ANN pool; eac
 at every ``--precisions`` setting (Serve arg precision: fp32, and fp16 text vectors) from the same
 bundle, one replica after the other. Reported per size and setting:
 the pool's recall@100 of the exact fused top-100, p50/p99 latency of each path on one core, the
-ANN index build time, and the replica's resident memory with the model loaded; then the same
+ANN index build time, and the replica's resident memory with the model loaded and at the peak of
+its load (each replica in a fresh process: the memory is its own, not a previous load's freed
+heap); then the same
 bundle with its index shipped (ann/, as jobs.train writes it past ``train.ann_index_above``) is
 loaded again: the load time of a hot swap once the files are fetched, and the index's size.
 
@@ -33,11 +35,14 @@ import json
 import os
 import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -51,25 +56,20 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXT_DIM, CATEGORIES, EVENTS_PER_USER = 384, 50, 15
 # Fusion weights of the order the shared datasets fit (retriever 1; covisit, text, popularity
 # below it); fixed here: the comparison is exact vs pool under the same weights.
+REQUESTS = "requests.json"  # the measured users' histories, written by measure for serve_paths
 WEIGHTS = {"retriever": 1.0, "covisit": 0.5, "text": 0.35, "popularity": 0.1}
 
 
-def _trim() -> None:
-    """glibc's malloc_trim: return freed heap pages to the OS (no-op where unavailable)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mb("VmRSS")
 
 
 def build_bundle(n: int, folder: Path, seed: int = 0) -> Dict[str, Any]:
@@ -123,60 +123,66 @@ def pct(x: List[float], q: float) -> float:
 
 
 def measure(n: int, queries: int, k: int = 100, precisions=("fp32",)) -> Dict[str, Any]:
-    """One catalog of ``n`` items, served at each of ``precisions`` in turn (the first one's
-    figures at the top level, the others' under ``other_precisions``)."""
+    """One catalog of ``n`` items, served at each of ``precisions`` in turn, each by a replica in
+    a fresh process (so its memory is its own; the first one's figures at the top level, the
+    others' under ``other_precisions``)."""
     folder = Path(tempfile.mkdtemp(prefix=f"scale-{n}-"))
     try:
         t0 = time.perf_counter()
         data = build_bundle(n, folder)
         built_s = time.perf_counter() - t0
-        model = data.pop("model").eval()
         out: Dict[str, Any] = {"items": n, "users": len(data["histories"]), "synthetic_bundle_s": round(built_s, 1)}
+        picks = np.random.default_rng(1).choice(len(data["histories"]), queries, replace=False)
+        (folder / REQUESTS).write_text(json.dumps([[data["histories"][u].tolist(), data["ts"][u].tolist()] for u in picks]))
+        del data
+        gc.collect()
         for k_, precision in enumerate(precisions):
             shutil.rmtree(folder / layout.ANN, ignore_errors=True)  # each precision builds, then ships, its own
-            res = serve_paths(folder, data, model, queries, k, precision)
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.catalog_scale", "--serve", str(folder),
+                                   "--precisions", precision], cwd=ROOT, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"serving {n} items at {precision} failed:\n{proc.stderr[-3000:]}")
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
             if k_ == 0:
                 out.update(res)
             else:
                 out.setdefault("other_precisions", {})[precision] = res
-            gc.collect()
         return out
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def serve_paths(folder: Path, data: Dict[str, Any], model, queries: int, k: int, precision: str) -> Dict[str, Any]:
-    """Load the bundle as a retriever replica at ``precision`` and time both paths (module doc)."""
+def serve_paths(folder: Path, precision: str, k: int = 100) -> Dict[str, Any]:
+    """Load the bundle as a retriever replica at ``precision`` (this process: a fresh one) and
+    time both paths on the requests ``measure`` wrote (module doc)."""
     from serve.retrieval import RetrievalModel
 
-    gc.collect()
-    _trim()  # hand freed memory (the previous setting's replica) back, so growth is this one's own
+    requests = json.loads((folder / REQUESTS).read_text())
     base = rss_mb()
     t0 = time.perf_counter()
     r = RetrievalModel(folder, "scale", ann_above=0, precision=precision)  # with the ANN pool
     load_s = time.perf_counter() - t0
     rss = rss_mb()
+    peak = _status_mb("VmHWM")
     pool = r.pool
-    rng = np.random.default_rng(1)
-    picks = rng.choice(len(data["histories"]), queries, replace=False)
     out: Dict[str, Any] = {"precision": precision, "replica_load_s": round(load_s, 1),
                            "ann_build_s": round(pool.build_s, 2), "replica_rss_mb": round(rss - base, 0),
+                           "replica_load_peak_mb": round(peak - base, 0),
                            "process_rss_mb": round(rss, 0), "ivf_lists": pool.index.nlist,
                            "ivf_nprobe": pool.index.nprobe, "pool_from_index": pool.size,
                            "text_table_mb": round(r.channels.text.numel() * r.channels.text.element_size() / 2**20, 1)}
     lat: Dict[str, List[float]] = {"exact": [], "ann": []}
     recall, pool_sizes = [], []
-    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one request, one core (loads and index builds use them all)
-    for u_idx in picks:
-        h = data["histories"][u_idx]
+    faiss.omp_set_num_threads(1)
+    for h, ts in requests:
+        h = np.asarray(h, dtype=np.int64)
         rows = (h + 1).tolist()
         with torch.no_grad():
             vec = torch.as_tensor(r.history_vectors(rows))[None]
             ev = torch.full((1, len(rows)), 2, dtype=torch.long)
             gaps = torch.zeros(1, len(rows), dtype=torch.long)
-            u = model.encode_vectors(vec, ev, gaps, torch.ones(1, len(rows), dtype=torch.bool))[0, -1].numpy()
-        ts = data["ts"][u_idx].tolist()
+            u = r.model.encode_vectors(vec, ev, gaps, torch.ones(1, len(rows), dtype=torch.bool))[0, -1].numpy()
         got = {}
         for path in ("exact", "ann"):
             saved = r.pool
@@ -189,7 +195,6 @@ def serve_paths(folder: Path, data: Dict[str, Any], model, queries: int, k: int,
         recall.append(len(got["exact"] & got["ann"]) / max(1, len(got["exact"])))
         spread = float(r.vector_moments.of(torch.as_tensor(u)[None])[1][0])
         pool_sizes.append(len(r._pool(u, h, None, spread)))
-    torch.set_num_threads(threads)
     out.update({
         "recall@100_of_exact": round(float(np.mean(recall)), 4), "recall@100_min": round(float(np.min(recall)), 4),
         "pool_items_mean": round(float(np.mean(pool_sizes)), 0),
@@ -215,7 +220,11 @@ def main() -> None:
     ap.add_argument("--precisions", default="fp32,fp16",
                     help="Serve precision settings, each served from the same bundle (the first at the top level)")
     ap.add_argument("--out", default=str(ROOT / "results/catalog_scale.json"))
+    ap.add_argument("--serve", help=argparse.SUPPRESS)  # internal: one replica of a built bundle (measure)
     args = ap.parse_args()
+    if args.serve:
+        print(json.dumps(serve_paths(Path(args.serve), args.precisions)), flush=True)
+        return
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
         print(f"catalog of {n} items ...", flush=True)

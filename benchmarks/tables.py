@@ -362,10 +362,12 @@ def catalog_scale(results: Path) -> str:
                          f"{r['recall@100_of_exact']:.4f} ({r['recall@100_min']:.2f})", f"{r['pool_items_mean']:,.0f}",
                          f"{r['ivf_lists']:,} / {r['ivf_nprobe']}", f"{r['ann_build_s']:.1f}",
                          f"{r['replica_load_shipped_index_s']:.1f}" if "replica_load_shipped_index_s" in r else "—",
-                         f"{r['replica_rss_mb'] / 1024:.1f} GB"])
+                         f"{r['replica_rss_mb'] / 1024:.1f} GB"
+                         + (f" ({r['replica_load_peak_mb'] / 1024:.1f})" if "replica_load_peak_mb" in r else "")])
     return markdown_table(
         ["catalog items", "precision", "exact p50 / p99 ms", "ANN pool p50 / p99 ms", "pool recall@100 of exact (min)",
-         "pool items", "IVF lists / probed", "index build s", "load with shipped index s", "replica memory"],
+         "pool items", "IVF lists / probed", "index build s", "load with shipped index s",
+         "replica memory (load peak)"],
         "rlrrrrrrrr", rows)
 
 

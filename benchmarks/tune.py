@@ -65,14 +65,12 @@ def load_without_test(storage, prefix: str, half: int | None = None) -> Dict[str
 
 
 def embed(cfg, items):
-    import numpy as np
-    import torch
-
+    from components.bundle import embeddings_tensor
     from components.evaluation.evaluate import _plain
     from components.models.text_encoder import TextEncoder, TextEncoderConfig, embed_catalog
 
     table = embed_catalog(TextEncoder(TextEncoderConfig(**_plain(cfg.text))).eval(), items)
-    return torch.as_tensor(np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32))
+    return embeddings_tensor(table)
 
 
 def main() -> None:

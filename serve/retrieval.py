@@ -64,9 +64,7 @@ class RetrievalModel:
         self.log_pop = self.stats.log_pop  # grows with upserts (new items: 0)
         self.cat_col = {c: k for k, c in enumerate(sorted({c for cats in self.categories for c in cats}))}
         with torch.no_grad():
-            emb = torch.cat([torch.zeros(1, text.shape[1]), text]) if text is not None else None
-            self.vectors = self.model.item_vectors(emb).numpy().astype(np.float32)  # [n + 1, d]
-            del emb  # a padded copy of the text table: gone before the channels' is made
+            self.vectors = self.model.catalog_vectors(text).numpy().astype(np.float32, copy=False)  # [n + 1, d]
         # Candidate channels fused with the retriever (components.models.channels), the same object
         # jobs.evaluate scores with; None for a bundle without them (retriever order alone).
         self.channels = bundle.load_channels(folder, text)
@@ -80,8 +78,9 @@ class RetrievalModel:
             self.vector_moments = Moments(self.vectors[1:])
             if ctext is not None:
                 self.channels.text_moments()
-        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-        self.index.add_with_ids(self.vectors[1:], np.arange(1, n + 1, dtype=np.int64))
+        # the retriever-only search (a bundle without channels): built on first use, so a fused
+        # bundle does not hold a second copy of the vectors (0.5 GB at 10^6 items)
+        self._flat: Optional[faiss.Index] = None
         self.added_at = np.zeros(n + 1, dtype=np.int64)  # upsert time (ms) of new items
         self.trained_items = n
         self.upserts: Dict[str, Dict[str, Any]] = {}
@@ -89,6 +88,8 @@ class RetrievalModel:
         self.precision = precision
         if self.channels is not None and precision != "fp32":
             self.channels.store_text(PRECISIONS[precision])  # the float32 table goes with this constructor
+        del text
+        bundle.release_unused_memory()  # what the load freed (Parquet reads, the float32 text table)
 
     def _text(self, folder: Path) -> Optional[torch.Tensor]:
         """The items' LLM embeddings [n, text_dim] when the retriever uses text, else None."""
@@ -167,8 +168,10 @@ class RetrievalModel:
                         if self.pool is not None:
                             self.vector_moments.replace(self.vectors[r], v[k])
                         self.vectors[r] = v[k]
-                    self.index.remove_ids(np.array([r], dtype=np.int64))
-                self.index.add_with_ids(self.vectors[r:r + 1], np.array([r], dtype=np.int64))
+                    if self._flat is not None:
+                        self._flat.remove_ids(np.array([r], dtype=np.int64))
+                if self._flat is not None:
+                    self._flat.add_with_ids(self.vectors[r:r + 1], np.array([r], dtype=np.int64))
                 if self.channels is not None and text_emb is not None and r > self.trained_items:
                     self.channels.set_text(r - 1, np.asarray(text_emb[k], dtype=np.float32))
                 if self.pool is not None and r > self.pool.n:  # a new item joins the ANN indexes
@@ -205,7 +208,10 @@ class RetrievalModel:
             top = np.argsort(-s, kind="stable")[:n]
             return rows[top], s[top]
         want = min(self.size, n + len(excl))
-        scores, rows = self.index.search(q, want)
+        if self._flat is None:
+            self._flat = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+            self._flat.add_with_ids(self.vectors[1:], np.arange(1, len(self.vectors), dtype=np.int64))
+        scores, rows = self._flat.search(q, want)
         keep = [(r, s) for r, s in zip(rows[0], scores[0]) if r > 0 and int(r) not in excl][:n]
         return (np.array([r for r, _ in keep], dtype=np.int64), np.array([s for _, s in keep], dtype=np.float32))
 

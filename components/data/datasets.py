@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
-import numpy as np
 import pyarrow as pa
 import torch
 
 from components import layout
+from components.bundle import embeddings_tensor
 from components.data.sequences import UserHistories, histories_from_tables
 from components.storage import Storage
 
@@ -66,5 +66,4 @@ def load_text_embeddings(storage: Storage, prefix: str, num_items: int) -> torch
     t = storage.read_parquet(layout.join(prefix, layout.TEXT_EMBEDDINGS)).sort_by("item_idx")
     if t.num_rows != num_items:
         raise ValueError(f"{storage.uri(prefix)} has {t.num_rows} item embeddings, the dataset {num_items} items")
-    emb = np.stack(t["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
-    return torch.as_tensor(emb)
+    return embeddings_tensor(t)

@@ -76,20 +76,25 @@ class Moments:
             c = np.asarray(x[a:a + chunk], dtype=np.float32)  # float32 copy of a float16 table
             self.s1 += c.sum(0, dtype=np.float64)
             self.s2 += c.T @ c
+        self._cov: Optional[Tuple[np.ndarray, np.ndarray]] = None  # (mean, covariance), until a row changes
 
     def replace(self, old: np.ndarray, new: np.ndarray) -> None:
         old, new = np.asarray(old, np.float64), np.asarray(new, np.float64)
         self.s1 += new - old
         self.s2 += np.outer(new, new) - np.outer(old, old)
+        self._cov = None
 
     def grow(self, k: int) -> None:
         """``k`` zero rows (items added without a vector yet)."""
         self.n += k
+        self._cov = None
 
     def of(self, q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of ``q @ x_i`` over the rows, per query [B] each."""
-        mu = self.s1 / self.n
-        cov = (self.s2 - self.n * np.outer(mu, mu)) / max(1, self.n - 1)
+        if self._cov is None:  # per request in serving: O(d^2) once per catalog change, not per call
+            mu = self.s1 / self.n
+            self._cov = (mu, (self.s2 - self.n * np.outer(mu, mu)) / max(1, self.n - 1))
+        mu, cov = self._cov
         qd = q.double().numpy()
         var = np.maximum(((qd @ cov) * qd).sum(1), 0.0)
         return torch.as_tensor(qd @ mu, dtype=torch.float32), torch.as_tensor(np.sqrt(var), dtype=torch.float32)
