@@ -223,6 +223,9 @@ class EmbedConfig:
     llm: Optional[str] = None
     # Actors of the Ray Data embedding pass (each loads the encoder once).
     concurrency: int = 2
+    # Keep the vector of every item whose text the same encoder (same settings and weights) embedded
+    # in an earlier pass; embed only new or changed items (jobs/embed_items.py). false: embed all.
+    reuse: bool = True
     # Number format of the encoder's weights in the catalog pass (vectors are stored float32):
     # fp32 | bf16 | auto (bf16 where the hardware computes it natively - a CPU with AVX512-BF16
     # or AMX, a GPU that supports it -, else fp32). On a 2-core AVX512-BF16 machine bf16
@@ -242,6 +245,11 @@ class EvaluateConfig:
     # users with at most this many training items the short-history slice.
     rare_item_max: int = 10
     short_history_max: int = 10
+    # Score the valid and test targets of at most this many users (a fixed hash of the user picks
+    # them, the same in every run, so a retrain's gate compares like with like); None: every user.
+    # Evaluation ranks the whole catalog per user: at 10^7 users and 10^6 items a sample of 10^5
+    # users bounds it (the confidence intervals widen; predictions.parquet then holds the sample).
+    max_users: Optional[int] = None
     # MostPopular and ItemKNN are always computed (the gate needs them). This also trains the
     # ID-only and text-only retrievers in-process: it doubles the evaluation's cost, so the
     # pipeline leaves it to benchmarks.quality (once per dataset version) unless asked.
@@ -553,6 +561,8 @@ def validate_config(cfg: Any) -> None:
             raise ConfigError(f"train.retriever.schedule must be onecycle or constant; got {t.retriever.schedule!r}")
     if "retriever" in cfg and cfg.retriever.loss not in ("auto", "softmax", "sampled"):
         raise ConfigError(f"retriever.loss must be auto, softmax or sampled; got {cfg.retriever.loss!r}")
+    if "evaluate" in cfg and cfg.evaluate.max_users is not None and cfg.evaluate.max_users < 1:
+        raise ConfigError(f"evaluate.max_users must be >= 1 (or null: every user); got {cfg.evaluate.max_users}")
     if "text" in cfg and cfg.text.pooling not in ("mean", "cls", "last"):
         raise ConfigError(f"text.pooling must be mean, cls or last; got {cfg.text.pooling!r}")
     for section in ("ray", "serve"):

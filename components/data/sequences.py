@@ -6,8 +6,8 @@ position is always the most recent event.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +51,32 @@ def histories_from_tables(sequences: pa.Table, valid: pa.Table, test: pa.Table, 
 
     return UserHistories(lists("items", np.int64), lists("events", np.int64), lists("ts", np.int64),
                          targets(valid), targets(test), num_items)
+
+
+def user_hash(users: np.ndarray) -> np.ndarray:
+    """A fixed hash of user codes: samples drawn by its smallest values are the same in every run,
+    job and process (no seed to pass along)."""
+    return (np.asarray(users, dtype=np.uint64) * np.uint64(2246822519) + np.uint64(374761393)) % np.uint64(2 ** 32)
+
+
+def sample_targets(h: UserHistories, max_users: Optional[int]) -> Tuple[UserHistories, np.ndarray]:
+    """``h`` with the valid and test targets of at most ``max_users`` users (those with the
+    smallest ``user_hash``; the same users in both splits), and the kept valid rows' positions in
+    ``h.valid`` (row-keyed choices such as the ranker's held-out lists refer to those). Training
+    histories are untouched: models and baselines still see every user. ``None``, or at least as
+    many users as have targets: ``h`` itself and every row."""
+    every = np.arange(len(h.valid["user_idx"]))
+    have = np.union1d(h.valid["user_idx"], h.test["user_idx"])
+    if max_users is None or len(have) <= max_users:
+        return h, every
+    keep = have[np.argsort(user_hash(have), kind="stable")[:max_users]]
+
+    def part(t: Dict[str, np.ndarray]) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
+        rows = np.flatnonzero(np.isin(t["user_idx"], keep))
+        return {k: (v[rows] if isinstance(v, np.ndarray) else [v[r] for r in rows]) for k, v in t.items()}, rows
+
+    (valid, rows), (test, _) = part(h.valid), part(h.test)
+    return replace(h, valid=valid, test=test), rows
 
 
 def left_pad(rows: Sequence[np.ndarray], length: int) -> np.ndarray:

@@ -22,6 +22,7 @@ import torch
 from components import bundle, layout
 from components.config import retriever_workers
 from components.data.datasets import load_text_embeddings, load_training_data
+from components.data.sequences import sample_targets
 from components.evaluation.metrics import sliced_metrics
 from components.evaluation.ranking import (baseline_rankings, final_ranking, fit_channels, new_item_histories,
                                            slice_masks, summarize, timed)
@@ -45,13 +46,18 @@ def evaluate_bundle(cfg: Any, storage: Storage, folder: Path, run_id: str, tick:
     lineage = bundle.read_lineage(folder)
     data = load_training_data(storage, layout.dataset(lineage["dataset"], lineage["dataset_version"]),
                               lineage.get("text_embeddings"))
+    every = len(np.union1d(data.histories.valid["user_idx"], data.histories.test["user_idx"]))
+    sampled, valid_rows = sample_targets(data.histories, cfg.evaluate.max_users)
+    data = replace(data, histories=sampled)
     retriever = bundle.load_retriever(folder)
     channels = bundle.load_channels(folder, data.text)
     ranker = bundle.load_ranker(folder)
     names = model_names(retriever.cfg, channels is not None, ranker is not None)
     results: Dict[str, Any] = {"run_id": run_id, "dataset": lineage["dataset"],
                                "dataset_version": lineage["dataset_version"], "models": {}, "timings": {},
-                               "fusion": lineage.get("fusion")}
+                               "fusion": lineage.get("fusion"),
+                               "users": {"evaluated": int(len(np.union1d(sampled.valid["user_idx"], sampled.test["user_idx"]))),
+                                         "with_targets": int(every)}}
     trained = [n for n in ("id-only", "text-only") if n != names["kind"] and (n == "id-only" or data.text is not None)]
     trained = trained if cfg.evaluate.baselines else []
     tick(0, total=2 * (2 + (ranker is not None) + (channels is not None)) + 3 * len(trained))
@@ -71,7 +77,8 @@ def evaluate_bundle(cfg: Any, storage: Storage, folder: Path, run_id: str, tick:
     _summaries(cfg, data, rankings, results, tick)
     _trained_baselines(cfg, trained, data, rankings, results, tick)
     if ranker is not None:  # the ranker trained on most valid lists: its figure on the held-out rest
-        held = holdout_rows(np.arange(len(rankings[(names["main"], "valid")][0])), ranker.cfg.holdout)
+        # (positions of the held-out rows among the evaluated ones: a user sample keeps some rows)
+        held = np.flatnonzero(np.isin(valid_rows, holdout_rows(valid_rows, ranker.cfg.holdout)))
         for name in {names["main"], names["fused"], names["kind"], "MostPopular", "ItemKNN"}:
             r, top = rankings[(name, "valid")][:2]
             results["models"][name]["valid_ranker_holdout"] = summarize(r[held], top[held], data.histories.num_items,

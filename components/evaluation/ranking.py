@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from components.data.sequences import UserHistories, history_for, inference_inputs, trim_padding
+from components.data.sequences import UserHistories, history_for, inference_inputs, trim_padding, user_hash
 from components.evaluation.metrics import coverage, evaluate_scorer, popularity_deciles, rank_and_topk, ranking_metrics
 from components.models.baselines import ItemKNN, MostPopular, item_counts
 from components.models.channels import Channels
@@ -88,8 +88,7 @@ def fit_rows(users: np.ndarray, num_items: int, cells: int = FIT_CELLS) -> np.nd
     keep = max(1, cells // max(num_items, 1))
     if n <= keep:
         return np.arange(n)
-    key = (np.asarray(users, dtype=np.uint64) * np.uint64(2246822519) + np.uint64(374761393)) % np.uint64(2 ** 32)
-    return np.sort(np.argsort(key, kind="stable")[:keep])
+    return np.sort(np.argsort(user_hash(users), kind="stable")[:keep])
 
 
 def _concat(parts: List[Dict[str, Any]]) -> Dict[str, Any]:

@@ -84,3 +84,16 @@ def test_pipeline_trains_evaluates_promotes_and_serves(tmp_path):
     variant = metrics["new_item_variant"]
     assert variant["text_embeddings"] == lineage["text_embeddings_base"] and variant["text_embeddings"].endswith("-base")
     assert variant["hybrid"]["new_item_targets"]["n"] > 0
+
+    # evaluate.max_users: the same bundle scored on a fixed sample of the users (a catalog of
+    # millions of users bounds its evaluation so); every figure then covers the sample only.
+    every = metrics["users"]["with_targets"]
+    assert metrics["users"]["evaluated"] == every == preds.num_rows
+    half = every // 2
+    out = subprocess.run([sys.executable, "-m", "jobs.evaluate", f"storage.root={root}", f"evaluate.run_id={run_id}",
+                          f"evaluate.max_users={half}"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sampled = json.loads((report / "metrics.json").read_text())
+    assert sampled["users"] == {"evaluated": half, "with_targets": every}
+    assert sampled["models"][sampled["main_model"]]["test"]["n"] == half == pq.read_table(report / "predictions.parquet").num_rows
+    assert 0 < sampled["models"][sampled["main_model"]]["valid_ranker_holdout"]["n"] < metrics["models"][metrics["main_model"]]["valid_ranker_holdout"]["n"]

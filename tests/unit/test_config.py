@@ -39,6 +39,10 @@ def test_invalid_values_are_rejected():
         load_config(["train.cpus_per_worker=-1"])
     with pytest.raises(ConfigError, match="train.collective_timeout_s must be >= 1 second"):
         load_config(["train.collective_timeout_s=0"])
+    with pytest.raises(ConfigError, match="evaluate.max_users must be >= 1"):
+        load_config(["evaluate.max_users=0"])
+    assert load_config(["evaluate.max_users=1000"]).evaluate.max_users == 1000
+    assert load_config([]).evaluate.max_users is None  # every user by default
 
 
 def test_cli_config_flag_and_missing_file(tmp_path):

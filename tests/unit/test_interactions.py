@@ -103,3 +103,32 @@ def test_each_target_sees_everything_of_its_user_before_it():
     users, items, _, ts, targets = history_for(h, "test")
     assert [x.tolist() for x in items] == [[1, 2, 3, 4], [1, 2, 3, 4, 5]] and targets.tolist() == [5, 6]
     assert ts[1].tolist() == [1, 2, 3, 4, 5]
+
+
+def test_an_evaluation_user_sample_keeps_whole_users_in_both_splits_and_every_training_history():
+    """evaluate.max_users: the valid and test targets of a fixed hash-chosen set of users (the same
+    set every call, in both splits), every user's training history kept (models and baselines are
+    unchanged), and the kept valid rows' positions (the ranker's held-out rows are keyed by them)."""
+    import numpy as np
+
+    from components.data.sequences import UserHistories, sample_targets
+
+    def t(users):
+        return {"user_idx": np.array(users), "item_idx": np.arange(len(users)), "ts": np.arange(len(users)),
+                "event": [f"e{k}" for k in range(len(users))]}
+
+    valid_users = [0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9]  # user 1 has two valid targets (temporal split)
+    h = UserHistories(items=[np.array([k]) for k in range(10)], events=[np.zeros(1, np.int64)] * 10,
+                      ts=[np.zeros(1, np.int64)] * 10, valid=t(valid_users), test=t(list(range(10))), num_items=20)
+    s, rows = sample_targets(h, 4)
+    kept = set(s.valid["user_idx"].tolist())
+    assert len(kept) == 4 and kept == set(s.test["user_idx"].tolist())
+    assert s.items is h.items  # training histories untouched
+    assert np.array_equal(np.asarray(valid_users)[rows], s.valid["user_idx"])
+    assert s.valid["event"] == [f"e{r}" for r in rows] and np.array_equal(s.valid["item_idx"], rows)
+    again, rows_again = sample_targets(h, 4)
+    assert np.array_equal(rows, rows_again) and set(again.test["user_idx"].tolist()) == kept
+    assert set(sample_targets(h, 5)[0].test["user_idx"].tolist()) > kept  # a larger sample contains the smaller
+    full, every = sample_targets(h, None)
+    assert full is h and np.array_equal(every, np.arange(len(valid_users)))
+    assert sample_targets(h, 10)[0] is h
