@@ -36,13 +36,17 @@ log = logging.getLogger(__name__)
 STALE_BUILD_LOCK_S = 600
 
 
+def build_root() -> Path:
+    """Where torch JIT-builds extensions (``TORCH_EXTENSIONS_DIR`` or torch's default)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
 def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S, root: Optional[Path] = None) -> list[Path]:
     """Remove torch extension build locks older than ``max_age_s`` (under ``TORCH_EXTENSIONS_DIR``
     or torch's default build root); returns the ones removed."""
-    if root is None:
-        from torch.utils.cpp_extension import get_default_build_root
-
-        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    root = build_root() if root is None else root
     removed = []
     for lock in [*Path(root).glob("*/lock"), *Path(root).glob("*/*/lock")]:
         try:
@@ -58,14 +62,21 @@ def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S, root: Optiona
 @contextmanager
 def stale_build_lock_watchdog(max_age_s: float = STALE_BUILD_LOCK_S, every_s: float = 30.0) -> Iterator[None]:
     """While the body runs (DeepSpeed's import and initialisation, where its ops are JIT-built),
-    clear build locks that grow stale, so a worker waiting on a killed builder's lock goes on."""
+    clear build locks that grow stale, so a worker waiting on a killed builder's lock goes on.
+
+    The watching thread imports nothing: everything it needs is resolved here first. An import
+    from it while DeepSpeed initialises deadlocked a rank (CI, twice): it held
+    ``torch.utils.cpp_extension``'s module lock waiting for the global import lock, which the
+    training thread held inside setuptools' ``_distutils_hack`` finder (DeepSpeed probing its
+    ops) while waiting for a module the watcher was importing. Neither timed out."""
     import threading
 
     done = threading.Event()
+    root = build_root()
 
     def watch() -> None:
         while True:
-            clear_stale_build_locks(max_age_s)
+            clear_stale_build_locks(max_age_s, root)
             if done.wait(every_s):
                 return
 

@@ -171,6 +171,40 @@ def test_a_stale_extension_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path):
     assert not stale.exists() and fresh.exists()  # a build in progress keeps its lock
 
 
+def test_the_build_lock_watchdog_thread_imports_nothing_and_still_clears_stale_locks(tmp_path, monkeypatch):
+    """An import from the watchdog thread while DeepSpeed initialised deadlocked a rank on
+    Python's import locks (CI: the rank waited forever, no collective timeout applies): the
+    watcher must do file-system work only, with everything imported by its caller."""
+    import builtins
+    import os
+    import threading
+    import time
+
+    from components.training.stepper import stale_build_lock_watchdog
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    stale.parent.mkdir(parents=True)
+    stale.touch()
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    imports, real = [], builtins.__import__
+
+    def spy(name, *args, **kwargs):
+        imports.append((threading.current_thread().name, name))
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", spy)
+    with stale_build_lock_watchdog(max_age_s=600, every_s=0.01):
+        deadline = time.time() + 10
+        while stale.exists() and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)  # a few more rounds of the watcher
+    monkeypatch.setattr(builtins, "__import__", real)
+    assert not stale.exists()  # the watcher ran
+    assert [n for t, n in imports if t == "stale-build-lock-watchdog"] == []
+
+
 def test_workers_split_the_valid_evaluation_and_get_everyone_s_figures():
     """Two data-parallel workers each rank half the valid users; an all-reduce mean (two threads
     exchanging values here, gloo in a Ray Train worker) gives both the figures of all users."""
