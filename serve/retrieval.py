@@ -268,7 +268,7 @@ class RetrievalModel:
         if profile is not None:
             spread["text"] = float(self.channels.text_moments().of(torch.as_tensor(profile)[None])[1][0])
         extra = [self._covisited(hist, live)]
-        cold = np.flatnonzero(self.channels.cold_mask(live))
+        cold = self.channels.cold_codes(live)
         if len(cold):  # upserts: scored by their cold terms, which read their text neighbours
             nb = self.channels.text_neighbours(torch.as_tensor(cold))
             extra += [cold] + ([nb[0].numpy().ravel()] if nb is not None else [])

@@ -97,7 +97,9 @@ def test_live_co_visits_add_to_the_trained_similarity_with_the_cosine_norms():
     ch.set_text(7, (torch.eye(7, 4) + 0.01)[3].numpy())
     before, z = ch.scores(torch.zeros(1, 8), hist)
     assert torch.equal(z["covisit"][0, 7], z["text"][0, 7]) and before[0, 7] < before[0, 6]
+    assert ch.cold_codes().tolist() == [7]
     live = ch.live_similarity([(0, 7, 5), (7, 0, 5)], {0: 1, 7: 5})
+    assert ch.cold_codes(live).tolist() == [] and not ch.cold_mask(live).any()
     fused, z = ch.scores(torch.zeros(1, 8), hist, live)
     # now just behind item 0's trained neighbours (1, 2: 40 users), ahead of everything else
     assert torch.argsort(fused[0, 1:], descending=True)[:3].tolist() == [0, 1, 6]
@@ -155,6 +157,15 @@ def test_scoring_a_candidate_pool_matches_the_whole_catalog_on_the_pool():
     sub, z = ch.scores(raw[:, items], users, items=items, stats={"retriever": (raw.mean(1), raw.std(1))})
     for name in zf:
         assert torch.allclose(z[name], zf[name][:, items], atol=1e-4), name
+    # with live co-visits (serving's events since training) added to the trained ones, one of
+    # them giving a cold item (260) its first co-visit
+    last = int(hist[0][-1])
+    live = ch.live_similarity([(last, 3, 4), (3, last, 4), (260, 1, 2), (1, 260, 2)], {3: 2, 260: 2, 1: 1})
+    _, zl = ch.scores(raw, users, live)
+    _, zp = ch.scores(raw[:, items], users, live, items=items, stats={"retriever": (raw.mean(1), raw.std(1))})
+    assert not torch.allclose(zl["covisit"], zf["covisit"])
+    for name in zl:
+        assert torch.allclose(zp[name], zl[name][:, items], atol=1e-4), name
     cold = ch.cold_mask()[items]
     idx, _ = ch.text_neighbours(torch.as_tensor(items[cold]))
     covered = np.isin(idx.numpy(), items).all(1)

@@ -11,6 +11,7 @@ from components import checkpoints as ck
 from components import registry
 from components.layout import ENCODER_PARTS, RANKER_PARTS, RETRIEVER_PARTS
 from components.models.retriever import gap_buckets
+from serve.ann import PAD
 from serve.models import RankerModel, UserEncoderModel
 from serve.retrieval import RetrievalModel
 from serve.watcher import ModelWatcher, fetch_parts
@@ -289,6 +290,7 @@ def test_the_ann_pool_path_gives_the_exact_answer_when_its_pool_covers_the_catal
     exact = RetrievalModel(loaded["dir"], "v1")  # fresh: other tests upsert into loaded["retrieval"]
     pooled = RetrievalModel(loaded["dir"], "v1", ann_above=0)
     assert exact.pool is None and pooled.pool is not None and pooled.pool.n == exact.size
+    assert pooled.pool.index.d % PAD == 0  # zero-padded: faiss scans SQ8 codes with SIMD only then
     enc = loaded["encoder"]
     ts = [1_700_000_000_000 + k for k in range(6)]
     for cat in sorted({c for cats in exact.categories for c in cats})[:3]:

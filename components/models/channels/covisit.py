@@ -58,6 +58,8 @@ class CovisitChannel(Channel):
         live (``q.live``)."""
         decay = ch.cfg.decay if q.decay is None else q.decay
         n, H = ch.num_items, ch.cfg.history
+        if q.items is not None:
+            return self._pool_scores(ch, q, decay)
         rows, cols, vals = [], [], []
         for r, h in enumerate(q.histories):
             h = np.asarray(h, dtype=np.int64)[-H:]
@@ -71,15 +73,38 @@ class CovisitChannel(Channel):
         out = x @ ch.sim
         if q.live is not None and q.live.nnz:  # x @ (sim + live) without building sim + live per request
             out = out + x @ q.live
-        out = out.tocsr()
-        if q.items is not None and q.stats is not None:  # exact catalog moments from the sparse rows
-            s1 = np.asarray(out.sum(1), dtype=np.float64).ravel()
-            s2 = np.asarray(out.multiply(out).sum(1), dtype=np.float64).ravel()
-            mean = s1 / n
-            var = np.maximum((s2 - n * mean ** 2) / max(1, n - 1), 0.0)
-            q.stats[self.name] = (torch.as_tensor(mean, dtype=torch.float32),
-                                  torch.as_tensor(np.sqrt(var), dtype=torch.float32))
-        return torch.as_tensor(q.columns(out).toarray(), dtype=torch.float32)
+        return torch.as_tensor(out.toarray(), dtype=torch.float32)
+
+    def _pool_scores(self, ch, q: Query, decay: float) -> torch.Tensor:
+        """``scores`` on a pool (``q.items``) from each history's sparse row alone: a cost in the
+        rows' co-visits, not in the catalog (the sparse product above allocates and clears
+        catalog-sized buffers per call: 3 ms a request at 10^6 items)."""
+        n, H = ch.num_items, ch.cfg.history
+        mats = [ch.sim] + ([q.live.tocsr()] if q.live is not None and q.live.nnz else [])
+        out = np.zeros((len(q.histories), len(q.items)), dtype=np.float32)
+        mean, std = np.zeros(len(q.histories)), np.zeros(len(q.histories))
+        for r, h in enumerate(q.histories):
+            h = np.asarray(h, dtype=np.int64)[-H:]
+            h = h[(h >= 0) & (h < n)]
+            w = decay ** np.arange(len(h) - 1, -1, -1, dtype=np.float64)
+            cols, vals = [], []
+            for m in mats:
+                start, lens = m.indptr[h], m.indptr[h + 1] - m.indptr[h]
+                take = np.arange(lens.sum()) + np.repeat(start - (np.cumsum(lens) - lens), lens)
+                cols.append(m.indices[take])
+                vals.append(m.data[take] * np.repeat(w, lens))
+            c, inv = np.unique(np.concatenate(cols), return_inverse=True)
+            v = np.bincount(inv, weights=np.concatenate(vals), minlength=len(c)).astype(np.float32)
+            if len(c):
+                at = np.minimum(np.searchsorted(c, q.items), len(c) - 1)
+                hit = c[at] == q.items
+                out[r, hit] = v[at[hit]]
+            v = v.astype(np.float64)  # the catalog's moments: every other item scores 0
+            mean[r] = v.sum() / n
+            std[r] = np.sqrt(max(((v * v).sum() - n * mean[r] ** 2) / max(1, n - 1), 0.0))
+        if q.stats is not None:
+            q.stats[self.name] = (torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32))
+        return torch.as_tensor(out)
 
     def cold_items(self, ch, q: Query) -> np.ndarray:
         """Items nobody interacted with in training and no live event co-visited: no evidence."""

@@ -152,12 +152,13 @@ class Channels:
 
     def _static(self) -> tuple:
         """(items without training interactions (mask), those with (codes), popularity mean and
-        spread) of the current catalog: computed once per catalog, not per request."""
+        spread, the items without (codes)) of the current catalog: computed once per catalog,
+        not per request."""
         key = (id(self.log_pop), len(self.log_pop))
         if getattr(self, "_static_key", None) != key:
             x = self.log_pop.astype(np.float64)
             self._static_val = (self.log_pop <= 0, np.flatnonzero(self.log_pop > 0), float(x.mean()),
-                                float(x.std(ddof=1)) if len(x) > 1 else 0.0)
+                                float(x.std(ddof=1)) if len(x) > 1 else 0.0, np.flatnonzero(self.log_pop <= 0))
             self._static_key = key
         return self._static_val
 
@@ -169,9 +170,16 @@ class Channels:
             cold = cold & (np.asarray(live.getnnz(axis=0)) == 0)
         return cold
 
+    def cold_codes(self, live: Optional[sp.csr_matrix] = None) -> np.ndarray:
+        """``cold_mask``'s items as sorted codes, in a cost that does not grow with the catalog."""
+        cold = self._static()[4]
+        if live is not None and live.nnz and len(cold):
+            cold = cold[~np.isin(cold, live.indices)]
+        return cold
+
     def popularity_stats(self) -> tuple:
         """(mean, std) of the popularity channel over the catalog."""
-        return self._static()[2:]
+        return self._static()[2:4]
 
     @property
     def num_items(self) -> int:
