@@ -23,8 +23,9 @@ import torch.nn.functional as F
 
 from components import bundle, layout
 from components import checkpoints as ck
-from components.models.ranker import NUM_CONTEXT, context_features, item_stats
+from components.buffers import append_rows
 from components.models.channels.base import Moments
+from components.models.ranker import NUM_CONTEXT, context_features, item_stats
 from serve.ann import ANN_ABOVE, CandidatePool
 
 # serve precision -> dtype of the LLM text vectors a replica keeps (RetrievalModel)
@@ -83,6 +84,7 @@ class RetrievalModel:
         self._flat: Optional[faiss.Index] = None
         self.added_at = np.zeros(n + 1, dtype=np.int64)  # upsert time (ms) of new items
         self.trained_items = n
+        self._popular: Optional[np.ndarray] = None  # cold_start's order of the trained items
         self.upserts: Dict[str, Dict[str, Any]] = {}
         self._lock = threading.Lock()
         self.precision = precision
@@ -153,11 +155,11 @@ class RetrievalModel:
                     self.titles.append(x.get("title") or "")
                     self.categories.append(list(x.get("categories") or []))
                     r = self.row[iid] = len(self.ids)
-                    self.vectors = np.vstack([self.vectors, v[k:k + 1]])
+                    self.vectors = append_rows(self.vectors, v[k:k + 1])  # amortised: no catalog copy per item
                     if self.pool is not None:
                         self.vector_moments.grow(1)
                         self.vector_moments.replace(np.zeros(d, np.float32), v[k])
-                    self.added_at = np.append(self.added_at, now)
+                    self.added_at = append_rows(self.added_at, [now])
                     self._grow_stats(x)
                     if self.channels is not None:
                         self.channels.grow(1)
@@ -182,12 +184,12 @@ class RetrievalModel:
 
     def _grow_stats(self, item: Dict[str, Any]) -> None:
         s = self.stats
-        self.log_pop = np.append(self.log_pop, 0.0)
+        self.log_pop = append_rows(self.log_pop, [0.0])
         mh = torch.zeros(1, s.categories.shape[1])
         for c in item.get("categories") or []:
             if c in self.cat_col:
                 mh[0, self.cat_col[c]] = 1.0
-        s.categories = torch.cat([s.categories, F.normalize(mh, dim=1)])
+        s.categories = append_rows(s.categories, F.normalize(mh, dim=1))
 
     # -- retrieval ------------------------------------------------------------------------------
     def history_vectors(self, rows: Sequence[int]) -> np.ndarray:
@@ -314,13 +316,19 @@ class RetrievalModel:
         """Popular items, with the freshest upserted items mixed in (every third slot)."""
         excl = set(int(r) for r in exclude_rows)
         ok = (lambda r: (not categories or set(categories).intersection(self.categories[r - 1])) and r not in excl)
-        pop = np.argsort(-self.log_pop, kind="stable") + 1
-        fresh = [int(r) for r in np.argsort(-self.added_at, kind="stable") if self.added_at[r] > 0]
+        # The trained items by popularity, sorted once per version (an upsert has none: they
+        # follow in row order), and the upserts newest first: not a sort of the catalog per
+        # request (~0.25 s at 10^6 items).
+        if self._popular is None:
+            self._popular = np.argsort(-self.log_pop[:self.trained_items], kind="stable") + 1
+        new = np.arange(self.trained_items + 1, len(self.added_at))
+        fresh = new[np.argsort(-self.added_at[new], kind="stable")].tolist()
+        trained, total = len(self._popular), len(self._popular) + len(new)
         out: List[int] = []
         pi = fi = 0
-        while len(out) < n and (pi < len(pop) or fi < len(fresh)):
-            take_fresh = fi < len(fresh) and (len(out) % 3 == 2 or pi >= len(pop))
-            r = fresh[fi] if take_fresh else int(pop[pi])
+        while len(out) < n and (pi < total or fi < len(fresh)):
+            take_fresh = fi < len(fresh) and (len(out) % 3 == 2 or pi >= total)
+            r = fresh[fi] if take_fresh else int(self._popular[pi] if pi < trained else self.trained_items + 1 + pi - trained)
             fi, pi = (fi + 1, pi) if take_fresh else (fi, pi + 1)
             if ok(r) and r not in out:
                 out.append(r)

@@ -182,3 +182,22 @@ def test_scoring_a_candidate_pool_matches_the_whole_catalog_on_the_pool():
     m, sd = ch.text_moments().of(torch.ones(1, 16))
     x = (ch.text @ torch.ones(16)).double()
     assert abs(m.item() - x.mean().item()) < 1e-4 and abs(sd.item() - x.std().item()) < 1e-4
+
+
+def test_items_added_one_by_one_keep_the_text_neighbours_already_computed():
+    """Serving adds items one PUT at a time: each new item's text neighbours are computed once
+    (a scan of the catalog), and adding another item or setting its text must not drop the
+    ones already computed, yet must give what a fresh computation gives."""
+    text = torch.nn.functional.normalize(torch.randn(30, 8, generator=torch.Generator().manual_seed(3)), dim=1)
+    hist = [np.arange(k, k + 5) % 25 for k in range(25)]  # items 25..29: no interactions
+    ch = Channels.fit_data(hist, 30, text)
+    first = ch.text_neighbours(torch.tensor([25, 26]))
+    for k in range(3):  # three upserts: a row each, then its text
+        ch.grow(1)
+        ch.set_text(30 + k, text[k].numpy() + 0.1)
+        assert (ch._nb[0][[25, 26]] == first[0].numpy()).all()  # kept, not recomputed
+    got = ch.text_neighbours(torch.tensor([25, 26, 30, 31, 32]))
+    ch._nb = None
+    want = ch.text_neighbours(torch.tensor([25, 26, 30, 31, 32]))
+    assert torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1])
+    assert ch.num_items == 33 and ch.sim.shape == (33, 33) and len(ch.log_pop) == 33 and ch.text.shape == (33, 8)

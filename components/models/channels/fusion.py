@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
 
+from components.buffers import append_rows
 from components.models.channels import covisit
 from components.models.channels.base import Moments, Query, unit_rows
 from components.models.channels.covisit import SHRINK, covisitation
@@ -118,15 +119,17 @@ class Channels:
     def grow(self, k: int) -> None:
         """Room for ``k`` items added after training (serving upserts): no co-visits, no
         popularity, a zero text vector until ``set_text``."""
-        n = self.num_items + k
-        self.sim = sp.csr_matrix((self.sim.data, self.sim.indices, np.append(self.sim.indptr, [self.sim.indptr[-1]] * k)),
-                                 shape=(n, n))
-        self.log_pop = np.append(self.log_pop, np.zeros(k, np.float32))
+        n = self.num_items + k  # each table grows into spare rows (components.buffers), not copied
+        indptr = append_rows(self.sim.indptr, np.full(k, self.sim.indptr[-1]))
+        self.sim = sp.csr_matrix((self.sim.data, self.sim.indices, indptr), shape=(n, n))
+        self.log_pop = append_rows(self.log_pop, np.zeros(k, np.float32))
         if self.text is not None:
-            self.text = torch.cat([self.text, torch.zeros(k, self.text.shape[1], dtype=self.text.dtype)])
+            self.text = append_rows(self.text, torch.zeros(k, self.text.shape[1]))
             if self._text_moments is not None:
                 self._text_moments.grow(k)
-        self._nb = None
+        if self._nb is not None:  # the new items' neighbours are not computed yet; the others' stand
+            self._nb = (append_rows(self._nb[0], np.full((k, self._nb[0].shape[1]), -1, np.int64)),
+                        append_rows(self._nb[1], np.zeros((k, self._nb[1].shape[1]), np.float32)))
 
     def store_text(self, dtype: torch.dtype) -> None:
         """Keep the text vectors in ``dtype`` (serving's ``precision``: float16 halves the largest
@@ -148,7 +151,12 @@ class Channels:
             if self._text_moments is not None:
                 self._text_moments.replace(self.text[item].numpy(), new.numpy())
             self.text[item] = new
-            self._nb = None
+            if self._nb is not None and self.log_pop[item] <= 0:
+                # a cold item's text: only its own neighbours change (neighbours are items with
+                # interactions); recomputing every cold item's per upsert is a catalog scan each
+                self._nb[0][item] = -1
+            else:
+                self._nb = None
 
     def _static(self) -> tuple:
         """(items without training interactions (mask), those with (codes), popularity mean and
