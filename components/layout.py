@@ -47,6 +47,7 @@ QUARANTINE = "quarantine/part-00000.parquet"
 
 # -- inside an index folder ------------------------------------------------------------------
 TEXT_EMBEDDINGS = "text_embeddings.parquet"
+TEXT_ROW_GROUP = 65_536  # rows per Parquet row group of TEXT_EMBEDDINGS: a replica decodes one at a time
 TEXT_INDEX = "text.faiss"
 ENCODER = "encoder"
 

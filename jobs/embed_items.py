@@ -168,7 +168,7 @@ def main(cfg: Any) -> Dict[str, Any]:
         keyed = items.sort_by("item_idx")
         parts.append(new.append_column("text_key", keyed["text_key"]))
     table = pa.concat_tables([p.cast(parts[0].schema) for p in parts]).sort_by("item_idx")
-    storage.write_parquet(layout.join(prefix, layout.TEXT_EMBEDDINGS), table)
+    storage.write_parquet(layout.join(prefix, layout.TEXT_EMBEDDINGS), table, row_group_size=layout.TEXT_ROW_GROUP)
     storage.write_bytes(layout.join(prefix, layout.TEXT_INDEX), text_index_bytes(bundle.embeddings_tensor(table)))
     if fingerprint is not None:  # written last: it names only a complete output
         storage.write_json_atomic(layout.join(layout.INDEXES, BY_ENCODER, f"{fingerprint}.json"),

@@ -64,7 +64,8 @@ def build(cfg: Any, run_id: str, epochs: int, ranker: bool = True, promote: bool
     if not storage.is_file(layout.join(text_prefix, layout.TEXT_EMBEDDINGS)):
         items = storage.read_parquet(layout.join(ds.prefix, layout.ITEMS))
         encoder = TextEncoder(TextEncoderConfig(**to_dict(cfg.text)))  # the base LLM: no fine-tuning here
-        storage.write_parquet(layout.join(text_prefix, layout.TEXT_EMBEDDINGS), embed_catalog(encoder, items))
+        storage.write_parquet(layout.join(text_prefix, layout.TEXT_EMBEDDINGS), embed_catalog(encoder, items),
+                              row_group_size=layout.TEXT_ROW_GROUP)
     data = load_training_data(storage, ds.prefix, text_prefix)
     # A few epochs: constant lr (a one-cycle decay would spend most of so short a run near zero).
     model = fit_retriever_local(data.histories, data.text, RetrieverConfig(**to_dict(cfg.retriever)),
