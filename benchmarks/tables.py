@@ -363,12 +363,14 @@ def catalog_scale(results: Path) -> str:
                          f"{r['ivf_lists']:,} / {r['ivf_nprobe']}", f"{r['ann_build_s']:.1f}",
                          f"{r['replica_load_shipped_index_s']:.1f}" if "replica_load_shipped_index_s" in r else "—",
                          f"{r['replica_rss_mb'] / 1024:.1f} GB"
-                         + (f" ({r['replica_load_peak_mb'] / 1024:.1f})" if "replica_load_peak_mb" in r else "")])
+                         + (f" ({r['replica_load_peak_mb'] / 1024:.1f})" if "replica_load_peak_mb" in r else ""),
+                         f"{r['upsert_ms_mean']:.1f} / {r['upsert_ms_max']:.0f}" if "upsert_ms_mean" in r else "—",
+                         f"{r['cold_start_p50_ms']:.2f}" if "cold_start_p50_ms" in r else "—"])
     return markdown_table(
         ["catalog items", "precision", "exact p50 / p99 ms", "ANN pool p50 / p99 ms", "pool recall@100 of exact (min)",
          "pool items", "IVF lists / probed", "index build s", "load with shipped index s",
-         "replica memory (load peak)"],
-        "rlrrrrrrrr", rows)
+         "replica memory (load peak)", "item upsert ms, mean / max", "anonymous request ms"],
+        "rlrrrrrrrrrr", rows)
 
 
 def cost_curve(results: Path) -> str:
